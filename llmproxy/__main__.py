@@ -1,0 +1,3 @@
+from llmproxy.cli import main
+
+main()

@@ -1,0 +1,133 @@
+"""The `llmproxy` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from llmproxy import __version__
+from llmproxy.config import DEFAULT_PORT, ConfigError, Settings, load_settings
+from llmproxy.logs import configure_logging
+
+
+def _install_event_loop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--recordings",
+            type=click.Path(file_okay=False, path_type=Path),
+            envvar="LLMPROXY_RECORDINGS",
+            help="Directory of recording files (default: ./recordings).",
+        ),
+        click.option("--host", envvar="LLMPROXY_HOST", help="Address to bind (default: 127.0.0.1)."),
+        click.option(
+            "--port",
+            type=click.IntRange(0, 65535),
+            envvar="LLMPROXY_PORT",
+            help=f"Port to listen on (default: {DEFAULT_PORT}; 0 picks a free one).",
+        ),
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False, exists=True, path_type=Path),
+            envvar="LLMPROXY_CONFIG",
+            help="TOML config file with routes (default: ./llmproxy.toml if present).",
+        ),
+        click.option(
+            "--log-json/--no-log-json",
+            default=None,
+            envvar="LLMPROXY_LOG_JSON",
+            help="Log one JSON object per line instead of key=value.",
+        ),
+        click.option("--log-level", envvar="LLMPROXY_LOG_LEVEL", help="debug, info, warning or error (default: info)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _settings(config_path: Path | None, **overrides: Any) -> Settings:
+    try:
+        settings = load_settings(config_path, overrides)
+        configure_logging(json=settings.log_json, level=settings.log_level)
+    except (ConfigError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    return settings
+
+
+def _run(settings: Settings, mode: str) -> None:
+    from llmproxy.server import serve
+
+    _install_event_loop()
+    try:
+        asyncio.run(serve(settings, mode))
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="llmproxy")
+def main() -> None:
+    """A recording proxy for LLM APIs.
+
+    Point your client's base URL at the proxy (for the OpenAI SDK:
+    base_url="http://127.0.0.1:8765/v1"). `record` forwards each call to the real API
+    and saves the exchange under the recordings directory; `replay` answers from those
+    files with no network and no API key.
+
+    Every option can also be set in the config file or as an LLMPROXY_* environment
+    variable (e.g. LLMPROXY_PORT); the command line wins.
+    """
+
+
+@main.command()
+@click.option(
+    "--upstream",
+    envvar="LLMPROXY_UPSTREAM",
+    help="Base URL of the OpenAI-compatible upstream (default: https://api.openai.com).",
+)
+@common_options
+def record(upstream: str | None, config_path: Path | None, **options: Any) -> None:
+    """Forward every call to the real API and record each exchange.
+
+    Streams are passed through chunk by chunk as they arrive; each exchange is written to
+    one JSON file when it completes. Credentials are forwarded upstream, never written.
+
+    \b
+    Example:
+      llmproxy record --upstream https://api.openai.com
+      OPENAI_BASE_URL=http://127.0.0.1:8765/v1 python my_script.py
+    """
+    _run(_settings(config_path, upstream=upstream, **options), "record")
+
+
+@main.command()
+@click.option(
+    "--timing",
+    envvar="LLMPROXY_TIMING",
+    help="Stream pacing: fast (default), realtime, or xN (N times faster than recorded).",
+)
+@common_options
+def replay(timing: str | None, config_path: Path | None, **options: Any) -> None:
+    """Serve recorded exchanges; never touch the network.
+
+    A request with no recording gets a 404 in the provider's error shape naming what was
+    missing and the closest recording.
+
+    \b
+    Example:
+      llmproxy replay
+      OPENAI_BASE_URL=http://127.0.0.1:8765/v1 OPENAI_API_KEY=any python my_script.py
+    """
+    _run(_settings(config_path, timing=timing, **options), "replay")

@@ -1,0 +1,70 @@
+"""Which headers go where: upstream, back to the client, into a file, into a log line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Never written to disk or logged: they carry credentials or session state.
+CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie", "set-cookie", "proxy-authorization"}
+)
+
+# Set by aiohttp for the upstream leg (it decompresses, so the client's encodings do not apply).
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
+
+# Response headers worth keeping in a recording: the SDKs read these. Everything else
+# (dates, rate-limit counters, cf-ray) changes on every call and would only make noisy diffs.
+RECORDED_RESPONSE_HEADERS = frozenset(
+    {
+        "content-type",
+        "cache-control",
+        "x-request-id",
+        "request-id",
+        "apim-request-id",
+        "retry-after",
+        "retry-after-ms",
+        "x-should-retry",
+        "openai-version",
+        "x-accel-buffering",
+    }
+)
+
+# The body is re-framed (and decompressed) by the proxy, so these would lie about it.
+BODY_HEADERS = frozenset({"content-length", "content-encoding"})
+
+
+def forward_request_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(name, value) for name, value in headers if name.lower() not in NOT_FORWARDED]
+
+
+def client_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    dropped = HOP_BY_HOP | BODY_HEADERS
+    return [(name, value) for name, value in headers if name.lower() not in dropped]
+
+
+def recorded_response_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    kept: dict[str, str] = {}
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in RECORDED_RESPONSE_HEADERS and lowered not in kept:
+            kept[lowered] = value
+    return kept
+
+
+def replay_headers(recorded: Mapping[str, str]) -> dict[str, str]:
+    dropped = HOP_BY_HOP | BODY_HEADERS | CREDENTIAL_HEADERS
+    return {name: value for name, value in recorded.items() if name.lower() not in dropped}

@@ -1,0 +1,204 @@
+"""Matching: the canonical form of a request, its key, and what differs between two requests.
+
+A key depends on the route, method, path, query (secrets and ignored parameters removed), the
+headers a route says take part, and the JSON body parsed with keys sorted. It never depends on
+user-agent, x-stainless-*, content-length, auth or any other per-call header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+# Query parameters that carry credentials: never in a key, a file or a log line.
+SECRET_QUERY_PARAMS = frozenset(
+    {"key", "api_key", "api-key", "apikey", "access_token", "token", "sig", "signature", "x-goog-api-key"}
+)
+
+METHODS_WITHOUT_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+@dataclass(frozen=True, slots=True)
+class RawBody:
+    """A request body that is not JSON: it takes part in the key by its digest."""
+
+    digest: str
+    size: int
+
+    @classmethod
+    def of(cls, data: bytes) -> RawBody:
+        return cls(hashlib.sha256(data).hexdigest(), len(data))
+
+
+def parse_json_body(data: bytes) -> Any:
+    """The JSON value of a body, a RawBody for anything else, None for no body."""
+    if not data.strip():
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return RawBody.of(data)
+
+
+def public_query(pairs: Iterable[tuple[str, str]], ignore: Iterable[str] = ()) -> list[tuple[str, str]]:
+    dropped = SECRET_QUERY_PARAMS.union(name.lower() for name in ignore)
+    return [(name, value) for name, value in pairs if name.lower() not in dropped]
+
+
+@dataclass(frozen=True, slots=True)
+class CanonicalRequest:
+    route: str
+    method: str
+    path: str
+    query: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    body: Any = None
+    key: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        body = self.body
+        body_part: Any = {"sha256": body.digest} if isinstance(body, RawBody) else body
+        material = orjson.dumps(
+            [self.route, self.method, self.path, self.query, self.headers, body_part],
+            option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
+        )
+        object.__setattr__(self, "key", hashlib.sha256(material).hexdigest())
+
+    def describe(self) -> str:
+        query = "&".join(f"{name}={value}" for name, value in self.query)
+        return f"{self.method} {self.path}{'?' + query if query else ''}"
+
+
+def canonical_request(
+    *,
+    route: str,
+    method: str,
+    path: str,
+    query: Iterable[tuple[str, str]],
+    headers: Mapping[str, str],
+    body: Any,
+    key_headers: Iterable[str] = (),
+    ignore_body: Iterable[str] = (),
+    ignore_query: Iterable[str] = (),
+) -> CanonicalRequest:
+    method = method.upper()
+    if method in METHODS_WITHOUT_BODY or body == {}:
+        # Other recorders store {} for a GET's body; an empty object and no body are one thing.
+        body = None
+    for json_path in ignore_body:
+        body = drop_path(body, json_path)
+    lowered = {name.lower(): value for name, value in headers.items()}
+    chosen = tuple((name, lowered[name]) for name in key_headers if name in lowered)
+    return CanonicalRequest(
+        route=route,
+        method=method,
+        path=path,
+        query=tuple(sorted(public_query(query, ignore_query))),
+        headers=chosen,
+        body=body,
+    )
+
+
+def drop_path(value: Any, json_path: str) -> Any:
+    """A copy of value without the field at json_path ("metadata", "messages[*].name")."""
+    steps = _parse_path(json_path)
+    return _drop(value, steps) if steps else value
+
+
+def _parse_path(json_path: str) -> list[str | int]:
+    steps: list[str | int] = []
+    for part in json_path.replace("[", ".[").split("."):
+        if not part:
+            continue
+        if part.startswith("[") and part.endswith("]"):
+            inner = part[1:-1]
+            steps.append(-1 if inner == "*" else int(inner))
+        else:
+            steps.append(part)
+    return steps
+
+
+def _drop(value: Any, steps: list[str | int]) -> Any:
+    head, rest = steps[0], steps[1:]
+    if isinstance(head, str) and isinstance(value, dict):
+        if head not in value:
+            return value
+        copy = dict(value)
+        if rest:
+            copy[head] = _drop(value[head], rest)
+        else:
+            del copy[head]
+        return copy
+    if isinstance(head, int) and isinstance(value, list):
+        chosen = set(range(len(value))) if head == -1 else {head} if 0 <= head < len(value) else set()
+        if not rest:
+            return [item for index, item in enumerate(value) if index not in chosen]
+        return [_drop(item, rest) if index in chosen else item for index, item in enumerate(value)]
+    return value
+
+
+def json_diff(expected: Any, actual: Any, path: str = "", limit: int = 20) -> list[str]:
+    """Field-by-field differences with JSON paths, e.g. "temperature: 0.2 != 0.7"."""
+    out: list[str] = []
+    _diff(expected, actual, path, out, limit)
+    return out
+
+
+def _show(value: Any) -> str:
+    text = orjson.dumps(value).decode() if not isinstance(value, RawBody) else f"<{value.size} bytes>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _diff(a: Any, b: Any, path: str, out: list[str], limit: int) -> None:
+    if len(out) >= limit:
+        return
+    where = path or "body"
+    if isinstance(a, dict) and isinstance(b, dict):
+        for name in sorted(set(a) | set(b)):
+            child = f"{path}.{name}" if path else name
+            if name not in b:
+                out.append(f"{child}: missing in this request (recorded {_show(a[name])})")
+            elif name not in a:
+                out.append(f"{child}: not in the recording (this request has {_show(b[name])})")
+            else:
+                _diff(a[name], b[name], child, out, limit)
+            if len(out) >= limit:
+                return
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            out.append(f"{where}: {len(b)} items != {len(a)} recorded")
+        for index, (left, right) in enumerate(zip(a, b)):
+            _diff(left, right, f"{path}[{index}]", out, limit)
+    elif a != b or type(a) is not type(b):
+        out.append(f"{where}: {_show(b)} != {_show(a)} recorded")
+
+
+def similarity(a: CanonicalRequest, b: CanonicalRequest) -> float:
+    """A rough closeness score for choosing the nearest recording on a miss (higher is closer)."""
+    score = 0.0
+    if a.route == b.route:
+        score += 4
+    if a.path == b.path:
+        score += 8
+    if a.method == b.method:
+        score += 2
+    if a.query == b.query:
+        score += 1
+    left = orjson.dumps(a.body, option=orjson.OPT_SORT_KEYS, default=str)
+    right = orjson.dumps(b.body, option=orjson.OPT_SORT_KEYS, default=str)
+    if left == right:
+        return score + 4
+    common = _common_tokens(left, right)
+    return score + 3 * common
+
+
+def _common_tokens(left: bytes, right: bytes) -> float:
+    tokens_left = set(left.split(b'"'))
+    tokens_right = set(right.split(b'"'))
+    if not tokens_left or not tokens_right:
+        return 0.0
+    return len(tokens_left & tokens_right) / len(tokens_left | tokens_right)

@@ -1,0 +1,120 @@
+"""Replay mode: answer from recordings only. No network, no API key, a clear error on a miss."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from aiohttp import web
+
+from llmproxy.headers import replay_headers
+from llmproxy.index import Entry, RecordingIndex
+from llmproxy.matching import json_diff
+from llmproxy.modes.base import Call, Outcome, error_response
+from llmproxy.providers.base import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
+
+log = structlog.get_logger("llmproxy.replay")
+
+_DEFAULT_CONTENT_TYPES = {"sse": SSE_CONTENT_TYPE, "ndjson": NDJSON_CONTENT_TYPE, "text": "text/plain; charset=utf-8"}
+
+
+class ReplayMode:
+    name = "replay"
+
+    def __init__(self, index: RecordingIndex, *, speed: float | None = None, recordings_hint: str = "recordings") -> None:
+        self.index = index
+        self.outcome = Outcome()
+        # None replays as fast as possible; otherwise the recorded pacing divided by speed.
+        self.speed = speed
+        self.recordings_hint = recordings_hint
+        self.used: set[str] = set()
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def handle(self, request: web.Request, call: Call) -> web.StreamResponse:
+        entry = self.index.get(call.canonical.key)
+        if entry is None:
+            self.outcome.misses += 1
+            return self.miss(call)
+        self.outcome.hits += 1
+        self.used.add(call.canonical.key)
+        response = entry.recording.response
+        headers = replay_headers(response.headers)
+        fmt = response.framing.get("format", "json")
+        if not any(name.lower() == "content-type" for name in headers):
+            headers["Content-Type"] = _DEFAULT_CONTENT_TYPES.get(fmt, JSON_CONTENT_TYPE)
+        if self.speed is None or not response.is_streaming:
+            return web.Response(status=response.status, body=entry.body_bytes(), headers=headers)
+        return await self._paced(request, entry, headers)
+
+    async def _paced(self, request: web.Request, entry: Entry, headers: dict[str, str]) -> web.StreamResponse:
+        """Write each chunk at its recorded offset (divided by the speed factor)."""
+        assert self.speed is not None
+        response = entry.recording.response
+        timing = response.timing or {}
+        offsets = list(timing.get("chunk_ms") or [])
+        segments = entry.segments()
+        stream = web.StreamResponse(status=response.status, headers=headers)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.sleep(float(timing.get("headers_ms") or 0) / 1000 / self.speed)
+        await stream.prepare(request)
+        for index, segment in enumerate(segments):
+            if index < len(offsets):
+                due = started + float(offsets[index]) / 1000 / self.speed
+                delay = due - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await stream.write(segment)
+        await stream.write_eof()
+        return stream
+
+    def miss(self, call: Call) -> web.Response:
+        canonical = call.canonical
+        model = call.model or "-"
+        message = (
+            f"llmproxy has no recording for {canonical.describe()} "
+            f"(route {call.route.name}, model {model}, key {canonical.key[:16]})."
+        )
+        nearest = self.index.nearest(canonical, 1)
+        closest_file = None
+        differences: list[str] = []
+        if nearest:
+            closest = nearest[0]
+            closest_file = str(closest.source) if closest.source else None
+            differences = self.describe_difference(closest, call)
+            message += f" Closest recording: {closest_file or '(in memory)'}; it differs in: {'; '.join(differences)}."
+        message += (
+            f" To record it, run `llmproxy record --missing --recordings {self.recordings_hint}` "
+            "(or `llmproxy record`) against the real API and repeat this request."
+        )
+        log.warning(
+            "replay miss",
+            method=call.method,
+            path=call.path,
+            route=call.route.name,
+            model=model,
+            key=canonical.key[:16],
+            closest=closest_file,
+            differences=differences,
+        )
+        return error_response(call.route, 404, message, "recording_not_found")
+
+    @staticmethod
+    def describe_difference(entry: Entry, call: Call) -> list[str]:
+        recorded, wanted = entry.canonical, call.canonical
+        differences = []
+        if recorded.route != wanted.route:
+            differences.append(f"route: {wanted.route} != {recorded.route} recorded")
+        if (recorded.method, recorded.path) != (wanted.method, wanted.path):
+            differences.append(f"request: {wanted.method} {wanted.path} != {recorded.method} {recorded.path} recorded")
+        if recorded.query != wanted.query:
+            differences.append(f"query: {dict(wanted.query)} != {dict(recorded.query)} recorded")
+        if recorded.headers != wanted.headers:
+            differences.append(f"headers: {dict(wanted.headers)} != {dict(recorded.headers)} recorded")
+        differences += json_diff(recorded.body, wanted.body)
+        return differences or ["nothing visible (a rule change?)"]

@@ -1,0 +1,58 @@
+"""Google Gemini (generativelanguage): CRLF-framed SSE with `alt=sse`, no end marker."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from llmproxy.providers.base import JSON_LABEL, Provider
+
+_MODEL_METHOD = re.compile(r"^/v1[a-z0-9]*/(?:tunedModels|models)/([^/:]+):([A-Za-z]+)$")
+_VERSIONED = re.compile(r"^/v1(?:alpha|beta)[0-9]*(?:/|$)")
+
+GENERATE = "google.genai.types.GenerateContentResponse"
+EMBED = "google.genai.types.BatchEmbedContentsResponse"
+COUNT = "google.genai.types.CountTokensResponse"
+
+
+class GeminiProvider(Provider):
+    name = "gemini"
+    default_upstream = "https://generativelanguage.googleapis.com"
+    claim_priority = 15
+
+    def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
+        return bool(_MODEL_METHOD.match(path) or _VERSIONED.match(path))
+
+    def stream_format(self, path: str, body: Any) -> str | None:
+        if path.endswith(":streamGenerateContent"):
+            return "sse"
+        return super().stream_format(path, body)
+
+    def model_of(self, path: str, body: Any) -> str | None:
+        match = _MODEL_METHOD.match(path)
+        return match.group(1) if match else super().model_of(path, body)
+
+    def label(self, path: str, streaming: bool, value: Any) -> str:
+        match = _MODEL_METHOD.match(path)
+        method = match.group(2) if match else ""
+        if method in ("generateContent", "streamGenerateContent"):
+            return GENERATE
+        if method in ("batchEmbedContents", "embedContent"):
+            return EMBED
+        if method == "countTokens":
+            return COUNT
+        return JSON_LABEL
+
+    def default_framing(self, path: str, streaming: bool) -> dict[str, Any]:
+        if not streaming:
+            return {"format": "json"}
+        if path.endswith(":streamGenerateContent"):
+            return {"format": "sse", "line_ending": "\r\n", "event_field": None, "end": ""}
+        return {"format": "sse", "line_ending": "\n", "event_field": None, "end": ""}
+
+    def error_body(self, status: int, message: str, code: str) -> bytes:
+        status_name = {404: "NOT_FOUND", 400: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT"}.get(status, "UNAVAILABLE")
+        return orjson.dumps({"error": {"code": status, "message": message, "status": status_name}})
