@@ -69,19 +69,28 @@ class LoadProblem:
 
 
 class RecordingIndex:
+    """Key -> the recordings of that request, in replay order.
+
+    The same request recorded N times (sampling, retries, polling) has N entries, replayed in
+    recorded order: by `request.sequence`, then by file path (other recorders' files).
+    """
+
     def __init__(self, router: Router) -> None:
         self.router = router
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, list[Entry]] = {}
         self.problems: list[LoadProblem] = []
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(entries) for entries in self._entries.values())
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
 
     def entries(self) -> list[Entry]:
-        return list(self._entries.values())
+        return [entry for entries in self._entries.values() for entry in entries]
 
-    def get(self, key: str) -> Entry | None:
-        return self._entries.get(key)
+    def get(self, key: str) -> list[Entry]:
+        return self._entries.get(key, [])
 
     def _provider_for(self, method: str, path: str) -> Provider | None:
         match = self.router.resolve(method, path, {})
@@ -105,7 +114,9 @@ class RecordingIndex:
             route, request.method, request.path, request.query, request.headers, request.body
         )
         entry = Entry(recording, canonical, route, source)
-        self._entries[canonical.key] = entry
+        entries = self._entries.setdefault(canonical.key, [])
+        entries.append(entry)
+        entries.sort(key=lambda e: (e.recording.request.sequence, str(e.source or "")))
         return entry
 
     def load_document(self, document: Any, source: Path | None = None) -> Entry:
@@ -125,7 +136,7 @@ class RecordingIndex:
 
     def nearest(self, canonical: CanonicalRequest, count: int = 3) -> list[Entry]:
         scored = sorted(
-            self._entries.values(),
+            (entries[0] for entries in self._entries.values()),
             key=lambda entry: similarity(entry.canonical, canonical),
             reverse=True,
         )

@@ -49,6 +49,8 @@ class RecordedRequest:
     route: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     raw_body: bytes | None = None  # the bytes behind a RawBody, kept to write them back
+    # 1 for the first recording of a request, N for its Nth repeat in one recording run.
+    sequence: int = 1
 
 
 @dataclass(slots=True)
@@ -93,6 +95,8 @@ def to_document(recording: Recording) -> dict[str, Any]:
         "model": request.model or "",
         "route": request.route,
     }
+    if request.sequence != 1:
+        document["request"]["sequence"] = request.sequence
     response_doc: dict[str, Any] = {
         "status": response.status,
         "headers": response.headers,
@@ -174,7 +178,11 @@ def _read_own(request_doc: dict, response_doc: dict, resolve_provider: ProviderR
     path = _string(request_doc, "endpoint", "request", urlsplit(url).path)
     body, raw = _read_request_body(request_doc.get("body"))
     route = request_doc.get("route")
+    sequence = request_doc.get("sequence", 1)
+    if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 1:
+        raise RecordingError("request.sequence must be a whole number from 1")
     request = RecordedRequest(
+        sequence=sequence,
         method=method,
         url=url,
         path=path,

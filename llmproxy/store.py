@@ -64,12 +64,14 @@ class RecordingStore:
         except orjson.JSONDecodeError as exc:
             raise StoreError(f"not valid JSON: {exc}") from None
 
-    def name_for(self, *, route: str, path: str, model: str | None, key: str) -> Path:
+    def name_for(self, *, route: str, path: str, model: str | None, key: str, sequence: int = 1) -> Path:
         segments = [s for s in path.split("/") if s and not _VERSION_SEGMENT.match(s)]
         parts = [slug("-".join(segments) or "root")]
         if model:
             parts.append(slug(model, 40))
         parts.append(key[:16])
+        if sequence > 1:
+            parts.append(str(sequence))
         return Path(slug(route, 40)) / ("-".join(parts) + ".json")
 
     def write(self, relative: Path, document: Any) -> Path:

@@ -57,6 +57,8 @@ class RecordMode:
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._writes: set[asyncio.Future[Any]] = set()
+        # How often each key was recorded in this run: repeats become sequence 2, 3, ...
+        self._sequences: dict[str, int] = {}
 
     async def start(self) -> None:
         # One pooled session for the whole run; aiohttp decompresses, so stored and replayed
@@ -131,7 +133,9 @@ class RecordMode:
         return response
 
     def _schedule_write(self, exchange: tuple[Any, ...]) -> None:
-        future = asyncio.get_running_loop().run_in_executor(None, self._write, *exchange)
+        key = exchange[0].canonical.key
+        sequence = self._sequences[key] = self._sequences.get(key, 0) + 1
+        future = asyncio.get_running_loop().run_in_executor(None, self._write, *exchange, sequence)
         self._writes.add(future)
         future.add_done_callback(self._writes.discard)
 
@@ -144,11 +148,17 @@ class RecordMode:
         raw: bytes,
         reads: list[tuple[int, float]],
         headers_ms: float,
+        sequence: int,
     ) -> None:
         try:
             recording = build_recording(call, url, status, headers, raw, reads, headers_ms)
+            recording.request.sequence = sequence
             relative = self.store.name_for(
-                route=call.route.name, path=call.path, model=recording.request.model, key=call.canonical.key
+                route=call.route.name,
+                path=call.path,
+                model=recording.request.model,
+                key=call.canonical.key,
+                sequence=sequence,
             )
             path = self.store.write(relative, to_document(recording))
         except Exception:

@@ -21,8 +21,18 @@ _DEFAULT_CONTENT_TYPES = {"sse": SSE_CONTENT_TYPE, "ndjson": NDJSON_CONTENT_TYPE
 class ReplayMode:
     name = "replay"
 
-    def __init__(self, index: RecordingIndex, *, speed: float | None = None, recordings_hint: str = "recordings") -> None:
+    def __init__(
+        self,
+        index: RecordingIndex,
+        *,
+        speed: float | None = None,
+        recordings_hint: str = "recordings",
+        repeat_last: bool = True,
+    ) -> None:
         self.index = index
+        # After the last recorded repeat of a request: serve the last one again, or fail.
+        self.repeat_last = repeat_last
+        self._served: dict[str, int] = {}
         self.outcome = Outcome()
         # None replays as fast as possible; otherwise the recorded pacing divided by speed.
         self.speed = speed
@@ -36,12 +46,24 @@ class ReplayMode:
         return None
 
     async def handle(self, request: web.Request, call: Call) -> web.StreamResponse:
-        entry = self.index.get(call.canonical.key)
-        if entry is None:
+        key = call.canonical.key
+        entries = self.index.get(key)
+        if not entries:
             self.outcome.misses += 1
             return self.miss(call)
+        served = self._served.get(key, 0)
+        self._served[key] = served + 1
+        if served >= len(entries) and not self.repeat_last:
+            self.outcome.misses += 1
+            message = (
+                f"all {len(entries)} recordings of {call.canonical.describe()} (key {key[:16]}) were "
+                "already replayed and repeats are off; record the extra call to replay it"
+            )
+            log.warning("replay exhausted", path=call.path, key=key[:16], recorded=len(entries))
+            return error_response(call.route, 404, message, "recordings_exhausted")
+        entry = entries[min(served, len(entries) - 1)]
         self.outcome.hits += 1
-        self.used.add(call.canonical.key)
+        self.used.add(key)
         response = entry.recording.response
         headers = replay_headers(response.headers)
         fmt = response.framing.get("format", "json")
