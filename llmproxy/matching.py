@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from email import policy as email_policy
+from email.parser import BytesParser
 from typing import Any
 
 import orjson
@@ -34,14 +36,55 @@ class RawBody:
         return cls(hashlib.sha256(data).hexdigest(), len(data))
 
 
-def parse_json_body(data: bytes) -> Any:
-    """The JSON value of a body, a RawBody for anything else, None for no body."""
+MULTIPART_LABEL = "llmproxy.multipart"
+
+
+def parse_body(data: bytes, content_type: str = "") -> Any:
+    """The request body as it takes part in the key.
+
+    JSON gives its parsed value; a multipart form gives its fields, with files by digest (the
+    boundary is random per request, so the bytes themselves would never match twice); any other
+    body gives a RawBody (its digest); an empty body gives None.
+    """
     if not data.strip():
         return None
+    if content_type.lower().startswith("multipart/form-data"):
+        form = parse_multipart(data, content_type)
+        if form is not None:
+            return {"__type__": MULTIPART_LABEL, "__data__": form}
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return RawBody.of(data)
+
+
+def parse_multipart(data: bytes, content_type: str) -> list[dict[str, Any]] | None:
+    message = BytesParser(policy=email_policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + data
+    )
+    if not message.is_multipart():
+        return None
+    fields: list[dict[str, Any]] = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        if filename is None:
+            try:
+                fields.append({"name": name, "value": payload.decode("utf-8")})
+                continue
+            except UnicodeDecodeError:
+                pass
+        fields.append(
+            {
+                "name": name,
+                "filename": filename,
+                "content_type": part.get_content_type(),
+                "size": len(payload),
+                "sha256": hashlib.sha256(payload).hexdigest(),
+            }
+        )
+    return fields
 
 
 def public_query(pairs: Iterable[tuple[str, str]], ignore: Iterable[str] = ()) -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from llmproxy.config import Settings, validate_timing
 from llmproxy.index import RecordingIndex, canonical_for_route
-from llmproxy.matching import parse_json_body
+from llmproxy.matching import parse_body
 from llmproxy.modes.base import Call, Mode, error_response
 from llmproxy.modes.record import RecordMode
 from llmproxy.modes.replay import ReplayMode
@@ -57,7 +57,7 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
             )
         query = parse_qsl(request.query_string, keep_blank_values=True)
         headers = {name.lower(): value for name, value in request.headers.items()}
-        body_value = parse_json_body(body)
+        body_value = parse_body(body, request.headers.get("Content-Type", ""))
         canonical = canonical_for_route(route, request.method, match.path, query, headers, body_value)
         call = Call(
             route=route,

@@ -32,6 +32,7 @@ def _pieces(text: str) -> list[str]:
 class OpenAIWire:
     def __init__(self, *, gzip_json: bool = False) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.sent: list[bytes] = []  # the exact body bytes of each response, in request order
         self.gzip_json = gzip_json
         # When set, a stream waits for this event after its first chunk (pass-through test).
         self.gate: asyncio.Event | None = None
@@ -44,13 +45,21 @@ class OpenAIWire:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/audio/transcriptions", self.transcription)
+        app.router.add_post("/v1/audio/speech", self.speech)
+        # Azure OpenAI: deployment paths (api-version in the query, api-key header) and /openai/v1.
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.chat)
+        app.router.add_post("/openai/deployments/{deployment}/embeddings", self.embeddings)
+        app.router.add_post("/openai/v1/chat/completions", self.chat)
         return app
 
     async def _note(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
-        body = orjson.loads(raw) if raw else {}
+        json_body = request.headers.get("Content-Type", "").startswith("application/json")
+        body = orjson.loads(raw) if raw and json_body else {}
         self.requests.append(
-            {"method": request.method, "path": request.path_qs, "headers": dict(request.headers), "body": body}
+            {"method": request.method, "path": request.path, "path_qs": request.path_qs, "headers": dict(request.headers), "body": body, "raw": raw}
         )
         return body
 
@@ -64,6 +73,7 @@ class OpenAIWire:
 
     def _json(self, request: web.Request, value: Any) -> web.Response:
         data = orjson.dumps(value)
+        self.sent.append(data)
         headers = self._headers()
         if self.gzip_json and "gzip" in request.headers.get("Accept-Encoding", ""):
             data = gzip.compress(data)
@@ -73,14 +83,18 @@ class OpenAIWire:
     async def _stream(self, request: web.Request, events: list[dict[str, Any]]) -> web.StreamResponse:
         response = web.StreamResponse(headers={**SSE_HEADERS, **self._headers()})
         await response.prepare(request)
+        sent = []
         for index, event in enumerate(events):
-            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+            sent.append(b"data: " + orjson.dumps(event) + b"\n\n")
+            await response.write(sent[-1])
             if index == 0 and self.gate is not None:
                 await asyncio.wait_for(self.gate.wait(), 10)
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
-        await response.write(b"data: [DONE]\n\n")
+        sent.append(b"data: [DONE]\n\n")
+        await response.write(sent[-1])
         await response.write_eof()
+        self.sent.append(b"".join(sent))
         return response
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -161,3 +175,55 @@ class OpenAIWire:
                 ],
             },
         )
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await self._note(request)
+        text = "Responses say: " + str(body.get("input"))[:24]
+        response_id, item_id = "resp_fake789", "msg_fake789"
+        base = {
+            "id": response_id, "object": "response", "created_at": CREATED, "model": body.get("model"),
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "error": None,
+            "incomplete_details": None, "instructions": None, "metadata": {}, "temperature": 1.0, "top_p": 1.0,
+        }
+        part = {"type": "output_text", "text": text, "annotations": []}
+        item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+        usage = {"input_tokens": 5, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 6,
+                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 11}
+        done = {**base, "status": "completed", "output": [item], "usage": usage}
+        if not body.get("stream"):
+            return self._json(request, done)
+        events = [
+            ("response.created", {"response": {**base, "status": "in_progress", "output": []}}),
+            ("response.in_progress", {"response": {**base, "status": "in_progress", "output": []}}),
+            ("response.output_item.added", {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}}),
+            ("response.content_part.added", {"item_id": item_id, "output_index": 0, "content_index": 0, "part": {**part, "text": ""}}),
+        ]
+        for piece in _pieces(text):
+            events.append(("response.output_text.delta", {"item_id": item_id, "output_index": 0, "content_index": 0, "delta": piece, "logprobs": []}))
+        events += [
+            ("response.output_text.done", {"item_id": item_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
+            ("response.content_part.done", {"item_id": item_id, "output_index": 0, "content_index": 0, "part": part}),
+            ("response.output_item.done", {"output_index": 0, "item": item}),
+            ("response.completed", {"response": done}),
+        ]
+        response = web.StreamResponse(headers={**SSE_HEADERS, **self._headers()})
+        await response.prepare(request)
+        sent = []
+        for number, (name, data) in enumerate(events):
+            payload = orjson.dumps({"type": name, "sequence_number": number, **data})
+            sent.append(b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n")
+            await response.write(sent[-1])
+        await response.write_eof()
+        self.sent.append(b"".join(sent))
+        return response
+
+    async def transcription(self, request: web.Request) -> web.Response:
+        await self._note(request)
+        form = self.requests[-1]["raw"]
+        return self._json(request, {"text": f"heard {len(form)} bytes"})
+
+    async def speech(self, request: web.Request) -> web.Response:
+        body = await self._note(request)
+        audio = b"ID3\x04\x00\x00\x00\x00\x00\x00\xff\xfb\x90\x00" + bytes(range(256)) + body["input"].encode()
+        self.sent.append(audio)
+        return web.Response(body=audio, content_type="audio/mpeg", headers=self._headers())
