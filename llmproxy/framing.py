@@ -10,6 +10,8 @@ everything needed to give back the exact bytes in `framing`:
     inserts      {"i": text} non-chunk events (comments, pings without JSON, blank NDJSON lines)
                  that stood before chunk i
     verbatim     {"i": text} chunk i's exact event text, where the canonical framing would differ
+                 (or would lose digits: orjson reads integers past 64 bits as floats); for a
+                 JSON body, {"0": text} is the whole body
 
 Rendering re-serialises each chunk's JSON (allowed: parsed equality) and copies every other byte.
 """
@@ -17,6 +19,7 @@ Rendering re-serialises each chunk's JSON (allowed: parsed equality) and copies 
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +61,10 @@ def typed(label: str, data: Any) -> dict[str, Any]:
     return {TYPE_KEY: label, DATA_KEY: data}
 
 
+# orjson reads integers past 64 bits as floats; such payloads keep their exact text (verbatim).
+_LONG_NUMBER = re.compile(r"\d{19,}")
+
+
 def _loads_json(text: str | bytes) -> Any:
     try:
         return orjson.loads(text)
@@ -78,7 +85,11 @@ def capture(fmt: str, raw: bytes, labeler: Labeler) -> CapturedBody:
     if fmt == "json":
         value = _loads_json(raw) if raw.strip() else _NOT_JSON
         if value is not _NOT_JSON:
-            return CapturedBody(typed(labeler(value), value), {"format": "json"})
+            framing: dict[str, Any] = {"format": "json"}
+            text = raw.decode("utf-8", errors="replace")
+            if _LONG_NUMBER.search(text):
+                framing["verbatim"] = {"0": text}
+            return CapturedBody(typed(labeler(value), value), framing)
     return capture_opaque(raw)
 
 
@@ -126,7 +137,7 @@ def _capture_stream(fmt: str, raw: bytes, labeler: Labeler) -> CapturedBody:
             expected = frame_sse(payload, event=_event_name(value, event_field), line_ending=line_ending)
         else:
             expected = frame_ndjson(payload, line_ending=line_ending)
-        if expected != text:
+        if expected != text or _LONG_NUMBER.search(payload):
             verbatim[str(index)] = text
         body.append(typed(labeler(value), value))
         chunk_ends.append(offset)
@@ -177,6 +188,9 @@ def render_segments(
             raise ValueError(f"a {fmt} recording needs a list of chunks as its body")
         return _render_stream(fmt, body, framing)
     if fmt == "json":
+        verbatim = framing.get("verbatim") or {}
+        if "0" in verbatim:
+            return [str(verbatim["0"]).encode("utf-8")]
         return [orjson.dumps((json_value or data_of)(body))]
     if fmt == "text":
         data = data_of(body)
