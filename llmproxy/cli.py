@@ -51,6 +51,12 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Log one JSON object per line instead of key=value.",
         ),
         click.option("--log-level", envvar="LLMPROXY_LOG_LEVEL", help="debug, info, warning or error (default: info)."),
+        click.option(
+            "--report",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="LLMPROXY_REPORT",
+            help="Write a JSON usage report here on exit (hits, misses, recorded, unused).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -97,8 +103,19 @@ def main() -> None:
     envvar="LLMPROXY_UPSTREAM",
     help="Base URL of the OpenAI-compatible upstream (default: https://api.openai.com).",
 )
+@click.option(
+    "--missing",
+    is_flag=True,
+    envvar="LLMPROXY_MISSING",
+    help="Replay what is recorded; forward and record only what is not (each live call is logged).",
+)
+@click.option(
+    "--record-errors/--no-record-errors",
+    default=None,
+    help="Also record upstream 429 and 5xx answers (off: they would poison replay).",
+)
 @common_options
-def record(upstream: str | None, config_path: Path | None, **options: Any) -> None:
+def record(upstream: str | None, missing: bool, config_path: Path | None, **options: Any) -> None:
     """Forward every call to the real API and record each exchange.
 
     Streams are passed through chunk by chunk as they arrive; each exchange is written to
@@ -109,7 +126,7 @@ def record(upstream: str | None, config_path: Path | None, **options: Any) -> No
       llmproxy record --upstream https://api.openai.com
       OPENAI_BASE_URL=http://127.0.0.1:8765/v1 python my_script.py
     """
-    _run(_settings(config_path, upstream=upstream, **options), "record")
+    _run(_settings(config_path, upstream=upstream, **options), "record-missing" if missing else "record")
 
 
 @main.command()
@@ -117,6 +134,18 @@ def record(upstream: str | None, config_path: Path | None, **options: Any) -> No
     "--timing",
     envvar="LLMPROXY_TIMING",
     help="Stream pacing: fast (default), realtime, or xN (N times faster than recorded).",
+)
+@click.option(
+    "--on-miss",
+    type=click.Choice(["error", "forward"]),
+    envvar="LLMPROXY_ON_MISS",
+    help="error (default): a 404 naming the closest recording; forward: call the real API, unrecorded.",
+)
+@click.option(
+    "--after-last",
+    type=click.Choice(["repeat", "error"]),
+    envvar="LLMPROXY_AFTER_LAST",
+    help="When a request was recorded N times and asked an N+1th: repeat the last (default) or error.",
 )
 @common_options
 def replay(timing: str | None, config_path: Path | None, **options: Any) -> None:

@@ -37,6 +37,12 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
+    on_miss: str = "error"  # replay: "error" (strict, the CI default) or "forward" (live, unrecorded)
+    after_last: str = "repeat"  # replay: after the last recorded repeat, "repeat" it or "error"
+    record_errors: bool = False  # record: keep 429 and 5xx answers too
+    secret_patterns: list[str] = field(default_factory=list)  # extra regexes the scanner refuses
+    report: Path | None = None  # usage report (JSON) written on exit
+    config_path: Path | None = None
 
     def router(self) -> Router:
         return Router(self.routes)
@@ -53,6 +59,11 @@ _PROXY_KEYS = {
     "max_body_mb": (int, float),
     "connect_timeout": (int, float),
     "read_timeout": (int, float),
+    "on_miss": str,
+    "after_last": str,
+    "record_errors": bool,
+    "secret_patterns": list,
+    "report": str,
 }
 _ROUTE_KEYS = {"name", "provider", "upstream", "prefix", "key_headers", "ignore_body", "ignore_query"}
 
@@ -138,6 +149,16 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
         raise ConfigError(str(exc)) from None
     timing = str(pick("timing", "fast"))
     validate_timing(timing)
+    on_miss = str(pick("on_miss", "error"))
+    if on_miss not in ("error", "forward"):
+        raise ConfigError(f"on_miss must be 'error' or 'forward', not {on_miss!r}")
+    after_last = str(pick("after_last", "repeat"))
+    if after_last not in ("repeat", "error"):
+        raise ConfigError(f"after_last must be 'repeat' or 'error', not {after_last!r}")
+    patterns = pick("secret_patterns", [])
+    if not all(isinstance(p, str) for p in patterns):
+        raise ConfigError("secret_patterns must be a list of regular expressions")
+    report = pick("report", None)
     port = int(pick("port", DEFAULT_PORT))
     if not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range")
@@ -152,6 +173,12 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
         max_body_bytes=int(float(pick("max_body_mb", 64)) * 1024 * 1024),
         connect_timeout=float(pick("connect_timeout", 10.0)),
         read_timeout=float(pick("read_timeout", 600.0)),
+        on_miss=on_miss,
+        after_last=after_last,
+        record_errors=bool(pick("record_errors", False)),
+        secret_patterns=list(patterns),
+        report=Path(report) if report else None,
+        config_path=config_path or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None),
     )
 
 

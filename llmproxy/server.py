@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from typing import Any
 from urllib.parse import parse_qsl
 
 import structlog
@@ -13,9 +14,13 @@ from aiohttp import web
 from llmproxy.config import Settings, validate_timing
 from llmproxy.index import RecordingIndex, canonical_for_route
 from llmproxy.matching import parse_body
-from llmproxy.modes.base import Call, Mode, error_response
+from llmproxy.forwarding import Forwarder
+from llmproxy.modes.base import Call, Mode, Outcome, error_response
 from llmproxy.modes.record import RecordMode
-from llmproxy.modes.replay import ReplayMode
+from llmproxy.modes.replay import Replayer, ReplayMode
+from llmproxy.recorder import Recorder
+from llmproxy.secrets import SecretScanner
+from llmproxy.usage import build_report, write_report
 from llmproxy.routing import Router
 from llmproxy.store import RecordingStore
 
@@ -24,11 +29,22 @@ log = structlog.get_logger("llmproxy.server")
 MODE_KEY = web.AppKey("mode", object)
 
 
+def record_command(settings: Settings) -> str:
+    """The command that records what a replay missed, with this run's directory and config."""
+    parts = ["llmproxy record --missing", f"--recordings {settings.recordings}"]
+    if settings.config_path is not None:
+        parts.append(f"--config {settings.config_path}")
+    return " ".join(parts)
+
+
 def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
     store = RecordingStore(settings.recordings)
-    if mode_name == "record":
-        return RecordMode(store, connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
-    if mode_name == "replay":
+    outcome = Outcome()
+
+    def forwarder() -> Forwarder:
+        return Forwarder(outcome, connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
+
+    def replayer() -> Replayer:
         index = RecordingIndex(router)
         index.load_store(store)
         log.info(
@@ -37,7 +53,21 @@ def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
             recordings=len(index),
             skipped=len(index.problems),
         )
-        return ReplayMode(index, speed=validate_timing(settings.timing), recordings_hint=str(settings.recordings))
+        return Replayer(
+            index,
+            outcome,
+            speed=validate_timing(settings.timing),
+            repeat_last=settings.after_last == "repeat",
+            record_command=record_command(settings),
+        )
+
+    if mode_name in ("record", "record-missing"):
+        recorder = Recorder(
+            store, outcome, scanner=SecretScanner(settings.secret_patterns), record_errors=settings.record_errors
+        )
+        return RecordMode(forwarder(), recorder, replayer() if mode_name == "record-missing" else None)
+    if mode_name == "replay":
+        return ReplayMode(replayer(), forwarder() if settings.on_miss == "forward" else None)
     raise ValueError(f"unknown mode {mode_name!r}")
 
 
@@ -119,16 +149,30 @@ class ProxyServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        outcome = self.mode.outcome
+        report = self.report()
+        if self.settings.report is not None:
+            write_report(self.settings.report, report)
         log.info(
             "summary",
             mode=self.mode.name,
-            hits=outcome.hits,
-            misses=outcome.misses,
-            recorded=outcome.recorded,
-            forwarded=outcome.forwarded,
-            errors=outcome.errors,
+            hits=report["hits"],
+            misses=len(report["misses"]),
+            recorded=len(report["recorded"]),
+            unused="-" if report["unused"] is None else len(report["unused"]),
+            errors=report["errors"],
+            refused=report["refused"],
+            report=str(self.settings.report) if self.settings.report else None,
         )
+
+    def report(self) -> dict[str, Any]:
+        mode = self.mode
+        replayer = getattr(mode, "replayer", None)
+        recorder = getattr(mode, "recorder", None)
+        unused = None
+        if replayer is not None:
+            unused = [entry.source for entry in replayer.unused() if entry.source is not None]
+        recorded = list(recorder.written) if recorder is not None else []
+        return build_report(mode.name, mode.outcome, self.settings.recordings, recorded, unused)
 
 
 async def serve(settings: Settings, mode_name: str) -> None:

@@ -46,6 +46,20 @@ class Outcome:
     recorded: int = 0
     forwarded: int = 0
     errors: int = 0
+    refused: int = 0  # recordings the secret scanner stopped
+    missed: list[dict[str, Any]] = field(default_factory=list)
+
+    def note_miss(self, call: Call) -> None:
+        self.misses += 1
+        self.missed.append(
+            {
+                "method": call.method,
+                "path": call.path,
+                "route": call.route.name,
+                "model": call.model,
+                "key": call.canonical.key,
+            }
+        )
 
 
 class Mode(Protocol):

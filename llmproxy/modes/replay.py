@@ -7,6 +7,7 @@ import asyncio
 import structlog
 from aiohttp import web
 
+from llmproxy.forwarding import Forwarder
 from llmproxy.headers import replay_headers
 from llmproxy.index import Entry, RecordingIndex
 from llmproxy.matching import json_diff
@@ -18,43 +19,44 @@ log = structlog.get_logger("llmproxy.replay")
 _DEFAULT_CONTENT_TYPES = {"sse": SSE_CONTENT_TYPE, "ndjson": NDJSON_CONTENT_TYPE, "text": "text/plain; charset=utf-8"}
 
 
-class ReplayMode:
-    name = "replay"
+class Replayer:
+    """Serves recordings from the index: the Nth identical request gets the Nth recording."""
 
     def __init__(
         self,
         index: RecordingIndex,
+        outcome: Outcome,
         *,
         speed: float | None = None,
-        recordings_hint: str = "recordings",
         repeat_last: bool = True,
+        record_command: str = "llmproxy record --missing",
     ) -> None:
         self.index = index
-        # After the last recorded repeat of a request: serve the last one again, or fail.
-        self.repeat_last = repeat_last
-        self._served: dict[str, int] = {}
-        self.outcome = Outcome()
+        self.outcome = outcome
         # None replays as fast as possible; otherwise the recorded pacing divided by speed.
         self.speed = speed
-        self.recordings_hint = recordings_hint
-        self.used: set[str] = set()
+        # After the last recorded repeat of a request: serve the last one again, or fail.
+        self.repeat_last = repeat_last
+        self.record_command = record_command
+        self._served: dict[str, int] = {}
 
-    async def start(self) -> None:
-        return None
+    def unused(self) -> list[Entry]:
+        """Recordings no request reached (for repeats: the ones past the last served)."""
+        unused = []
+        for key in self.index.keys():
+            unused.extend(self.index.get(key)[self._served.get(key, 0) :])
+        return unused
 
-    async def close(self) -> None:
-        return None
-
-    async def handle(self, request: web.Request, call: Call) -> web.StreamResponse:
+    async def serve(self, request: web.Request, call: Call) -> web.StreamResponse | None:
+        """The recorded answer, or None when nothing was recorded for this request."""
         key = call.canonical.key
         entries = self.index.get(key)
         if not entries:
-            self.outcome.misses += 1
-            return self.miss(call)
+            return None
         served = self._served.get(key, 0)
         self._served[key] = served + 1
         if served >= len(entries) and not self.repeat_last:
-            self.outcome.misses += 1
+            self.outcome.note_miss(call)
             message = (
                 f"all {len(entries)} recordings of {call.canonical.describe()} (key {key[:16]}) were "
                 "already replayed and repeats are off; record the extra call to replay it"
@@ -63,7 +65,6 @@ class ReplayMode:
             return error_response(call.route, 404, message, "recordings_exhausted")
         entry = entries[min(served, len(entries) - 1)]
         self.outcome.hits += 1
-        self.used.add(key)
         response = entry.recording.response
         headers = replay_headers(response.headers)
         fmt = response.framing.get("format", "json")
@@ -96,6 +97,8 @@ class ReplayMode:
         return stream
 
     def miss(self, call: Call) -> web.Response:
+        """A 404 in the provider's shape naming the request, the nearest recording and the fix."""
+        self.outcome.note_miss(call)
         canonical = call.canonical
         model = call.model or "-"
         message = (
@@ -110,10 +113,7 @@ class ReplayMode:
             closest_file = str(closest.source) if closest.source else None
             differences = self.describe_difference(closest, call)
             message += f" Closest recording: {closest_file or '(in memory)'}; it differs in: {'; '.join(differences)}."
-        message += (
-            f" To record it, run `llmproxy record --missing --recordings {self.recordings_hint}` "
-            "(or `llmproxy record`) against the real API and repeat this request."
-        )
+        message += f" To record it, run `{self.record_command}` and repeat this request through it."
         log.warning(
             "replay miss",
             method=call.method,
@@ -140,3 +140,34 @@ class ReplayMode:
             differences.append(f"headers: {dict(wanted.headers)} != {dict(recorded.headers)} recorded")
         differences += json_diff(recorded.body, wanted.body)
         return differences or ["nothing visible (a rule change?)"]
+
+
+class ReplayMode:
+    """Answer from recordings only; on a miss, fail loudly (default) or forward unrecorded."""
+
+    name = "replay"
+
+    def __init__(self, replayer: Replayer, forwarder: Forwarder | None = None) -> None:
+        self.replayer = replayer
+        self.outcome = replayer.outcome
+        self.index = replayer.index
+        self.forwarder = forwarder
+
+    async def start(self) -> None:
+        if self.forwarder is not None:
+            await self.forwarder.start()
+
+    async def close(self) -> None:
+        if self.forwarder is not None:
+            await self.forwarder.close()
+
+    async def handle(self, request: web.Request, call: Call) -> web.StreamResponse:
+        response = await self.replayer.serve(request, call)
+        if response is not None:
+            return response
+        if self.forwarder is None:
+            return self.replayer.miss(call)
+        self.outcome.note_miss(call)
+        log.warning("replay miss forwarded live, not recorded", method=call.method, path=call.path, route=call.route.name)
+        response, _ = await self.forwarder.forward(request, call)
+        return response

@@ -1,0 +1,167 @@
+"""Forwarding: send a routed call to its upstream and pass the answer through as it arrives.
+
+The client is served first: every upstream read is written to the client before anything else
+happens to it. What was received is handed back as an Exchange, for the recorder to tee.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from llmproxy.headers import client_response_headers, forward_request_headers
+from llmproxy.matching import public_query
+from llmproxy.modes.base import Call, Outcome, error_response
+
+log = structlog.get_logger("llmproxy.forward")
+
+STREAM_FORMATS = ("sse", "ndjson")
+
+
+def body_format(content_type: str) -> str:
+    """How a response body is framed, from its content type."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "text/event-stream":
+        return "sse"
+    if media in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
+        return "ndjson"
+    if media == "application/json" or media.endswith("+json"):
+        return "json"
+    return "opaque"
+
+
+@dataclass(slots=True)
+class Exchange:
+    """A complete upstream answer to one call, as received (decompressed)."""
+
+    call: Call
+    url: str
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    # (bytes received so far, ms since the request was sent) after each network read.
+    reads: list[tuple[int, float]]
+    headers_ms: float
+
+
+def safe_url(url: str) -> str:
+    """A URL for a log line or a file: secret query parameters removed."""
+    base, _, query = url.partition("?")
+    if not query:
+        return base
+    kept = public_query(parse_qsl(query, keep_blank_values=True))
+    return f"{base}?{urlencode(kept)}" if kept else base
+
+
+class Forwarder:
+    def __init__(self, outcome: Outcome, *, connect_timeout: float = 10.0, read_timeout: float = 600.0) -> None:
+        self.outcome = outcome
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        # One pooled session for the whole run; aiohttp decompresses, so stored and replayed
+        # bodies never carry a Content-Encoding that does not match their bytes.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            timeout=self._timeout,
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def forward(self, request: web.Request, call: Call) -> tuple[web.StreamResponse, Exchange | None]:
+        """The client's response, and the exchange when it completed (None if it failed)."""
+        assert self._session is not None, "Forwarder.start() was not awaited"
+        route = call.route
+        try:
+            url = route.upstream_url(call.path, call.query_string)
+        except LookupError as exc:
+            return error_response(route, 502, str(exc), "no_upstream"), None
+        started = time.monotonic()
+        try:
+            upstream = await self._session.request(
+                call.method,
+                url,
+                headers=forward_request_headers(request.headers.items()),
+                data=call.body if call.body else None,
+                allow_redirects=False,
+            )
+        except asyncio.TimeoutError:
+            self.outcome.errors += 1
+            log.error("upstream timeout", route=route.name, url=safe_url(url))
+            return error_response(route, 504, f"upstream {route.name} did not answer in time", "upstream_timeout"), None
+        except aiohttp.ClientError as exc:
+            self.outcome.errors += 1
+            log.error("upstream unreachable", route=route.name, url=safe_url(url), error=str(exc))
+            message = f"cannot reach upstream {route.name}: {exc}"
+            return error_response(route, 502, message, "upstream_unreachable"), None
+        async with upstream:
+            headers_ms = (time.monotonic() - started) * 1000
+            reads: list[tuple[int, float]] = []
+            parts: list[bytes] = []
+            response_headers = client_response_headers(upstream.headers.items())
+            streamed: web.StreamResponse | None = None
+            try:
+                if body_format(upstream.headers.get("Content-Type", "")) in STREAM_FORMATS:
+                    streamed = web.StreamResponse(status=upstream.status, headers=response_headers)
+                    await streamed.prepare(request)
+                    await _pump(upstream, streamed, parts, reads, started)
+                    response: web.StreamResponse = streamed
+                else:
+                    data = await upstream.read()
+                    parts.append(data)
+                    reads.append((len(data), (time.monotonic() - started) * 1000))
+                    response = web.Response(status=upstream.status, body=data, headers=response_headers)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                self.outcome.errors += 1
+                log.error("upstream broke off the response", route=route.name, error=str(exc) or type(exc).__name__)
+                if streamed is not None:
+                    _abort(request)  # the client already has part of a stream: cut it off too
+                    return streamed, None
+                return error_response(route, 502, f"upstream {route.name} broke off: {exc}", "upstream_broken"), None
+            except ConnectionResetError:
+                log.warning("client went away mid-stream; nothing recorded", route=route.name, path=call.path)
+                _abort(request)
+                return streamed or web.Response(status=499), None
+            exchange = Exchange(
+                call=call,
+                url=url,
+                status=upstream.status,
+                headers=list(upstream.headers.items()),
+                body=b"".join(parts),
+                reads=reads,
+                headers_ms=headers_ms,
+            )
+        self.outcome.forwarded += 1
+        return response, exchange
+
+
+async def _pump(
+    upstream: aiohttp.ClientResponse,
+    client: web.StreamResponse,
+    parts: list[bytes],
+    reads: list[tuple[int, float]],
+    started: float,
+) -> None:
+    total = 0
+    async for data in upstream.content.iter_any():
+        await client.write(data)  # the client first: its time to first token is the upstream's
+        parts.append(data)
+        total += len(data)
+        reads.append((total, (time.monotonic() - started) * 1000))
+    await client.write_eof()
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()

@@ -1,0 +1,216 @@
+"""The recorder: turn a completed exchange into a recording and write it, off the event loop.
+
+Parsing the body into chunks, checking that they frame back to the received bytes, scanning
+for secrets and writing the file all happen in a worker thread after the client was served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+import structlog
+
+from llmproxy import __version__
+from llmproxy.codecs import parse_sse_event, split_stream
+from llmproxy.forwarding import Exchange, body_format
+from llmproxy.framing import CapturedBody, capture, capture_opaque, data_of, render_segments
+from llmproxy.headers import recorded_response_headers
+from llmproxy.matching import RawBody, public_query
+from llmproxy.modes.base import Outcome
+from llmproxy.providers import Provider
+from llmproxy.recording import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
+from llmproxy.secrets import SecretScanner
+from llmproxy.store import RecordingStore
+
+log = structlog.get_logger("llmproxy.record")
+
+
+class SecretFound(Exception):
+    """A recording would have held a credential; it was not written."""
+
+
+@dataclass(slots=True)
+class Recorder:
+    store: RecordingStore
+    outcome: Outcome
+    scanner: SecretScanner = field(default_factory=SecretScanner)
+    # 429 and 5xx answers would poison replay, so they are only kept when asked for.
+    record_errors: bool = False
+    written: list[Path] = field(default_factory=list)
+    _sequences: dict[str, int] = field(default_factory=dict)
+    _pending: set[asyncio.Future[Any]] = field(default_factory=set)
+
+    def should_record(self, status: int) -> bool:
+        return self.record_errors or (status < 500 and status != 429)
+
+    def schedule(self, exchange: Exchange) -> None:
+        """Write the exchange in a worker thread; repeats of a key get sequence 2, 3, ..."""
+        if not self.should_record(exchange.status):
+            log.warning(
+                "not recorded: upstream error status",
+                route=exchange.call.route.name,
+                path=exchange.call.path,
+                status=exchange.status,
+            )
+            return
+        key = exchange.call.canonical.key
+        sequence = self._sequences[key] = self._sequences.get(key, 0) + 1
+        future = asyncio.get_running_loop().run_in_executor(None, self.write, exchange, sequence)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+    async def drain(self) -> None:
+        """Wait for every scheduled write (at shutdown: nothing in flight is lost)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    def write(self, exchange: Exchange, sequence: int = 1) -> Path | None:
+        call = exchange.call
+        try:
+            recording = build_recording(exchange)
+            recording.request.sequence = sequence
+            document = to_document(recording)
+            findings = self.scanner.scan(document)
+            if findings:
+                raise SecretFound("; ".join(str(finding) for finding in findings))
+            relative = self.store.name_for(
+                route=call.route.name,
+                path=call.path,
+                model=recording.request.model,
+                key=call.canonical.key,
+                sequence=sequence,
+            )
+            path = self.store.write(relative, document)
+        except SecretFound as exc:
+            self.outcome.refused += 1
+            log.error(
+                "recording refused: it would hold a credential",
+                route=call.route.name,
+                path=call.path,
+                findings=str(exc),
+                hint="remove the credential from the request, or add an ignore rule for that field",
+            )
+            return None
+        except Exception:
+            self.outcome.errors += 1
+            log.exception("recording not written", route=call.route.name, path=call.path)
+            return None
+        self.outcome.recorded += 1
+        self.written.append(path)
+        log.info(
+            "recorded",
+            route=call.route.name,
+            method=call.method,
+            path=call.path,
+            status=exchange.status,
+            file=str(path),
+            key=call.canonical.key[:16],
+        )
+        return path
+
+
+def capture_response(provider: Provider, path: str, fmt: str, raw: bytes) -> CapturedBody:
+    """Chunks and framing for a response body, checked to frame back to what was received."""
+    if fmt == "opaque":
+        return capture_opaque(raw)
+    streaming = fmt in ("sse", "ndjson")
+    captured = capture(fmt, raw, lambda value: provider.label(path, streaming, value))
+    if captured.framing.get("format") == "json" and "verbatim" not in captured.framing:
+        value = provider.json_value(captured.body)
+        packed = provider.pack_json(path, value)
+        if packed is not None and provider.json_value(packed) == value:
+            captured.body = packed
+    if not frames_back(captured, raw, provider):
+        log.warning("response does not frame back exactly; stored as text", path=path, format=fmt)
+        return capture_opaque(raw)
+    return captured
+
+
+def frames_back(captured: CapturedBody, raw: bytes, provider: Provider) -> bool:
+    """Whether replaying the capture gives the received bytes, JSON whitespace aside."""
+    rendered = b"".join(render_segments(captured.body, captured.framing, provider.json_value))
+    if rendered == raw:
+        return True
+    fmt = captured.framing.get("format")
+    if fmt == "json":
+        return orjson.loads(rendered) == orjson.loads(raw)
+    if fmt not in ("sse", "ndjson"):
+        return False
+    got, got_rest = split_stream(fmt, rendered)
+    want, want_rest = split_stream(fmt, raw)
+    if got_rest != want_rest or len(got) != len(want):
+        return False
+    return all(a == b or _same_event(fmt, a, b) for a, b in zip(got, want))
+
+
+def _same_event(fmt: str, left: bytes, right: bytes) -> bool:
+    if fmt == "ndjson":
+        same_ending = left.endswith(b"\r\n") == right.endswith(b"\r\n")
+        return same_ending and orjson.loads(left) == orjson.loads(right)
+    a, b = parse_sse_event(left.decode()), parse_sse_event(right.decode())
+    if (a.event, a.comments, a.other_fields, a.line_ending) != (b.event, b.comments, b.other_fields, b.line_ending):
+        return False
+    return a.data is not None and b.data is not None and orjson.loads(a.data) == orjson.loads(b.data)
+
+
+def _answering_model(body: Any) -> str | None:
+    """The model named in the response (the one that really answered), if any."""
+    first = body[0] if isinstance(body, list) and body else body
+    data = data_of(first)
+    if isinstance(data, dict):
+        for candidate in (data, data.get("message"), data.get("response")):
+            if isinstance(candidate, dict) and isinstance(candidate.get("model"), str):
+                return candidate["model"]
+        if isinstance(data.get("modelVersion"), str):
+            return data["modelVersion"]
+    return None
+
+
+def build_recording(exchange: Exchange) -> Recording:
+    call = exchange.call
+    provider = call.route.provider
+    content_type = next((v for k, v in exchange.headers if k.lower() == "content-type"), "")
+    captured = capture_response(provider, call.path, body_format(content_type), exchange.body)
+    base = exchange.url.partition("?")[0]
+    query = public_query(call.query)
+    request = RecordedRequest(
+        method=call.method,
+        url=f"{base}?{urlencode(query)}" if query else base,
+        path=call.path,
+        query=query,
+        body=call.body_value,
+        raw_body=call.body if isinstance(call.body_value, RawBody) else None,
+        model=call.model,
+        route=call.route.name,
+        headers=dict(call.canonical.headers),
+    )
+    timing = None
+    if captured.is_streaming and exchange.reads:
+        read_ends = [end for end, _ in exchange.reads]
+        last = len(exchange.reads) - 1
+        chunk_ms = [
+            round(exchange.reads[min(bisect.bisect_left(read_ends, end), last)][1], 1) for end in captured.chunk_ends
+        ]
+        timing = {"headers_ms": round(exchange.headers_ms, 1), "chunk_ms": chunk_ms}
+    response = RecordedResponse(
+        status=exchange.status,
+        headers=recorded_response_headers(exchange.headers),
+        body=captured.body,
+        framing=captured.framing,
+        timing=timing,
+    )
+    provenance = {
+        "tool": TOOL_NAME,
+        "version": __version__,
+        "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "response_model": _answering_model(captured.body),
+        "client_user_agent": call.headers.get("user-agent", ""),
+    }
+    return Recording(request, response, provenance)

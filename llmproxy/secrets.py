@@ -1,0 +1,60 @@
+"""The secret scanner: no recording that holds a credential is ever written.
+
+Headers are stripped before anything reaches a recording; this is the second line of defence,
+for keys that travel in bodies, URLs or upstream answers (a user pasting a key into a prompt,
+an upstream echoing a header back). It looks at every string of the document about to be
+written, and at `llmproxy check` time at every file already in the directory.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+BUILTIN_PATTERNS: dict[str, str] = {
+    "anthropic key": r"sk-ant-[A-Za-z0-9_-]{20,}",
+    "openai key": r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
+    "google api key": r"AIza[0-9A-Za-z_-]{35}",
+    "aws access key": r"(?:AKIA|ASIA)[0-9A-Z]{16}",
+    "bearer token": r"[Bb]earer\s+[A-Za-z0-9._~+/=-]{16,}",
+    "jwt": r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    field: str  # JSON path inside the recording, e.g. request.body.messages[0].content
+    kind: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} in {self.field}"
+
+
+class SecretScanner:
+    def __init__(self, extra_patterns: Iterable[str] = ()) -> None:
+        patterns = dict(BUILTIN_PATTERNS)
+        for index, pattern in enumerate(extra_patterns):
+            patterns[f"configured pattern {index + 1}"] = pattern
+        try:
+            self._patterns = [(kind, re.compile(pattern)) for kind, pattern in patterns.items()]
+        except re.error as exc:
+            raise ValueError(f"bad secret pattern: {exc}") from None
+
+    def scan(self, document: Any, path: str = "") -> list[Finding]:
+        return list(self._iter(document, path))
+
+    def _iter(self, value: Any, path: str) -> Iterator[Finding]:
+        if isinstance(value, str):
+            for kind, pattern in self._patterns:
+                if pattern.search(value):
+                    yield Finding(path or "(document)", kind)
+                    return
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield from self._iter(str(key), f"{path}.{key}(name)" if path else f"{key}(name)")
+                yield from self._iter(item, f"{path}.{key}" if path else str(key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                yield from self._iter(item, f"{path}[{index}]")
