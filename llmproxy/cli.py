@@ -160,3 +160,35 @@ def replay(timing: str | None, config_path: Path | None, **options: Any) -> None
       OPENAI_BASE_URL=http://127.0.0.1:8765/v1 OPENAI_API_KEY=any python my_script.py
     """
     _run(_settings(config_path, timing=timing, **options), "replay")
+
+
+@main.command()
+@click.option(
+    "--report",
+    "report_path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A usage report written by `replay --report` or `record --missing --report`.",
+)
+@click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
+def prune(report_path: Path, dry_run: bool) -> None:
+    """Delete recordings a run never used.
+
+    Only a report from a run with no misses is trusted: a run that missed may not have
+    exercised every code path, so "unused" would not mean "stale".
+    """
+    from llmproxy.usage import ReportError, prunable, read_report
+
+    try:
+        paths = prunable(read_report(report_path))
+    except ReportError as exc:
+        raise click.ClickException(f"not pruning: {exc}") from None
+    for path in paths:
+        if dry_run:
+            click.echo(f"would delete {path}")
+        elif path.exists():
+            path.unlink()
+            click.echo(f"deleted {path}")
+        else:
+            click.echo(f"already gone {path}")
+    click.echo(f"{len(paths)} unused recording(s){' (dry run)' if dry_run else ''}")

@@ -65,7 +65,16 @@ _PROXY_KEYS = {
     "secret_patterns": list,
     "report": str,
 }
-_ROUTE_KEYS = {"name", "provider", "upstream", "prefix", "key_headers", "ignore_body", "ignore_query"}
+_ROUTE_KEYS = {
+    "name",
+    "provider",
+    "upstream",
+    "prefix",
+    "key_headers",
+    "ignore_body",
+    "ignore_query",
+    "round_floats",
+}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -100,7 +109,11 @@ def _route_from_table(table: Mapping[str, Any], index: int) -> Route:
             raise ConfigError(f"{where} ({name}): '{key}' must be a list of strings")
         return tuple(value)
 
+    round_floats = table.get("round_floats")
+    if round_floats is not None and (not isinstance(round_floats, int) or isinstance(round_floats, bool) or round_floats < 0):
+        raise ConfigError(f"{where} ({name}): 'round_floats' must be a whole number of decimals")
     return Route(
+        round_floats=round_floats,
         name=name,
         provider=provider,
         upstream=table.get("upstream") or provider.default_upstream,

@@ -37,6 +37,7 @@ def canonical_for_route(
         key_headers=route.key_headers,
         ignore_body=route.ignore_body,
         ignore_query=route.ignore_query,
+        round_floats=route.round_floats,
     )
 
 

@@ -127,6 +127,7 @@ def canonical_request(
     key_headers: Iterable[str] = (),
     ignore_body: Iterable[str] = (),
     ignore_query: Iterable[str] = (),
+    round_floats: int | None = None,
 ) -> CanonicalRequest:
     method = method.upper()
     if method in METHODS_WITHOUT_BODY or body == {}:
@@ -134,6 +135,8 @@ def canonical_request(
         body = None
     for json_path in ignore_body:
         body = drop_path(body, json_path)
+    if round_floats is not None:
+        body = _round_floats(body, round_floats)
     lowered = {name.lower(): value for name, value in headers.items()}
     chosen = tuple((name, lowered[name]) for name in key_headers if name in lowered)
     return CanonicalRequest(
@@ -144,6 +147,16 @@ def canonical_request(
         headers=chosen,
         body=body,
     )
+
+
+def _round_floats(value: Any, digits: int) -> Any:
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {key: _round_floats(item, digits) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_round_floats(item, digits) for item in value]
+    return value
 
 
 def drop_path(value: Any, json_path: str) -> Any:

@@ -25,6 +25,8 @@ class Route:
     # Body fields (JSON paths) and query parameters left out of the key.
     ignore_body: tuple[str, ...] = ()
     ignore_query: tuple[str, ...] = ()
+    # Floats in the body are rounded to this many decimals before keying (None: exact).
+    round_floats: int | None = None
 
     def upstream_url(self, path: str, query_string: str = "") -> str:
         if not self.upstream:

@@ -7,7 +7,7 @@ import pytest
 from llmproxy.logs import configure_logging
 from tests.support import LoopThread
 
-configure_logging(level="warning")
+configure_logging(level="info")
 
 
 @pytest.fixture(scope="session")
