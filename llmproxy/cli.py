@@ -192,3 +192,168 @@ def prune(report_path: Path, dry_run: bool) -> None:
         else:
             click.echo(f"already gone {path}")
     click.echo(f"{len(paths)} unused recording(s){' (dry run)' if dry_run else ''}")
+
+
+def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the commands that read a recordings directory without serving it."""
+    func = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        envvar="LLMPROXY_CONFIG",
+        help="TOML config file with routes and rules (default: ./llmproxy.toml if present).",
+    )(func)
+    return func
+
+
+def _load_index(settings: Settings) -> Any:
+    from llmproxy.index import RecordingIndex
+    from llmproxy.store import RecordingStore
+
+    index = RecordingIndex(settings.router())
+    index.load_store(RecordingStore(settings.recordings))
+    return index
+
+
+@main.command()
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--fix", is_flag=True, help="Delete temp files left by unfinished writes.")
+@_config_options
+def check(directory: Path | None, fix: bool, config_path: Path | None) -> None:
+    """Lint a recordings directory (default: ./recordings) for CI.
+
+    Reports unreadable or invalid files, credentials, two files for the same request and
+    repeat, files whose name no longer matches their key, and leftover temp files. Exits 1
+    when anything is wrong.
+    """
+    from llmproxy.lint import check_directory
+    from llmproxy.secrets import SecretScanner
+
+    settings = _settings(config_path, recordings=directory, log_level="error")
+    root = settings.recordings
+    if not root.is_dir():
+        raise click.ClickException(f"no such directory: {root}")
+
+    def progress(paths: Any) -> Any:
+        # click draws the bar only on a terminal; large directories get one.
+        if len(paths) < 500:
+            return paths
+        return click.progressbar(paths, label=f"checking {root}", file=click.get_text_stream("stderr"))
+
+    def run_with_progress(paths: Any) -> Any:
+        wrapped = progress(paths)
+        if wrapped is paths:
+            yield from paths
+            return
+        with wrapped as bar:
+            yield from bar
+
+    try:
+        problems = check_directory(root, settings.router(), SecretScanner(settings.secret_patterns), fix=fix, progress=run_with_progress)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    for problem in problems:
+        click.echo(str(problem))
+    failing = [p for p in problems if p.fails]
+    count = sum(1 for _ in root.rglob("*") if _.is_file())
+    click.echo(f"checked {root}: {len(failing)} problem(s) in {count} file(s)")
+    if failing:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("request_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--recordings", type=click.Path(file_okay=False, path_type=Path), envvar="LLMPROXY_RECORDINGS")
+@_config_options
+def explain(request_file: Path, recordings: Path | None, config_path: Path | None) -> None:
+    """Say what replay would do with a request.
+
+    REQUEST_FILE is a recording, or {"method", "path" (or "url"), "headers", "body"}. Prints
+    its route, the rules applied, its key, the file it would hit, or the nearest recordings
+    and how they differ.
+    """
+    import orjson
+
+    from llmproxy.inspection import explain as explain_request
+
+    settings = _settings(config_path, recordings=recordings, log_level="error")
+    try:
+        document = orjson.loads(request_file.read_bytes())
+        click.echo(explain_request(document, settings.router(), _load_index(settings)))
+    except (orjson.JSONDecodeError, ValueError) as exc:
+        raise click.ClickException(f"{request_file}: {exc}") from None
+
+
+@main.command(name="ls")
+@click.option("--recordings", type=click.Path(file_okay=False, path_type=Path), envvar="LLMPROXY_RECORDINGS")
+@click.option("--route", help="Only this route.")
+@click.option("--model", help="Only models containing this text.")
+@click.option("--endpoint", help="Only endpoints containing this text.")
+@click.option("--older-than", help="Only recordings older than this (30d, 12h, 2w) or of unknown age.")
+@_config_options
+def list_recordings(
+    recordings: Path | None,
+    route: str | None,
+    model: str | None,
+    endpoint: str | None,
+    older_than: str | None,
+    config_path: Path | None,
+) -> None:
+    """List recordings: route, endpoint, model, age and size."""
+    from datetime import datetime, timezone
+
+    from llmproxy.inspection import listings, parse_age
+
+    settings = _settings(config_path, recordings=recordings, log_level="error")
+    try:
+        age = parse_age(older_than) if older_than else None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    now = datetime.now(timezone.utc)
+    found = listings(_load_index(settings), route=route, model=model, endpoint=endpoint, older_than=age, now=now)
+    for item in found:
+        click.echo(f"{item.route:<10} {item.endpoint:<40} {item.model:<28} {item.age(now):>8} {item.size:>9}  {item.path}")
+    click.echo(f"{len(found)} recording(s)")
+
+
+@main.command()
+@click.argument("recording_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@_config_options
+def show(recording_file: Path, config_path: Path | None) -> None:
+    """Print one recording as a readable conversation."""
+    import orjson
+
+    from llmproxy.index import RecordingIndex
+    from llmproxy.inspection import show as render
+    from llmproxy.recording import RecordingError
+
+    settings = _settings(config_path, log_level="error")
+    try:
+        document = orjson.loads(recording_file.read_bytes())
+        click.echo(render(recording_file, document, RecordingIndex(settings.router()).provider_for))
+    except (orjson.JSONDecodeError, RecordingError) as exc:
+        raise click.ClickException(f"{recording_file}: {exc}") from None
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("mode", type=click.Choice(["record", "record-missing", "replay"]))
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--upstream", envvar="LLMPROXY_UPSTREAM", help="Upstream of the OpenAI route (record).")
+@common_options
+def run(mode: str, command: tuple[str, ...], upstream: str | None, config_path: Path | None, **options: Any) -> None:
+    """Run COMMAND with a proxy in MODE around it, then exit with its status.
+
+    The proxy listens on a free port; the command gets OPENAI_BASE_URL, ANTHROPIC_BASE_URL,
+    OLLAMA_HOST, GOOGLE_GEMINI_BASE_URL, AZURE_OPENAI_ENDPOINT and LLMPROXY_URL pointing at
+    it, and placeholder API keys in replay so SDKs that insist on one start.
+
+    \b
+    Example:
+      llmproxy run replay -- pytest tests/
+    """
+    from llmproxy.runner import run_command
+
+    options.pop("port", None)
+    settings = _settings(config_path, upstream=upstream, **options)
+    _install_event_loop()
+    raise SystemExit(asyncio.run(run_command(settings, mode, list(command))))

@@ -93,7 +93,7 @@ class RecordingIndex:
     def get(self, key: str) -> list[Entry]:
         return self._entries.get(key, [])
 
-    def _provider_for(self, method: str, path: str) -> Provider | None:
+    def provider_for(self, method: str, path: str) -> Provider | None:
         match = self.router.resolve(method, path, {})
         return match.route.provider if match else None
 
@@ -121,7 +121,7 @@ class RecordingIndex:
         return entry
 
     def load_document(self, document: Any, source: Path | None = None) -> Entry:
-        recording = from_document(document, self._provider_for)
+        recording = from_document(document, self.provider_for)
         entry = self.add(recording, source)
         entry.segments()  # render once now, so a file that cannot be replayed is found at load
         return entry

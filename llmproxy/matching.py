@@ -233,6 +233,21 @@ def _diff(a: Any, b: Any, path: str, out: list[str], limit: int) -> None:
         out.append(f"{where}: {_show(b)} != {_show(a)} recorded")
 
 
+def request_differences(recorded: CanonicalRequest, wanted: CanonicalRequest) -> list[str]:
+    """What keeps `wanted` from matching `recorded`, field by field."""
+    differences = []
+    if recorded.route != wanted.route:
+        differences.append(f"route: {wanted.route} != {recorded.route} recorded")
+    if (recorded.method, recorded.path) != (wanted.method, wanted.path):
+        differences.append(f"request: {wanted.method} {wanted.path} != {recorded.method} {recorded.path} recorded")
+    if recorded.query != wanted.query:
+        differences.append(f"query: {dict(wanted.query)} != {dict(recorded.query)} recorded")
+    if recorded.headers != wanted.headers:
+        differences.append(f"headers: {dict(wanted.headers)} != {dict(recorded.headers)} recorded")
+    differences += json_diff(recorded.body, wanted.body)
+    return differences or ["nothing (same key)"]
+
+
 def similarity(a: CanonicalRequest, b: CanonicalRequest) -> float:
     """A rough closeness score for choosing the nearest recording on a miss (higher is closer)."""
     score = 0.0

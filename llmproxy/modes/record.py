@@ -47,6 +47,7 @@ class RecordMode:
         key = call.canonical.key
         twin = self._in_flight.get(key)
         if twin is not None:
+            self.outcome.shared += 1
             exchange = await asyncio.shield(twin)
             if exchange is not None:
                 log.debug("identical call in flight: shared its answer", path=call.path, key=key[:16])

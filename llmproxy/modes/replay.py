@@ -10,7 +10,7 @@ from aiohttp import web
 from llmproxy.forwarding import Forwarder
 from llmproxy.headers import replay_headers
 from llmproxy.index import Entry, RecordingIndex
-from llmproxy.matching import json_diff
+from llmproxy.matching import request_differences
 from llmproxy.modes.base import Call, Outcome, error_response
 from llmproxy.providers.base import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
 
@@ -111,7 +111,7 @@ class Replayer:
         if nearest:
             closest = nearest[0]
             closest_file = str(closest.source) if closest.source else None
-            differences = self.describe_difference(closest, call)
+            differences = request_differences(closest.canonical, canonical)
             message += f" Closest recording: {closest_file or '(in memory)'}; it differs in: {'; '.join(differences)}."
         message += f" To record it, run `{self.record_command}` and repeat this request through it."
         log.warning(
@@ -125,21 +125,6 @@ class Replayer:
             differences=differences,
         )
         return error_response(call.route, 404, message, "recording_not_found")
-
-    @staticmethod
-    def describe_difference(entry: Entry, call: Call) -> list[str]:
-        recorded, wanted = entry.canonical, call.canonical
-        differences = []
-        if recorded.route != wanted.route:
-            differences.append(f"route: {wanted.route} != {recorded.route} recorded")
-        if (recorded.method, recorded.path) != (wanted.method, wanted.path):
-            differences.append(f"request: {wanted.method} {wanted.path} != {recorded.method} {recorded.path} recorded")
-        if recorded.query != wanted.query:
-            differences.append(f"query: {dict(wanted.query)} != {dict(recorded.query)} recorded")
-        if recorded.headers != wanted.headers:
-            differences.append(f"headers: {dict(wanted.headers)} != {dict(recorded.headers)} recorded")
-        differences += json_diff(recorded.body, wanted.body)
-        return differences or ["nothing visible (a rule change?)"]
 
 
 class ReplayMode:

@@ -1,0 +1,213 @@
+"""Looking at recordings: `explain` a request, `ls` the directory, `show` one as a conversation."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from llmproxy.framing import data_of
+from llmproxy.index import RecordingIndex, canonical_for_route
+from llmproxy.matching import request_differences
+from llmproxy.recording import ProviderResolver, Recording, from_document
+from llmproxy.routing import Router
+
+_AGE = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(text: str) -> timedelta:
+    """'30d', '12h', '2w' -> timedelta."""
+    match = _AGE.match(text.strip())
+    if not match:
+        raise ValueError(f"age must look like 30d, 12h or 2w, not {text!r}")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def explain(request_doc: Any, router: Router, index: RecordingIndex) -> str:
+    """What llmproxy would do with a request: its route, rules, key, hit and nearest neighbours."""
+    if not isinstance(request_doc, dict):
+        raise ValueError("the request file must hold a JSON object")
+    if "request" in request_doc:
+        recording = from_document(request_doc, index.provider_for)
+        method, path, query = recording.request.method, recording.request.path, recording.request.query
+        headers, body = recording.request.headers, recording.request.body
+    else:
+        method = str(request_doc.get("method", "POST")).upper()
+        url = str(request_doc.get("path") or request_doc.get("url") or "")
+        parts = urlsplit(url)
+        path, query = parts.path, parse_qsl(parts.query, keep_blank_values=True)
+        headers = {str(k).lower(): str(v) for k, v in (request_doc.get("headers") or {}).items()}
+        body = request_doc.get("body")
+    match = router.resolve(method, path, headers)
+    if match is None:
+        return f"request     {method} {path}\nroute       none: no route serves this path (llmproxy answers 404)"
+    route = match.route
+    canonical = canonical_for_route(route, method, match.path, query, headers, body)
+    rules = [
+        f"key headers: {', '.join(route.key_headers) or '-'}",
+        f"ignored body fields: {', '.join(route.ignore_body) or '-'}",
+        f"ignored query: {', '.join(route.ignore_query) or '-'} (credentials always)",
+        f"float rounding: {route.round_floats if route.round_floats is not None else '-'}",
+    ]
+    lines = [
+        f"request     {canonical.describe()}",
+        f"route       {route.name} (provider {route.provider.name}, upstream {route.upstream or '-'})",
+        f"rules       {'; '.join(rules)}",
+        f"key         {canonical.key}",
+    ]
+    entries = index.get(canonical.key)
+    if entries:
+        for number, entry in enumerate(entries, 1):
+            lines.append(f"hit         {entry.source} (replayed {'first' if number == 1 else f'as repeat {number}'})")
+    else:
+        lines.append("hit         none: replay would answer 404 recording_not_found")
+        for number, entry in enumerate(index.nearest(canonical, 3), 1):
+            differences = "; ".join(request_differences(entry.canonical, canonical))
+            lines.append(f"nearest {number}   {entry.source}\n            differs in: {differences}")
+    return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class Listing:
+    path: Path
+    route: str
+    endpoint: str
+    model: str
+    recorded_at: datetime | None
+    size: int
+
+    def age(self, now: datetime) -> str:
+        if self.recorded_at is None:
+            return "unknown"
+        seconds = (now - self.recorded_at).total_seconds()
+        for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+            if seconds >= span:
+                return f"{int(seconds // span)}{unit}"
+        return f"{int(seconds)}s"
+
+
+def recorded_at(recording: Recording) -> datetime | None:
+    stamp = (recording.provenance or {}).get("recorded_at")
+    try:
+        return datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+    except ValueError:
+        return None
+
+
+def listings(
+    index: RecordingIndex,
+    *,
+    route: str | None = None,
+    model: str | None = None,
+    endpoint: str | None = None,
+    older_than: timedelta | None = None,
+    now: datetime | None = None,
+) -> list[Listing]:
+    """Recordings with their facts; `older_than` keeps files recorded before now - age (and
+    files of unknown age, which cannot be shown to be fresh)."""
+    now = now or datetime.now(timezone.utc)
+    found = []
+    for entry in index.entries():
+        request = entry.recording.request
+        item = Listing(
+            path=entry.source or Path("-"),
+            route=entry.route.name,
+            endpoint=request.path,
+            model=request.model or "-",
+            recorded_at=recorded_at(entry.recording),
+            size=entry.source.stat().st_size if entry.source else 0,
+        )
+        if route and item.route != route:
+            continue
+        if model and model not in item.model:
+            continue
+        if endpoint and endpoint not in item.endpoint:
+            continue
+        if older_than is not None and item.recorded_at is not None and now - item.recorded_at < older_than:
+            continue
+        found.append(item)
+    return sorted(found, key=lambda item: str(item.path))
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(_text_of(part) for part in content)
+    if isinstance(content, dict):
+        for key in ("text", "content", "input", "thinking"):
+            if key in content and content[key] is not None:
+                return _text_of(content[key])
+        if content.get("type") == "tool_use":
+            return f"[tool call {content.get('name')}({content.get('input')})]"
+    return ""
+
+
+def _request_turns(body: Any) -> list[tuple[str, str]]:
+    if not isinstance(body, dict):
+        return [("request", "<non-JSON body>")] if body is not None else []
+    turns: list[tuple[str, str]] = []
+    if body.get("system"):
+        turns.append(("system", _text_of(body["system"])))
+    for message in body.get("messages") or []:
+        if isinstance(message, dict):
+            turns.append((str(message.get("role", "?")), _text_of(message.get("content"))))
+    for content in body.get("contents") or []:  # Gemini
+        if isinstance(content, dict):
+            turns.append((str(content.get("role", "user")), _text_of(content.get("parts"))))
+    for key in ("prompt", "input"):
+        if key in body and not turns:
+            turns.append(("user", _text_of(body[key])))
+    return turns
+
+
+def _response_text(values: list[Any]) -> str:
+    """The assistant's text, assembled from chunks or a whole body, whatever the provider."""
+    pieces: list[str] = []
+    for value in values:
+        if not isinstance(value, dict):
+            continue
+        for choice in value.get("choices") or []:  # OpenAI chat and completions
+            delta = choice.get("delta") or choice.get("message") or {}
+            pieces.append(delta.get("content") or choice.get("text") or "")
+        if value.get("type") == "content_block_delta":  # Anthropic stream
+            pieces.append(value.get("delta", {}).get("text") or "")
+        if value.get("type") == "message":  # Anthropic message
+            pieces.append(_text_of(value.get("content")))
+        if value.get("type") == "response.output_text.delta":  # Responses stream
+            pieces.append(value.get("delta") or "")
+        if value.get("object") == "response" and value.get("output"):
+            pieces.append(_text_of([item.get("content") for item in value["output"] if isinstance(item, dict)]))
+        if isinstance(value.get("message"), dict):  # Ollama chat
+            pieces.append(value["message"].get("content") or "")
+        if isinstance(value.get("response"), str):  # Ollama generate
+            pieces.append(value["response"])
+        for candidate in value.get("candidates") or []:  # Gemini
+            pieces.append(_text_of((candidate.get("content") or {}).get("parts")))
+    return "".join(pieces)
+
+
+def show(path: Path, document: Any, resolve_provider: ProviderResolver) -> str:
+    recording = from_document(document, resolve_provider)
+    request, response = recording.request, recording.response
+    provenance = recording.provenance or {}
+    lines = [
+        f"file       {path}",
+        f"request    {request.method} {request.url or request.path}",
+        f"model      {request.model or '-'} (answered by {provenance.get('response_model') or '-'})",
+        f"recorded   {provenance.get('recorded_at', 'unknown')} by {provenance.get('tool', 'another recorder')} "
+        f"{provenance.get('version', '')}".rstrip(),
+        f"status     {response.status}{'  (streamed, ' + str(len(response.body)) + ' chunks)' if response.is_streaming else ''}",
+        "",
+    ]
+    for role, text in _request_turns(request.body):
+        lines.append(f"[{role}] {text}")
+    values = [data_of(item) for item in response.body] if isinstance(response.body, list) else [data_of(response.body)]
+    answer = _response_text(values)
+    lines.append(f"[assistant] {answer}" if answer else "[response] " + str(values[0] if values else "")[:500])
+    return "\n".join(lines)
+

@@ -1,0 +1,89 @@
+"""`llmproxy check`: lint a recordings directory before it is committed or used by CI."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmproxy.index import RecordingIndex
+from llmproxy.recording import RecordingError
+from llmproxy.routing import Router
+from llmproxy.secrets import SecretScanner
+from llmproxy.store import TEMP_SUFFIX, RecordingStore, StoreError
+
+# Names llmproxy gives its files: ...-<key16>.json, or ...-<key16>-<sequence>.json for repeats.
+_OWN_NAME = re.compile(r"-(?P<key>[0-9a-f]{16})(?:-(?P<sequence>\d+))?\.json$")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    path: Path
+    kind: str  # invalid | secret | duplicate | misnamed | leftover | fixed
+    detail: str
+
+    @property
+    def fails(self) -> bool:
+        return self.kind != "fixed"
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.kind}: {self.detail}"
+
+
+def leftover_temp_files(root: Path) -> list[Path]:
+    """Temp files of writes that never finished (a crash or kill -9 mid-write)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob(f"*{TEMP_SUFFIX}") if p.is_file())
+
+
+def check_directory(
+    root: Path,
+    router: Router,
+    scanner: SecretScanner,
+    *,
+    fix: bool = False,
+    progress: Callable[[Iterable[Path]], Iterable[Path]] = lambda paths: paths,
+) -> list[Problem]:
+    store = RecordingStore(root)
+    index = RecordingIndex(router)
+    problems: list[Problem] = []
+    seen: dict[tuple[str, int], Path] = {}
+    for path in progress(list(store.paths())):
+        try:
+            document = store.read(path)
+            entry = index.load_document(document, path)
+        except (StoreError, RecordingError, ValueError, TypeError) as exc:
+            problems.append(Problem(path, "invalid", str(exc)))
+            continue
+        for finding in scanner.scan(document):
+            problems.append(Problem(path, "secret", str(finding)))
+        request = entry.recording.request
+        slot = (entry.canonical.key, request.sequence)
+        if slot in seen:
+            problems.append(
+                Problem(path, "duplicate", f"same request and sequence {request.sequence} as {seen[slot]}")
+            )
+        else:
+            seen[slot] = path
+        named = _OWN_NAME.search(path.name)
+        if named:
+            key_in_name = named.group("key")
+            sequence_in_name = int(named.group("sequence") or 1)
+            if key_in_name != entry.canonical.key[:16] or sequence_in_name != request.sequence:
+                problems.append(
+                    Problem(
+                        path,
+                        "misnamed",
+                        f"the request's key is now {entry.canonical.key[:16]} (sequence {request.sequence}); "
+                        "it still replays, but rename it to keep names meaningful",
+                    )
+                )
+    for path in leftover_temp_files(root):
+        if fix:
+            path.unlink(missing_ok=True)
+            problems.append(Problem(path, "fixed", "deleted the temp file of an unfinished write"))
+        else:
+            problems.append(Problem(path, "leftover", "temp file of an unfinished write (delete with --fix)"))
+    return problems
