@@ -52,6 +52,11 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--log-level", envvar="LLMPROXY_LOG_LEVEL", help="debug, info, warning or error (default: info)."),
         click.option(
+            "--token",
+            envvar="LLMPROXY_TOKEN",
+            help="Require clients to send this in an x-llmproxy-token header (for a non-loopback --host).",
+        ),
+        click.option(
             "--report",
             type=click.Path(dir_okay=False, path_type=Path),
             envvar="LLMPROXY_REPORT",

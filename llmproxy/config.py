@@ -43,6 +43,9 @@ class Settings:
     secret_patterns: list[str] = field(default_factory=list)  # extra regexes the scanner refuses
     report: Path | None = None  # usage report (JSON) written on exit
     config_path: Path | None = None
+    token: str | None = None  # when set, clients must send it in the x-llmproxy-token header
+    client_disconnect: str = "discard"  # record: "discard" the exchange or "drain" and record it
+    shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM/SIGINT
 
     def router(self) -> Router:
         return Router(self.routes)
@@ -64,6 +67,9 @@ _PROXY_KEYS = {
     "record_errors": bool,
     "secret_patterns": list,
     "report": str,
+    "token": str,
+    "client_disconnect": str,
+    "shutdown_timeout": (int, float),
 }
 _ROUTE_KEYS = {
     "name",
@@ -172,6 +178,9 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
     if not all(isinstance(p, str) for p in patterns):
         raise ConfigError("secret_patterns must be a list of regular expressions")
     report = pick("report", None)
+    client_disconnect = str(pick("client_disconnect", "discard"))
+    if client_disconnect not in ("discard", "drain"):
+        raise ConfigError(f"client_disconnect must be 'discard' or 'drain', not {client_disconnect!r}")
     port = int(pick("port", DEFAULT_PORT))
     if not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range")
@@ -192,6 +201,9 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
         secret_patterns=list(patterns),
         report=Path(report) if report else None,
         config_path=config_path or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None),
+        token=pick("token", None) or None,
+        client_disconnect=client_disconnect,
+        shutdown_timeout=float(pick("shutdown_timeout", 10.0)),
     )
 
 

@@ -48,6 +48,8 @@ class Exchange:
     # (bytes received so far, ms since the request was sent) after each network read.
     reads: list[tuple[int, float]]
     headers_ms: float
+    # False when the upstream broke off mid-body: only kept (marked truncated) with record_errors.
+    complete: bool = True
 
 
 def safe_url(url: str) -> str:
@@ -60,8 +62,18 @@ def safe_url(url: str) -> str:
 
 
 class Forwarder:
-    def __init__(self, outcome: Outcome, *, connect_timeout: float = 10.0, read_timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        outcome: Outcome,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 600.0,
+        drain_on_disconnect: bool = False,
+    ) -> None:
         self.outcome = outcome
+        # When a client leaves mid-stream: read the rest anyway so the exchange is recorded
+        # whole (drain), or close the upstream request at once and record nothing (default).
+        self.drain_on_disconnect = drain_on_disconnect
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -111,6 +123,20 @@ class Forwarder:
             parts: list[bytes] = []
             response_headers = client_response_headers(upstream.headers.items())
             streamed: web.StreamResponse | None = None
+            complete = True
+
+            def exchange() -> Exchange:
+                return Exchange(
+                    call=call,
+                    url=url,
+                    status=upstream.status,
+                    headers=list(upstream.headers.items()),
+                    body=b"".join(parts),
+                    reads=reads,
+                    headers_ms=headers_ms,
+                    complete=complete,
+                )
+
             try:
                 if body_format(upstream.headers.get("Content-Type", "")) in STREAM_FORMATS:
                     streamed = web.StreamResponse(status=upstream.status, headers=response_headers)
@@ -122,28 +148,29 @@ class Forwarder:
                     parts.append(data)
                     reads.append((len(data), (time.monotonic() - started) * 1000))
                     response = web.Response(status=upstream.status, body=data, headers=response_headers)
+            except ConnectionResetError:
+                # The client left (aiohttp's ClientConnectionResetError is one of these too).
+                if not self.drain_on_disconnect or streamed is None:
+                    log.warning("client went away mid-stream; upstream closed, nothing recorded", path=call.path)
+                    return streamed or web.Response(status=499), None
+                log.warning("client went away mid-stream; draining the upstream to record it", path=call.path)
+                try:
+                    await _drain(upstream, parts, reads, started)
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    return streamed, None
+                self.outcome.forwarded += 1
+                return streamed, exchange()
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
                 self.outcome.errors += 1
+                complete = False
                 log.error("upstream broke off the response", route=route.name, error=str(exc) or type(exc).__name__)
                 if streamed is not None:
                     _abort(request)  # the client already has part of a stream: cut it off too
-                    return streamed, None
-                return error_response(route, 502, f"upstream {route.name} broke off: {exc}", "upstream_broken"), None
-            except ConnectionResetError:
-                log.warning("client went away mid-stream; nothing recorded", route=route.name, path=call.path)
-                _abort(request)
-                return streamed or web.Response(status=499), None
-            exchange = Exchange(
-                call=call,
-                url=url,
-                status=upstream.status,
-                headers=list(upstream.headers.items()),
-                body=b"".join(parts),
-                reads=reads,
-                headers_ms=headers_ms,
-            )
-        self.outcome.forwarded += 1
-        return response, exchange
+                    return streamed, exchange()
+                message = f"upstream {route.name} broke off: {exc}"
+                return error_response(route, 502, message, "upstream_broken"), exchange()
+            self.outcome.forwarded += 1
+            return response, exchange()
 
 
 async def _pump(
@@ -155,11 +182,21 @@ async def _pump(
 ) -> None:
     total = 0
     async for data in upstream.content.iter_any():
-        await client.write(data)  # the client first: its time to first token is the upstream's
+        parts.append(data)  # kept before the write: a client leaving mid-write loses it no byte
+        total += len(data)
+        await client.write(data)  # then straight on: the client's time to first token is the upstream's
+        reads.append((total, (time.monotonic() - started) * 1000))
+    await client.write_eof()
+
+
+async def _drain(
+    upstream: aiohttp.ClientResponse, parts: list[bytes], reads: list[tuple[int, float]], started: float
+) -> None:
+    total = sum(len(part) for part in parts)
+    async for data in upstream.content.iter_any():
         parts.append(data)
         total += len(data)
         reads.append((total, (time.monotonic() - started) * 1000))
-    await client.write_eof()
 
 
 def _abort(request: web.Request) -> None:

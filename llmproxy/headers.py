@@ -20,11 +20,20 @@ HOP_BY_HOP = frozenset(
 
 # Never written to disk or logged: they carry credentials or session state.
 CREDENTIAL_HEADERS = frozenset(
-    {"authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie", "set-cookie", "proxy-authorization"}
+    {
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "cookie",
+        "set-cookie",
+        "proxy-authorization",
+        "x-llmproxy-token",
+    }
 )
 
 # Set by aiohttp for the upstream leg (it decompresses, so the client's encodings do not apply).
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding"}
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "x-llmproxy-token"}
 
 # Response headers worth keeping in a recording: the SDKs read these. Everything else
 # (dates, rate-limit counters, cf-ray) changes on every call and would only make noisy diffs.

@@ -52,6 +52,9 @@ class Recorder:
 
     def schedule(self, exchange: Exchange) -> None:
         """Write the exchange in a worker thread; repeats of a key get sequence 2, 3, ..."""
+        if not exchange.complete and not self.record_errors:
+            self.outcome.truncated += 1
+            return
         if not self.should_record(exchange.status):
             log.warning(
                 "not recorded: upstream error status",
@@ -75,6 +78,17 @@ class Recorder:
         call = exchange.call
         try:
             recording = build_recording(exchange)
+            if _truncated(exchange, recording):
+                if not self.record_errors:
+                    self.outcome.truncated += 1
+                    log.warning(
+                        "not recorded: the response was cut short",
+                        route=call.route.name,
+                        path=call.path,
+                        hint="record_errors keeps such answers, marked truncated",
+                    )
+                    return None
+                recording.response.truncated = True
             recording.request.sequence = sequence
             document = to_document(recording)
             findings = self.scanner.scan(document)
@@ -114,6 +128,16 @@ class Recorder:
             key=call.canonical.key[:16],
         )
         return path
+
+
+def _truncated(exchange: Exchange, recording: Recording) -> bool:
+    if not exchange.complete:
+        return True
+    response = recording.response
+    if not response.is_streaming:
+        return False
+    chunks = [data_of(item) for item in response.body]
+    return not exchange.call.route.provider.stream_complete(exchange.call.path, chunks, response.framing.get("end", ""))
 
 
 def capture_response(provider: Provider, path: str, fmt: str, raw: bytes) -> CapturedBody:

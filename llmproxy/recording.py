@@ -60,6 +60,8 @@ class RecordedResponse:
     body: Any
     framing: dict[str, Any]
     timing: dict[str, Any] | None = None
+    # The upstream's answer was cut short (kept only with record_errors); replayed as received.
+    truncated: bool = False
 
     @property
     def is_streaming(self) -> bool:
@@ -104,6 +106,8 @@ def to_document(recording: Recording) -> dict[str, Any]:
         "is_streaming": response.is_streaming,
         "framing": response.framing,
     }
+    if response.truncated:
+        response_doc["truncated"] = True
     if response.timing is not None:
         response_doc["timing"] = response.timing
     document["response"] = response_doc
@@ -207,6 +211,7 @@ def _read_own(request_doc: dict, response_doc: dict, resolve_provider: ProviderR
         body=response_doc.get("body"),
         framing=framing,
         timing=timing if isinstance(timing, dict) else None,
+        truncated=response_doc.get("truncated") is True,
     )
     return Recording(request, response)
 

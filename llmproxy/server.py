@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import signal
 import time
 from typing import Any
@@ -13,7 +15,7 @@ from aiohttp import web
 
 from llmproxy.config import Settings, validate_timing
 from llmproxy.index import RecordingIndex, canonical_for_route
-from llmproxy.matching import parse_body
+from llmproxy.matching import RawBody, parse_body
 from llmproxy.forwarding import Forwarder
 from llmproxy.modes.base import Call, Mode, Outcome, error_response
 from llmproxy.modes.record import RecordMode
@@ -42,7 +44,12 @@ def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
     outcome = Outcome()
 
     def forwarder() -> Forwarder:
-        return Forwarder(outcome, connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
+        return Forwarder(
+            outcome,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            drain_on_disconnect=settings.client_disconnect == "drain",
+        )
 
     def replayer() -> Replayer:
         index = RecordingIndex(router)
@@ -71,8 +78,20 @@ def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
     raise ValueError(f"unknown mode {mode_name!r}")
 
 
+ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+TOKEN_HEADER = "x-llmproxy-token"
+
+
 def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
+        if settings.token is not None and not hmac.compare_digest(
+            request.headers.get(TOKEN_HEADER, "").encode(), settings.token.encode()
+        ):
+            log.warning("client refused: missing or wrong token", path=request.path, peer=request.remote)
+            return error_response(None, 401, f"this llmproxy needs the {TOKEN_HEADER} header", "proxy_token_required")
+        if request.method not in ALLOWED_METHODS:
+            log.warning("method not allowed", method=request.method, path=request.path)
+            return error_response(None, 405, f"method {request.method} is not proxied", "method_not_allowed")
         match = router.resolve(request.method, request.path, request.headers)
         if match is None:
             log.warning("no route", method=request.method, path=request.path)
@@ -87,7 +106,14 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
             )
         query = parse_qsl(request.query_string, keep_blank_values=True)
         headers = {name.lower(): value for name, value in request.headers.items()}
-        body_value = parse_body(body, request.headers.get("Content-Type", ""))
+        content_type = request.headers.get("Content-Type", "")
+        body_value = parse_body(body, content_type)
+        if isinstance(body_value, RawBody) and content_type.lower().startswith("application/json"):
+            # Forwarding it would only record the upstream's complaint about our client's bug.
+            log.warning("request body is not valid JSON", method=request.method, path=request.path, size=len(body))
+            return error_response(
+                route, 400, "the request body is not valid JSON (UTF-8) though its content type says so", "invalid_json"
+            )
         canonical = canonical_for_route(route, request.method, match.path, query, headers, body_value)
         call = Call(
             route=route,
@@ -117,6 +143,15 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
     return app
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ProxyServer:
     """The proxy bound to a socket; port 0 picks a free port (see `.port` after start)."""
 
@@ -129,7 +164,15 @@ class ProxyServer:
         self.port: int = settings.port
 
     async def start(self) -> int:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        if not _is_loopback(self.settings.host):
+            log.warning(
+                "listening on a non-loopback address: anyone who can reach it can use it",
+                host=self.settings.host,
+                token_required=self.settings.token is not None,
+            )
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=self.settings.shutdown_timeout
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
         await site.start()

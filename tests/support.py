@@ -117,8 +117,11 @@ def assert_no_secret(directory: Path, *secrets: str) -> None:
 class CliProxy:
     """`python -m llmproxy ...` as a child process; the port is read from its JSON log."""
 
-    def __init__(self, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "llmproxy", *args, "--log-json"]
+    def __init__(
+        self, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, netguard: str | None = None
+    ) -> None:
+        launcher = ["-m", "tests.netguard", netguard] if netguard else ["-m", "llmproxy"]
+        command = [sys.executable, *launcher, *args, "--log-json"]
         full_env = {**os.environ, **(env or {})}
         self.process = subprocess.Popen(
             command, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

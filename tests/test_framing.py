@@ -36,6 +36,12 @@ CASES = {
     "empty_body": ("openai", "application/json", b""),
     "big_integer": ("openai", "text/event-stream", b'data: {"n":123456789012345678901234567890}\n\n'),
 }
+# Streams that end without their provider's end marker: recorded only with record_errors, and
+# then marked truncated.
+TRUNCATED = {
+    "crlf_and_no_done", "spaces_in_json", "multiline_data_and_id", "stream_cut_short",
+    "ndjson_no_final_newline", "big_integer",
+}
 PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", "ollama": "/api/chat",
          "gemini": "/v1beta/models/m:streamGenerateContent?alt=sse"}
 
@@ -65,7 +71,7 @@ def test_recorded_framing_replays_exactly(loop_thread: LoopThread, tmp_path: Pat
             async with session.post(base + PATHS[provider], json=body) as response:
                 return response.status, response.headers.get("Content-Type", ""), await response.read()
 
-    proxy = start_proxy(loop_thread, "record", recordings, config=config)
+    proxy = start_proxy(loop_thread, "record", recordings, config=config, record_errors=True)
     try:
         through_record = loop_thread.run(fetch(proxy.url))
     finally:
@@ -73,7 +79,7 @@ def test_recorded_framing_replays_exactly(loop_thread: LoopThread, tmp_path: Pat
         upstream.stop()
     assert through_record == (200, content_type, raw)
     [path] = files_under(recordings)
-    json.loads(path.read_text())
+    assert json.loads(path.read_text())["response"].get("truncated", False) == (case in TRUNCATED)
     replay = start_proxy(loop_thread, "replay", recordings, config=config)
     try:
         status, replay_type, replayed = loop_thread.run(fetch(replay.url))

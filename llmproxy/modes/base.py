@@ -47,6 +47,7 @@ class Outcome:
     forwarded: int = 0
     errors: int = 0
     refused: int = 0  # recordings the secret scanner stopped
+    truncated: int = 0  # answers cut short, so not recorded
     shared: int = 0  # identical calls that waited for one in flight instead of going upstream
     missed: list[dict[str, Any]] = field(default_factory=list)
 

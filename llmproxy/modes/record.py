@@ -49,7 +49,7 @@ class RecordMode:
         if twin is not None:
             self.outcome.shared += 1
             exchange = await asyncio.shield(twin)
-            if exchange is not None:
+            if exchange is not None and exchange.complete:
                 log.debug("identical call in flight: shared its answer", path=call.path, key=key[:16])
                 return web.Response(
                     status=exchange.status, body=exchange.body, headers=client_response_headers(exchange.headers)

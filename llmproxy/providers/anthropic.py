@@ -43,6 +43,10 @@ class AnthropicProvider(Provider):
             return {"format": "sse", "line_ending": "\n", "event_field": "type", "end": ""}
         return {"format": "json"}
 
+    def stream_complete(self, path: str, chunks: list[Any], end: str) -> bool:
+        last = chunks[-1] if chunks else {}
+        return isinstance(last, dict) and last.get("type") in ("message_stop", "error")
+
     def error_body(self, status: int, message: str, code: str) -> bytes:
         kind = "not_found_error" if status == 404 else "api_error"
         if status == 400:

@@ -67,6 +67,11 @@ class Provider:
             return {"format": "sse", "line_ending": "\n", "event_field": None, "end": ""}
         return {"format": "json"}
 
+    def stream_complete(self, path: str, chunks: list[Any], end: str) -> bool:
+        """Whether a stream reached its end marker; a stream cut short must not be replayed
+        as if it were whole. `chunks` are the JSON values, `end` the text after the last one."""
+        return not end.strip()
+
     def error_body(self, status: int, message: str, code: str) -> bytes:
         """A JSON error body in this provider's shape, for errors llmproxy itself returns."""
         return orjson.dumps({"error": {"message": message, "type": code, "code": code}})

@@ -53,6 +53,14 @@ class GeminiProvider(Provider):
             return {"format": "sse", "line_ending": "\r\n", "event_field": None, "end": ""}
         return {"format": "sse", "line_ending": "\n", "event_field": None, "end": ""}
 
+    def stream_complete(self, path: str, chunks: list[Any], end: str) -> bool:
+        if not path.endswith(":streamGenerateContent"):
+            return super().stream_complete(path, chunks, end)
+        last = chunks[-1] if chunks else {}
+        candidates = last.get("candidates") if isinstance(last, dict) else None
+        finished = bool(candidates) and all(isinstance(c, dict) and c.get("finishReason") for c in candidates)
+        return finished or (isinstance(last, dict) and ("error" in last or "promptFeedback" in last))
+
     def error_body(self, status: int, message: str, code: str) -> bytes:
         status_name = {404: "NOT_FOUND", 400: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT"}.get(status, "UNAVAILABLE")
         return orjson.dumps({"error": {"code": status, "message": message, "status": status_name}})

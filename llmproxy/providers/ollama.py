@@ -58,5 +58,11 @@ class OllamaProvider(Provider):
             return {"format": "ndjson", "line_ending": "\n", "end": ""}
         return {"format": "json"}
 
+    def stream_complete(self, path: str, chunks: list[Any], end: str) -> bool:
+        last = chunks[-1] if chunks else {}
+        if not isinstance(last, dict):
+            return False
+        return last.get("done") is True or "error" in last or last.get("status") == "success"
+
     def error_body(self, status: int, message: str, code: str) -> bytes:
         return orjson.dumps({"error": message})

@@ -20,6 +20,14 @@ RESPONSE_STREAM_EVENT = "openai.types.responses.response_stream_event.ResponseSt
 ERROR = "openai.types.error"
 
 
+RESPONSES_FINAL_EVENTS = ("response.completed", "response.failed", "response.incomplete", "error")
+
+
+def _ends_in_error(chunks: list[Any]) -> bool:
+    # A mid-stream error event is how the API ends a failed stream: complete, as sent.
+    return bool(chunks) and isinstance(chunks[-1], dict) and "error" in chunks[-1]
+
+
 class OpenAIProvider(Provider):
     name = "openai"
     default_upstream = "https://api.openai.com"
@@ -70,6 +78,12 @@ class OpenAIProvider(Provider):
         if path.endswith("/responses"):
             return {"format": "sse", "line_ending": "\n", "event_field": "type", "end": ""}
         return {"format": "sse", "line_ending": "\n", "event_field": None, "end": "data: [DONE]\n\n"}
+
+    def stream_complete(self, path: str, chunks: list[Any], end: str) -> bool:
+        if path.endswith("/responses"):
+            last = chunks[-1] if chunks else {}
+            return isinstance(last, dict) and last.get("type") in RESPONSES_FINAL_EVENTS
+        return "[DONE]" in end or _ends_in_error(chunks)
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
         return orjson.dumps(

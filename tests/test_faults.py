@@ -1,0 +1,280 @@
+"""Upstream and client faults in record mode, each injected for real: what the client sees, and
+what is (not) on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from tests.support import CliProxy, LoopThread, RunningApp, files_under, free_port, start_proxy
+
+CHUNK = b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+
+
+class FaultyUpstream:
+    """Behaves as the first message's content says."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.client_gone_at: float | None = None
+        self.chunks_sent = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        behaviour = (await request.json())["messages"][0]["content"]
+        if behaviour == "slow-headers":
+            await asyncio.sleep(5)
+        if behaviour.startswith("status-"):
+            status = int(behaviour.split("-")[1])
+            return web.json_response(
+                {"error": {"message": f"upstream says {status}", "type": "server_error", "code": None}},
+                status=status,
+                headers={"retry-after": "7", "retry-after-ms": "7000", "x-request-id": "req_fault"},
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        if behaviour == "reset-mid-stream":
+            await response.write(CHUNK * 2)
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.abort()  # RST, no end of chunked body
+            return response
+        if behaviour == "no-end-marker":
+            await response.write(CHUNK * 2)
+            await response.write_eof()
+            return response
+        if behaviour == "slow-stream":
+            try:
+                for _ in range(100):
+                    await response.write(CHUNK)
+                    self.chunks_sent += 1
+                    await asyncio.sleep(0.015)
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+            except (ConnectionResetError, asyncio.CancelledError):
+                self.client_gone_at = time.monotonic()
+                raise
+            return response
+        await response.write(CHUNK + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+def faulty(loop_thread: LoopThread):  # type: ignore[no-untyped-def]
+    upstream = FaultyUpstream()
+    app = RunningApp(loop_thread, upstream.app()).start()
+    yield upstream, app
+    app.stop()
+
+
+def chat(base_url: str, behaviour: str, stream: bool = False, **client: Any) -> Any:
+    sdk = openai.OpenAI(base_url=base_url + "/v1", api_key="sk-test", max_retries=0, **client)
+    result = sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": behaviour}], stream=stream)
+    return list(result) if stream else result
+
+
+def test_connection_refused_is_a_502_in_provider_shape(loop_thread: LoopThread, tmp_path: Path) -> None:
+    closed_port = free_port()  # nothing listens there
+    proxy = start_proxy(loop_thread, "record", tmp_path, upstream=f"http://127.0.0.1:{closed_port}")
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            chat(proxy.url, "hello")
+    finally:
+        proxy.stop()
+    assert caught.value.status_code == 502
+    assert caught.value.body["code"] == "upstream_unreachable"  # type: ignore[index]
+    assert files_under(tmp_path) == []
+
+
+def test_dns_failure_is_a_502(tmp_path: Path) -> None:
+    proxy = CliProxy("record", "--upstream", "http://api.upstream.invalid", "--recordings", str(tmp_path), "--port", "0",
+                     netguard="no-dns")
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            chat(proxy.url, "hello")
+    finally:
+        events = proxy.stop()
+    assert caught.value.status_code == 502 and "cannot reach upstream" in caught.value.message
+    assert any(e["event"] == "upstream unreachable" for e in events)
+    assert files_under(tmp_path) == []
+
+
+def test_tls_error_is_a_502(loop_thread: LoopThread, tmp_path: Path, faulty) -> None:  # type: ignore[no-untyped-def]
+    _, app = faulty
+    proxy = start_proxy(loop_thread, "record", tmp_path, upstream=f"https://127.0.0.1:{app.port}")  # plain HTTP there
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            chat(proxy.url, "hello")
+    finally:
+        proxy.stop()
+    assert caught.value.status_code == 502
+    assert files_under(tmp_path) == []
+
+
+def test_timeout_before_headers_is_a_504(loop_thread: LoopThread, tmp_path: Path, faulty) -> None:  # type: ignore[no-untyped-def]
+    _, app = faulty
+    proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url, read_timeout=0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:
+            chat(proxy.url, "slow-headers")
+    finally:
+        proxy.stop()
+    assert caught.value.status_code == 504
+    assert caught.value.body["code"] == "upstream_timeout"  # type: ignore[index]
+    assert time.monotonic() - started < 3
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("record_errors", [False, True])
+def test_reset_mid_stream_cuts_the_client_off_and_writes_no_half_file(
+    loop_thread: LoopThread, tmp_path: Path, faulty, record_errors: bool  # type: ignore[no-untyped-def]
+) -> None:
+    _, app = faulty
+    proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url, record_errors=record_errors)
+    try:
+        with pytest.raises((openai.APIError, Exception)) as caught:
+            chat(proxy.url, "reset-mid-stream", stream=True)
+    finally:
+        proxy.stop()
+    assert not isinstance(caught.value, AssertionError)
+    files = files_under(tmp_path)
+    if record_errors:
+        [path] = files
+        document = json.loads(path.read_text())
+        assert document["response"]["truncated"] is True and len(document["response"]["body"]) == 2
+    else:
+        assert files == []
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_429_and_5xx_pass_through_with_retry_headers_and_are_not_recorded(
+    loop_thread: LoopThread, tmp_path: Path, faulty, status: int  # type: ignore[no-untyped-def]
+) -> None:
+    _, app = faulty
+    proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url)
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:
+            chat(proxy.url, f"status-{status}")
+    finally:
+        proxy.stop()
+    assert caught.value.status_code == status
+    assert caught.value.response.headers["retry-after"] == "7"
+    assert caught.value.message.endswith(f"upstream says {status}")
+    assert files_under(tmp_path) == []
+
+
+def test_4xx_is_recorded_and_429_too_with_record_errors(loop_thread: LoopThread, tmp_path: Path, faulty) -> None:  # type: ignore[no-untyped-def]
+    _, app = faulty
+    proxy = start_proxy(loop_thread, "record", tmp_path / "a", upstream=app.url)
+    try:
+        with pytest.raises(openai.BadRequestError):
+            chat(proxy.url, "status-400")
+    finally:
+        proxy.stop()
+    [path] = files_under(tmp_path / "a")
+    assert json.loads(path.read_text())["response"]["status"] == 400
+    replay = start_proxy(loop_thread, "replay", tmp_path / "a")
+    try:
+        with pytest.raises(openai.BadRequestError) as caught:
+            chat(replay.url, "status-400")
+        assert caught.value.message.endswith("upstream says 400")
+    finally:
+        replay.stop()
+    proxy = start_proxy(loop_thread, "record", tmp_path / "b", upstream=app.url, record_errors=True)
+    try:
+        with pytest.raises(openai.RateLimitError):
+            chat(proxy.url, "status-429")
+    finally:
+        proxy.stop()
+    [path] = files_under(tmp_path / "b")
+    document = json.loads(path.read_text())
+    assert document["response"]["status"] == 429 and document["response"]["headers"]["retry-after"] == "7"
+
+
+def test_stream_without_its_end_marker_is_passed_on_but_not_recorded(
+    loop_thread: LoopThread, tmp_path: Path, faulty  # type: ignore[no-untyped-def]
+) -> None:
+    _, app = faulty
+    proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url)
+    try:
+        chunks = chat(proxy.url, "no-end-marker", stream=True)
+    finally:
+        proxy.stop()
+    assert len(chunks) == 2  # the SDK ends cleanly at EOF: the client gets what was sent
+    assert proxy.server.mode.outcome.truncated == 1
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("mode", ["discard", "drain"])
+def test_client_disconnect_mid_stream(loop_thread: LoopThread, tmp_path: Path, faulty, mode: str) -> None:  # type: ignore[no-untyped-def]
+    upstream, app = faulty
+    proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url, client_disconnect=mode)
+    baseline_tasks = loop_thread.run(_task_count())
+
+    async def read_a_little_then_leave() -> float:
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "m", "messages": [{"role": "user", "content": "slow-stream"}], "stream": True}
+            async with session.post(proxy.url + "/v1/chat/completions", json=body) as response:
+                await response.content.readany()
+                left_at = time.monotonic()
+        return left_at
+
+    try:
+        left_at = loop_thread.run(read_a_little_then_leave())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            done = upstream.client_gone_at is not None or upstream.chunks_sent == 100
+            if done and loop_thread.run(_task_count()) <= baseline_tasks and not proxy.server.mode.recorder._pending:
+                break
+            time.sleep(0.02)
+    finally:
+        proxy.stop()
+    if mode == "discard":
+        assert upstream.client_gone_at is not None, "the upstream request was not closed"
+        assert upstream.client_gone_at - left_at < 0.7  # promptly, not after the stream's 1.5 s
+        assert upstream.chunks_sent < 100
+        assert files_under(tmp_path) == []
+    else:
+        assert upstream.chunks_sent == 100
+        [path] = files_under(tmp_path)
+        document = json.loads(path.read_text())
+        assert len(document["response"]["body"]) == 100 and "truncated" not in document["response"]
+    assert loop_thread.run(_task_count()) <= baseline_tasks  # no task left running
+
+
+async def _task_count() -> int:
+    """Tasks doing work on the loop; idle keep-alive connections (pooled, by design) excluded."""
+    await asyncio.sleep(0)
+    return len(
+        [
+            task
+            for task in asyncio.all_tasks()
+            if not task.done()
+            and task is not asyncio.current_task()
+            and task.get_coro().__qualname__ != "RequestHandler.start"  # type: ignore[union-attr]
+        ]
+    )
+
+
+def test_nothing_listens_after_stop(loop_thread: LoopThread, tmp_path: Path) -> None:
+    proxy = start_proxy(loop_thread, "replay", tmp_path)
+    port = proxy.server.port
+    proxy.stop()
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        pass
