@@ -153,7 +153,13 @@ class CliProxy:
         self.process.terminate()
         _, err = self.process.communicate(timeout=15)
         self.lines.extend(err.splitlines())
-        return [json.loads(line) for line in self.lines if line.strip()]
+        events = []
+        for line in self.lines:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue  # not ours (e.g. a test tripwire); kept in self.lines
+        return events
 
 
 def sse_data(raw: bytes) -> list[Any]:

@@ -1,0 +1,96 @@
+"""kill -9 and SIGTERM in the middle of 32 recording streams."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from tests.support import CliProxy, LoopThread, RunningApp, files_under
+from tests.upstreams.openai_wire import OpenAIWire
+
+from llmproxy.config import load_settings
+from llmproxy.index import RecordingIndex
+from llmproxy.store import RecordingStore
+
+
+async def _stream_many(url: str, count: int) -> list[BaseException | bytes]:
+    async def one(number: int) -> bytes:
+        # Longer answers for higher numbers: when the first files land, the rest are mid-stream.
+        content = f"crash {number} " + "x" * 6 * number
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": content}], "stream": True}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/v1/chat/completions", json=body) as response:
+                return await response.read()
+
+    return await asyncio.gather(*(one(n) for n in range(count)), return_exceptions=True)
+
+
+def _valid_recordings(directory: Path) -> int:
+    index = RecordingIndex(load_settings(None, {}).router())
+    index.load_store(RecordingStore(directory))
+    assert index.problems == [], index.problems
+    return len(index)
+
+
+def test_kill_9_mid_recording_leaves_only_complete_valid_files(loop_thread: LoopThread, tmp_path: Path) -> None:
+    wire = OpenAIWire()
+    wire.chunk_delay = 0.004  # long enough that some streams are mid-flight and some are written
+    app = RunningApp(loop_thread, wire.app()).start()
+    recordings = tmp_path / "recordings"
+    proxy = CliProxy("record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0")
+    try:
+        future = asyncio.run_coroutine_threadsafe(_stream_many(proxy.url, 32), loop_thread.loop)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len([p for p in files_under(recordings) if p.suffix == ".json"]) < 4:
+            time.sleep(0.005)
+        proxy.process.send_signal(signal.SIGKILL)
+        proxy.process.wait(10)
+        results = future.result(20)
+    finally:
+        app.stop()
+    files = files_under(recordings)
+    complete = [p for p in files if not p.name.endswith(".tmp")]
+    assert 4 <= len(complete) < 32
+    assert any(isinstance(result, BaseException) for result in results)  # killed mid-stream
+    for path in complete:
+        document = orjson.loads(path.read_bytes())
+        assert document["response"]["framing"]["end"] == "data: [DONE]\n\n"
+    # Whatever the kill left behind, replay serves only the complete files, and check --fix
+    # removes temp leftovers.
+    assert _valid_recordings(recordings) == len(complete)
+    fixed = subprocess.run([sys.executable, "-m", "llmproxy", "check", str(recordings), "--fix"],
+                           capture_output=True, text=True)
+    assert fixed.returncode == 0, fixed.stdout
+    assert not [p for p in files_under(recordings) if p.name.endswith(".tmp")]
+
+
+def test_sigterm_finishes_in_flight_writes_and_exits_in_bounded_time(loop_thread: LoopThread, tmp_path: Path) -> None:
+    wire = OpenAIWire()
+    wire.chunk_delay = 0.01
+    app = RunningApp(loop_thread, wire.app()).start()
+    recordings = tmp_path / "recordings"
+    proxy = CliProxy("record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0")
+    try:
+        future = asyncio.run_coroutine_threadsafe(_stream_many(proxy.url, 32), loop_thread.loop)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(wire.requests) < 32:
+            time.sleep(0.005)
+        started = time.monotonic()
+        events = proxy.stop()  # SIGTERM
+        stopped_in = time.monotonic() - started
+        results = future.result(20)
+    finally:
+        app.stop()
+    assert stopped_in < 12  # shutdown_timeout (10 s) bounds it; in-flight streams finish first
+    assert all(isinstance(result, bytes) and result.endswith(b"data: [DONE]\n\n") for result in results)
+    summary = next(e for e in events if e["event"] == "summary")
+    assert summary["recorded"] == 32
+    assert _valid_recordings(recordings) == 32
+    assert proxy.process.returncode == 0
