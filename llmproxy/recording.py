@@ -253,6 +253,8 @@ def _normalise_foreign(request_doc: dict, response_doc: dict, resolve_provider: 
     framing: dict[str, Any]
     if response_doc.get("is_exception"):
         details = response_doc.get("exception_data") or {}
+        if not isinstance(details, dict):
+            raise RecordingError("response.exception_data must be an object")
         status = _status(details.get("status_code") or 500)
         response_body = typed("json", {"error": details.get("body") or {"message": response_doc.get("exception_message")}})
         framing, streaming = {"format": "json"}, False

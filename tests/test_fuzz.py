@@ -4,6 +4,7 @@ never raises anything but the documented errors, canonical keys ignore what must
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import orjson
@@ -17,7 +18,8 @@ from llmproxy.providers import get_provider
 from llmproxy.recording import RecordingError, from_document
 from llmproxy.routing import Router, default_routes
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# FUZZ_EXAMPLES=5000 for a longer hunt than the suite's default.
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
