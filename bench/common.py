@@ -1,0 +1,145 @@
+"""Shared by the benchmark and the soak: deterministic response bytes, processes, /proc readings."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+REPO = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the bench upstream sends: a JSON body of `size` bytes, or `chunks` SSE events."""
+
+    kind: str = "json"  # json | sse
+    chunks: int = 1
+    delay_ms: float = 0.0
+    size: int = 200
+
+    def request_body(self, salt: str = "") -> bytes:
+        return orjson.dumps(
+            {
+                "model": "bench-model",
+                "messages": [{"role": "user", "content": f"bench {salt}"}],
+                "stream": self.kind == "sse",
+                "bench": {"kind": self.kind, "chunks": self.chunks, "delay_ms": self.delay_ms, "size": self.size},
+            }
+        )
+
+
+def spec_of(body: dict) -> Spec:
+    b = body.get("bench") or {}
+    return Spec(b.get("kind", "json"), int(b.get("chunks", 1)), float(b.get("delay_ms", 0)), int(b.get("size", 200)))
+
+
+def json_body(spec: Spec, salt: str) -> bytes:
+    filler = "x" * max(0, spec.size - 200)
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "bench-model",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"{salt} {filler}"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+    )
+
+
+def sse_events(spec: Spec, salt: str) -> list[bytes]:
+    events = []
+    for index in range(spec.chunks):
+        chunk = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "bench-model",
+            "choices": [{"index": 0, "delta": {"content": f"{salt}:{index} "}, "finish_reason": None}],
+        }
+        events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def expected_bytes(spec: Spec, salt: str) -> bytes:
+    return json_body(spec, salt) if spec.kind == "json" else b"".join(sse_events(spec, salt))
+
+
+def salt_of(body: dict) -> str:
+    return body["messages"][0]["content"].removeprefix("bench ")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def start(module_or_args: list[str], port: int, env: dict | None = None, cwd: Path = REPO) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, *module_or_args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    wait_for_port(port, process=process)
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def use_uvloop() -> bool:
+    """Same event loop for every target: uvloop when installed (llmproxy uses it then too)."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    uvloop.install()
+    return True

@@ -1,0 +1,288 @@
+"""The benchmark: llmproxy against a minimal pass-through proxy and a bare in-memory handler.
+
+    python -m bench.run                 # full run (a few minutes on 2 cores)
+    python -m bench.run --rounds 1 --quick
+
+Every target is measured in the same run, round after round (targets interleaved, so drift on
+a noisy machine hits them alike), and the table reports medians over rounds as ratios:
+
+    record  vs  pass-through   (llmproxy record does more work; the fast path must keep up)
+    replay  vs  bare handler   (the same bytes from memory, no routing, no matching)
+
+Every response is checked byte for byte. Loading 10,000 and 100,000 generated recordings is
+timed separately (`--loading`), with the time to the first served request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from bench.common import Spec, cpu_seconds, free_port, rss_mb, start, stop
+from bench.loadgen import Result, Scenario, drive, percentile
+
+SCENARIOS = [
+    Scenario("json-c1", Spec("json"), 1, 300),
+    Scenario("json-c16", Spec("json"), 16, 1000),
+    Scenario("json-c64", Spec("json"), 64, 1000),
+    Scenario("sse100-c16", Spec("sse", chunks=100), 16, 300),
+    Scenario("paced-c16", Spec("sse", chunks=20, delay_ms=20), 16, 64),
+    Scenario("json1mb-c4", Spec("json", size=1_000_000), 4, 40, distinct=8),
+    Scenario("sse5000-c1", Spec("sse", chunks=5000), 1, 6, distinct=2),
+]
+QUICK = [
+    Scenario("json-c16", Spec("json"), 16, 400),
+    Scenario("sse100-c16", Spec("sse", chunks=100), 16, 100),
+    Scenario("paced-c16", Spec("sse", chunks=10, delay_ms=20), 16, 32),
+]
+
+
+class Target:
+    def __init__(self, name: str, args: list[str] | None, port: int) -> None:
+        self.name, self.args, self.port = name, args, port
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if self.args is not None:
+            self.process = start(self.args, self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.process.pid) if self.process else 0.0
+
+    def rss(self) -> float:
+        return rss_mb(self.process.pid) if self.process else 0.0
+
+
+async def measure(target: Target, scenario: Scenario) -> dict[str, Any]:
+    timeout = aiohttp.ClientTimeout(total=300)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        cpu_before = target.cpu()
+        result: Result = await drive(session, target.url, scenario)
+        cpu_used = target.cpu() - cpu_before
+    if result.errors:
+        raise SystemExit(f"{target.name} {scenario.name}: {len(result.errors)} errors, first: {result.errors[0]}")
+    count = len(result.latencies)
+    return {
+        "throughput": result.throughput,
+        "p50_ms": percentile(result.latencies, 0.5) * 1000,
+        "p99_ms": percentile(result.latencies, 0.99) * 1000,
+        "ttfb_ms": percentile(result.ttfb, 0.5) * 1000,
+        "cpu_ms": cpu_used / count * 1000 if count and target.process else float("nan"),
+    }
+
+
+def median_of(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
+async def run_rounds(targets: list[Target], scenarios: list[Scenario], rounds: int) -> dict[str, dict[str, dict]]:
+    raw: dict[str, dict[str, list[dict]]] = {t.name: {s.name: [] for s in scenarios} for t in targets}
+    for number in range(rounds):
+        for scenario in scenarios:
+            for target in targets:
+                raw[target.name][scenario.name].append(await measure(target, scenario))
+        print(f"  round {number + 1}/{rounds} done", file=sys.stderr)
+    return {t: {s: median_of(r) for s, r in by_s.items()} for t, by_s in raw.items()}
+
+
+async def memory_growth(target: Target, scenarios: list[Scenario]) -> dict[str, float]:
+    """RSS after warm-up, after 1,000 small requests, and after 10 streams of 5,000 chunks."""
+    warm = Scenario("json-c16", Spec("json"), 16, 200)
+    await measure(target, warm)
+    start_rss = target.rss()
+    await measure(target, Scenario("json-c16", Spec("json"), 16, 1000))
+    after_small = target.rss()
+    await measure(target, Scenario("sse5000-c1", Spec("sse", chunks=5000), 1, 10, distinct=2))
+    after_streams = target.rss()
+    return {"start_mb": start_rss, "after_1000_mb": after_small, "after_long_streams_mb": after_streams}
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def table(results: dict[str, dict[str, dict]], scenarios: list[Scenario]) -> str:
+    lines = [
+        "| scenario | record/pass-through throughput | record CPU/req vs pass-through | TTFB record − pass-through | replay/bare throughput | replay/bare TTFB | p99 record / pass-through / replay / bare (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in scenarios:
+        rec, pas, rep, bare = (results[name][s.name] for name in ("record", "passthrough", "replay", "bare"))
+        lines.append(
+            f"| {s.name} | {ratio(rec['throughput'], pas['throughput'])} | {ratio(rec['cpu_ms'], pas['cpu_ms'])} "
+            f"| {rec['ttfb_ms'] - pas['ttfb_ms']:+.2f} ms | {ratio(rep['throughput'], bare['throughput'])} "
+            f"| {ratio(bare['ttfb_ms'], rep['ttfb_ms'])} (faster is >1) "
+            f"| {rec['p99_ms']:.1f} / {pas['p99_ms']:.1f} / {rep['p99_ms']:.1f} / {bare['p99_ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def generate_recordings(directory: Path, count: int) -> bytes:
+    """`count` distinct recordings (the seed's shape) and the body of one of them."""
+    template = {
+        "request": {
+            "method": "POST",
+            "url": "https://api.openai.com/v1/chat/completions",
+            "headers": {},
+            "body": None,
+            "endpoint": "/v1/chat/completions",
+            "model": "gpt-4o",
+            "route": "openai",
+        },
+        "response": {
+            "status": 200,
+            "headers": {"content-type": "application/json"},
+            "body": {"__type__": "openai.types.chat.chat_completion.ChatCompletion", "__data__": None},
+            "is_streaming": False,
+            "framing": {"format": "json"},
+        },
+        "provenance": {"tool": "llmproxy", "version": "bench", "recorded_at": "2026-11-26T00:00:00+00:00"},
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = b""
+    for number in range(count):
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": f"question {number}"}]}
+        template["request"]["body"] = body
+        template["response"]["body"]["__data__"] = {"id": f"c{number}", "choices": [{"message": {"content": f"answer {number} " + "y" * 800}}]}
+        sub = directory / f"d{number % 100:02d}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"chat-{number:06d}.json").write_bytes(orjson.dumps(template, option=orjson.OPT_INDENT_2))
+        if number == count // 2:
+            probe = orjson.dumps(body)
+    return probe
+
+
+async def time_loading(count: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="llmproxy-bench-") as tmp:
+        probe = generate_recordings(Path(tmp), count)
+        port = free_port()
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmproxy", "replay", "--recordings", tmp, "--port", str(port), "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        first_served = ready = float("nan")
+        try:
+            async with aiohttp.ClientSession() as session:
+                while time.perf_counter() - started < 120:
+                    try:
+                        async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=probe,
+                                                headers={"Content-Type": "application/json"}) as response:
+                            await response.read()
+                            if response.status == 200:
+                                first_served = time.perf_counter() - started
+                                break
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.01)
+                # "Ready": the index is complete; a request for the last file generated hits.
+                last = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": f"question {count - 1}"}]})
+                while time.perf_counter() - started < 300:
+                    async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=last,
+                                            headers={"Content-Type": "application/json"}) as response:
+                        await response.read()
+                        if response.status == 200:
+                            ready = time.perf_counter() - started
+                            break
+            rss = rss_mb(process.pid)
+        finally:
+            stop(process)
+        size_mb = sum(p.stat().st_size for p in Path(tmp).rglob("*.json")) / 1e6
+    return {"recordings": count, "first_served_s": first_served, "ready_s": ready, "rss_mb": rss, "files_mb": size_mb}
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    scenarios = QUICK if args.quick else SCENARIOS
+    with tempfile.TemporaryDirectory(prefix="llmproxy-bench-rec-") as recordings:
+        upstream = Target("direct", ["-m", "bench.upstream", "--port", str(port := free_port())], port)
+        upstream.start()
+        passthrough = Target("passthrough", ["-m", "bench.passthrough", "--port", str(p := free_port()), "--upstream", upstream.url], p)
+        record = Target(
+            "record",
+            ["-m", "llmproxy", "record", "--upstream", upstream.url, "--recordings", recordings, "--port", str(r := free_port()), "--log-level", "warning"],
+            r,
+        )
+        bare = Target("bare", ["-m", "bench.bare_replay", "--port", str(b := free_port())], b)
+        for target in (passthrough, record, bare):
+            target.start()
+        print(f"machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
+              f"uvloop {'on' if _has_uvloop() else 'off'}", file=sys.stderr)
+        try:
+            print("record phase (direct, pass-through, llmproxy record)", file=sys.stderr)
+            results = await run_rounds([upstream, passthrough, record], scenarios, args.rounds)
+            record_memory = await memory_growth(record, scenarios)
+            record.stop()
+            replay = Target(
+                "replay",
+                ["-m", "llmproxy", "replay", "--recordings", recordings, "--port", str(q := free_port()), "--log-level", "warning"],
+                q,
+            )
+            replay.start()
+            print("replay phase (llmproxy replay, bare handler)", file=sys.stderr)
+            results.update(await run_rounds([replay, bare], scenarios, args.rounds))
+            replay_memory = await memory_growth(replay, scenarios)
+            replay.stop()
+        finally:
+            for target in (upstream, passthrough, record, bare):
+                target.stop()
+    print(table(results, scenarios))
+    print()
+    print(f"RSS llmproxy record (MB): {record_memory}")
+    print(f"RSS llmproxy replay (MB): {replay_memory}")
+    loading = []
+    if args.loading:
+        for count in args.loading:
+            loading.append(await time_loading(count))
+            print(f"loading: {loading[-1]}")
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"bench-{int(time.time())}.json").write_bytes(
+        orjson.dumps({"results": results, "record_memory": record_memory, "replay_memory": replay_memory, "loading": loading},
+                     option=orjson.OPT_INDENT_2)
+    )
+
+
+def _has_uvloop() -> bool:
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401
+
+        return True
+    return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller scenarios")
+    parser.add_argument("--loading", type=int, nargs="*", default=[10_000, 100_000],
+                        help="recordings counts to time loading for (none to skip)")
+    args = parser.parse_args()
+    if _has_uvloop():
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
