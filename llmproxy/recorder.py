@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import orjson
 import structlog
 
 from llmproxy import __version__
-from llmproxy.codecs import parse_sse_event, split_stream
 from llmproxy.forwarding import Exchange, body_format
-from llmproxy.framing import CapturedBody, capture, capture_opaque, data_of, render_segments
+from llmproxy.framing import CapturedBody, capture, capture_opaque, data_of
 from llmproxy.headers import recorded_response_headers
 from llmproxy.matching import RawBody, public_query
 from llmproxy.modes.base import Outcome
@@ -46,6 +45,11 @@ class Recorder:
     written: list[Path] = field(default_factory=list)
     _sequences: dict[str, int] = field(default_factory=dict)
     _pending: set[asyncio.Future[Any]] = field(default_factory=set)
+    # One writer thread: recordings are written in the order exchanges completed, and a burst
+    # of completions queues up instead of waking a crowd of threads that fight for the GIL.
+    _writer: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmproxy-writer")
+    )
 
     def should_record(self, status: int) -> bool:
         return self.record_errors or (status < 500 and status != 429)
@@ -65,7 +69,7 @@ class Recorder:
             return
         key = exchange.call.canonical.key
         sequence = self._sequences[key] = self._sequences.get(key, 0) + 1
-        future = asyncio.get_running_loop().run_in_executor(None, self.write, exchange, sequence)
+        future = asyncio.get_running_loop().run_in_executor(self._writer, self.write, exchange, sequence)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
 
@@ -73,6 +77,7 @@ class Recorder:
         """Wait for every scheduled write (at shutdown: nothing in flight is lost)."""
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+        self._writer.shutdown(wait=True)
 
     def write(self, exchange: Exchange, sequence: int = 1) -> Path | None:
         call = exchange.call
@@ -141,7 +146,12 @@ def _truncated(exchange: Exchange, recording: Recording) -> bool:
 
 
 def capture_response(provider: Provider, path: str, fmt: str, raw: bytes) -> CapturedBody:
-    """Chunks and framing for a response body, checked to frame back to what was received."""
+    """Chunks and framing for a response body.
+
+    Capture compares every event with its canonical framing as it goes and keeps the exact
+    text of any that differ (`framing.verbatim`), so what is stored always frames back to the
+    received bytes; only JSON inside chunks may be re-serialised.
+    """
     if fmt == "opaque":
         return capture_opaque(raw)
     streaming = fmt in ("sse", "ndjson")
@@ -151,37 +161,7 @@ def capture_response(provider: Provider, path: str, fmt: str, raw: bytes) -> Cap
         packed = provider.pack_json(path, value)
         if packed is not None and provider.json_value(packed) == value:
             captured.body = packed
-    if not frames_back(captured, raw, provider):
-        log.warning("response does not frame back exactly; stored as text", path=path, format=fmt)
-        return capture_opaque(raw)
     return captured
-
-
-def frames_back(captured: CapturedBody, raw: bytes, provider: Provider) -> bool:
-    """Whether replaying the capture gives the received bytes, JSON whitespace aside."""
-    rendered = b"".join(render_segments(captured.body, captured.framing, provider.json_value))
-    if rendered == raw:
-        return True
-    fmt = captured.framing.get("format")
-    if fmt == "json":
-        return orjson.loads(rendered) == orjson.loads(raw)
-    if fmt not in ("sse", "ndjson"):
-        return False
-    got, got_rest = split_stream(fmt, rendered)
-    want, want_rest = split_stream(fmt, raw)
-    if got_rest != want_rest or len(got) != len(want):
-        return False
-    return all(a == b or _same_event(fmt, a, b) for a, b in zip(got, want))
-
-
-def _same_event(fmt: str, left: bytes, right: bytes) -> bool:
-    if fmt == "ndjson":
-        same_ending = left.endswith(b"\r\n") == right.endswith(b"\r\n")
-        return same_ending and orjson.loads(left) == orjson.loads(right)
-    a, b = parse_sse_event(left.decode()), parse_sse_event(right.decode())
-    if (a.event, a.comments, a.other_fields, a.line_ending) != (b.event, b.comments, b.other_fields, b.line_ending):
-        return False
-    return a.data is not None and b.data is not None and orjson.loads(a.data) == orjson.loads(b.data)
 
 
 def _answering_model(body: Any) -> str | None:
