@@ -215,7 +215,7 @@ def _load_index(settings: Settings) -> Any:
     from llmproxy.index import RecordingIndex
     from llmproxy.store import RecordingStore
 
-    index = RecordingIndex(settings.router())
+    index = RecordingIndex(settings.router(), keep_recordings=True)
     index.load_store(RecordingStore(settings.recordings))
     return index
 

@@ -1,11 +1,17 @@
-"""The index: request key -> recording, built once from the store when the proxy starts.
+"""The index: request key -> recordings, built from the store when the proxy starts.
 
 A recording's key is computed from its stored request with today's routes and rules, never
 read from its file name, so renamed files, other recorders' files and rule changes all work.
+
+The index keeps, per recording, only what identifies it (its canonical request) and where it
+lives. Response bodies are read when first replayed and kept, framed, in a cache bounded in
+bytes: memory follows the index, not the bodies, and tens of thousands of files load fast.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +27,8 @@ from llmproxy.routing import Route, Router
 from llmproxy.store import RecordingStore, StoreError
 
 log = structlog.get_logger("llmproxy.index")
+
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 
 
 def canonical_for_route(
@@ -41,26 +49,65 @@ def canonical_for_route(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A recording's response, framed and ready to send."""
+
+    status: int
+    headers: dict[str, str]
+    segments: list[bytes]
+    body: bytes
+    streaming: bool
+    format: str
+    timing: dict[str, Any] | None
+
+    @property
+    def size(self) -> int:
+        return len(self.body) * 2  # segments and the joined body share no memory
+
+
 @dataclass(slots=True)
 class Entry:
-    recording: Recording
     canonical: CanonicalRequest
     route: Route
+    sequence: int = 1
     source: Path | None = None
-    _segments: list[bytes] | None = field(default=None, repr=False)
-    _joined: bytes | None = field(default=None, repr=False)
+    # Kept for recordings that have no file (built in memory) or when the index keeps them all.
+    held: Recording | None = field(default=None, repr=False)
 
-    def segments(self) -> list[bytes]:
-        """The response bytes, one segment per chunk, framed once and cached."""
-        if self._segments is None:
-            response = self.recording.response
-            self._segments = render_segments(response.body, response.framing, self.route.provider.json_value)
-        return self._segments
+    def recording(self, provider_for: Any) -> Recording:
+        """The full recording: held, or read again from its file."""
+        if self.held is not None:
+            return self.held
+        assert self.source is not None
+        return from_document(RecordingStore.read(self.source), provider_for)
 
-    def body_bytes(self) -> bytes:
-        if self._joined is None:
-            self._joined = b"".join(self.segments())
-        return self._joined
+
+class RenderCache:
+    """Framed responses by entry, least recently used out first, bounded in bytes."""
+
+    def __init__(self, limit_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.limit = limit_bytes
+        self.size = 0
+        self._items: OrderedDict[int, Rendered] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, entry: Entry) -> Rendered | None:
+        with self._lock:
+            rendered = self._items.get(id(entry))
+            if rendered is not None:
+                self._items.move_to_end(id(entry))
+            return rendered
+
+    def put(self, entry: Entry, rendered: Rendered) -> None:
+        with self._lock:
+            if id(entry) in self._items or rendered.size > self.limit:
+                return
+            self._items[id(entry)] = rendered
+            self.size += rendered.size
+            while self.size > self.limit:
+                _, evicted = self._items.popitem(last=False)
+                self.size -= evicted.size
 
 
 @dataclass(slots=True)
@@ -76,10 +123,13 @@ class RecordingIndex:
     recorded order: by `request.sequence`, then by file path (other recorders' files).
     """
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, *, keep_recordings: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.router = router
+        self.keep_recordings = keep_recordings
+        self.cache = RenderCache(cache_bytes)
         self._entries: dict[str, list[Entry]] = {}
         self.problems: list[LoadProblem] = []
+        self.loaded = threading.Event()
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._entries.values())
@@ -114,26 +164,47 @@ class RecordingIndex:
         canonical = canonical_for_route(
             route, request.method, request.path, request.query, request.headers, request.body
         )
-        entry = Entry(recording, canonical, route, source)
-        entries = self._entries.setdefault(canonical.key, [])
-        entries.append(entry)
-        entries.sort(key=lambda e: (e.recording.request.sequence, str(e.source or "")))
+        held = recording if (source is None or self.keep_recordings) else None
+        entry = Entry(canonical, route, request.sequence, source, held)
+        # A new list, swapped in whole: the event loop may read this key while a loader thread adds.
+        entries = [*self._entries.get(canonical.key, ()), entry]
+        entries.sort(key=lambda e: (e.sequence, str(e.source or "")))
+        self._entries[canonical.key] = entries
         return entry
 
     def load_document(self, document: Any, source: Path | None = None) -> Entry:
-        recording = from_document(document, self.provider_for)
-        entry = self.add(recording, source)
-        entry.segments()  # render once now, so a file that cannot be replayed is found at load
-        return entry
+        return self.add(from_document(document, self.provider_for), source)
 
     def load_store(self, store: RecordingStore) -> None:
-        for path in store.paths():
-            try:
-                self.load_document(store.read(path), path)
-            except (StoreError, RecordingError, ValueError, TypeError) as exc:
-                problem = LoadProblem(path, str(exc))
-                self.problems.append(problem)
-                log.warning("recording skipped", path=str(path), reason=str(exc))
+        try:
+            for path in store.paths():
+                try:
+                    self.load_document(store.read(path), path)
+                except (StoreError, RecordingError, ValueError, TypeError) as exc:
+                    self.problems.append(LoadProblem(path, str(exc)))
+                    log.warning("recording skipped", path=str(path), reason=str(exc))
+        finally:
+            self.loaded.set()
+
+    def rendered(self, entry: Entry) -> Rendered:
+        """The entry's framed response, from the cache or read and framed now (blocking I/O:
+        call it off the event loop unless the cache has it)."""
+        cached = self.cache.get(entry)
+        if cached is not None:
+            return cached
+        response = entry.recording(self.provider_for).response
+        segments = render_segments(response.body, response.framing, entry.route.provider.json_value)
+        rendered = Rendered(
+            status=response.status,
+            headers=dict(response.headers),
+            segments=segments,
+            body=b"".join(segments),
+            streaming=response.is_streaming,
+            format=str(response.framing.get("format", "json")),
+            timing=response.timing,
+        )
+        self.cache.put(entry, rendered)
+        return rendered
 
     def nearest(self, canonical: CanonicalRequest, count: int = 3) -> list[Entry]:
         scored = sorted(

@@ -112,13 +112,14 @@ def listings(
     now = now or datetime.now(timezone.utc)
     found = []
     for entry in index.entries():
-        request = entry.recording.request
+        recording = entry.recording(index.provider_for)
+        request = recording.request
         item = Listing(
             path=entry.source or Path("-"),
             route=entry.route.name,
             endpoint=request.path,
             model=request.model or "-",
-            recorded_at=recorded_at(entry.recording),
+            recorded_at=recorded_at(recording),
             size=entry.source.stat().st_size if entry.source else 0,
         )
         if route and item.route != route:

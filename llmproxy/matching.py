@@ -92,24 +92,36 @@ def public_query(pairs: Iterable[tuple[str, str]], ignore: Iterable[str] = ()) -
     return [(name, value) for name, value in pairs if name.lower() not in dropped]
 
 
+_KEY_JSON = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+
+
+def canonical_json(body: Any) -> bytes:
+    """A body's canonical text: parsed JSON re-serialised compactly with sorted keys."""
+    if isinstance(body, RawBody):
+        body = {"__raw_sha256__": body.digest, "size": body.size}
+    return orjson.dumps(body, option=_KEY_JSON)
+
+
 @dataclass(frozen=True, slots=True)
 class CanonicalRequest:
+    """What identifies a request. The body is kept as canonical JSON bytes: compact in the index
+    (one bytes object per recording) and parsed again only to explain a miss."""
+
     route: str
     method: str
     path: str
     query: tuple[tuple[str, str], ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
-    body: Any = None
+    body_json: bytes = b"null"
     key: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
-        body = self.body
-        body_part: Any = {"sha256": body.digest} if isinstance(body, RawBody) else body
-        material = orjson.dumps(
-            [self.route, self.method, self.path, self.query, self.headers, body_part],
-            option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
-        )
-        object.__setattr__(self, "key", hashlib.sha256(material).hexdigest())
+        head = orjson.dumps([self.route, self.method, self.path, self.query, self.headers])
+        object.__setattr__(self, "key", hashlib.sha256(head + b"\n" + self.body_json).hexdigest())
+
+    @property
+    def body(self) -> Any:
+        return orjson.loads(self.body_json)
 
     def describe(self) -> str:
         query = "&".join(f"{name}={value}" for name, value in self.query)
@@ -145,7 +157,7 @@ def canonical_request(
         path=path,
         query=tuple(sorted(public_query(query, ignore_query))),
         headers=chosen,
-        body=body,
+        body_json=canonical_json(body),
     )
 
 
@@ -205,7 +217,7 @@ def json_diff(expected: Any, actual: Any, path: str = "", limit: int = 20) -> li
 
 
 def _show(value: Any) -> str:
-    text = orjson.dumps(value).decode() if not isinstance(value, RawBody) else f"<{value.size} bytes>"
+    text = orjson.dumps(value).decode()
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -259,11 +271,9 @@ def similarity(a: CanonicalRequest, b: CanonicalRequest) -> float:
         score += 2
     if a.query == b.query:
         score += 1
-    left = orjson.dumps(a.body, option=orjson.OPT_SORT_KEYS, default=str)
-    right = orjson.dumps(b.body, option=orjson.OPT_SORT_KEYS, default=str)
-    if left == right:
+    if a.body_json == b.body_json:
         return score + 4
-    common = _common_tokens(left, right)
+    common = _common_tokens(a.body_json, b.body_json)
     return score + 3 * common
 
 

@@ -52,17 +52,10 @@ def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
         )
 
     def replayer() -> Replayer:
-        index = RecordingIndex(router)
-        index.load_store(store)
-        log.info(
-            "recordings loaded",
-            directory=str(settings.recordings),
-            recordings=len(index),
-            skipped=len(index.problems),
-        )
         return Replayer(
-            index,
+            RecordingIndex(router),
             outcome,
+            store,
             speed=validate_timing(settings.timing),
             repeat_last=settings.after_last == "repeat",
             record_command=record_command(settings),
@@ -163,7 +156,8 @@ class ProxyServer:
         self._runner: web.AppRunner | None = None
         self.port: int = settings.port
 
-    async def start(self) -> int:
+    async def start(self, *, wait_ready: bool = True) -> int:
+        """Listen; with wait_ready, return only once the recordings are loaded."""
         if not _is_loopback(self.settings.host):
             log.warning(
                 "listening on a non-loopback address: anyone who can reach it can use it",
@@ -186,6 +180,8 @@ class ProxyServer:
             port=self.port,
             url=f"http://{self.settings.host}:{self.port}",
         )
+        if wait_ready:
+            await self.mode.wait_ready()
         return self.port
 
     async def stop(self) -> None:
@@ -221,7 +217,7 @@ class ProxyServer:
 async def serve(settings: Settings, mode_name: str) -> None:
     """Run until SIGINT/SIGTERM, then finish in-flight writes and print the summary."""
     server = ProxyServer(settings, mode_name)
-    await server.start()
+    await server.start(wait_ready=False)  # serve while the recordings load
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

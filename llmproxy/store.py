@@ -57,7 +57,8 @@ class RecordingStore:
                 found.append(Path(directory) / name)
         yield from sorted(found)
 
-    def read(self, path: Path) -> Any:
+    @staticmethod
+    def read(path: Path) -> Any:
         try:
             data = path.read_bytes()
         except OSError as exc:

@@ -31,7 +31,13 @@ class RecordMode:
         self._in_flight: dict[str, asyncio.Future[Exchange | None]] = {}
 
     async def start(self) -> None:
+        if self.replayer is not None:
+            await self.replayer.start()
         await self.forwarder.start()
+
+    async def wait_ready(self) -> None:
+        if self.replayer is not None:
+            await self.replayer.wait_loaded()
 
     async def close(self) -> None:
         await self.recorder.drain()

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 from aiohttp import web
 
 from llmproxy.forwarding import Forwarder
 from llmproxy.headers import replay_headers
-from llmproxy.index import Entry, RecordingIndex
+from llmproxy.index import Entry, RecordingIndex, Rendered
 from llmproxy.matching import request_differences
 from llmproxy.modes.base import Call, Outcome, error_response
 from llmproxy.providers.base import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
+from llmproxy.recording import RecordingError
+from llmproxy.store import RecordingStore, StoreError
 
 log = structlog.get_logger("llmproxy.replay")
 
@@ -26,6 +29,7 @@ class Replayer:
         self,
         index: RecordingIndex,
         outcome: Outcome,
+        store: RecordingStore | None = None,
         *,
         speed: float | None = None,
         repeat_last: bool = True,
@@ -38,7 +42,29 @@ class Replayer:
         # After the last recorded repeat of a request: serve the last one again, or fail.
         self.repeat_last = repeat_last
         self.record_command = record_command
+        self.store = store
         self._served: dict[str, int] = {}
+        self._loading: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        """Load the store in a worker thread; requests are served while it loads."""
+        if self.store is not None:
+            self._loading = asyncio.get_running_loop().run_in_executor(None, self._load, self.store)
+
+    async def wait_loaded(self) -> None:
+        if self._loading is not None:
+            await self._loading
+
+    def _load(self, store: RecordingStore) -> None:
+        started = time.perf_counter()
+        self.index.load_store(store)
+        log.info(
+            "recordings loaded",
+            directory=str(store.root),
+            recordings=len(self.index),
+            skipped=len(self.index.problems),
+            seconds=round(time.perf_counter() - started, 3),
+        )
 
     def unused(self) -> list[Entry]:
         """Recordings no request reached (for repeats: the ones past the last served)."""
@@ -51,6 +77,9 @@ class Replayer:
         """The recorded answer, or None when nothing was recorded for this request."""
         key = call.canonical.key
         entries = self.index.get(key)
+        if not entries and self._loading is not None and not self._loading.done():
+            await asyncio.shield(self._loading)  # not loaded yet, perhaps: wait, then look again
+            entries = self.index.get(key)
         if not entries:
             return None
         served = self._served.get(key, 0)
@@ -64,24 +93,30 @@ class Replayer:
             log.warning("replay exhausted", path=call.path, key=key[:16], recorded=len(entries))
             return error_response(call.route, 404, message, "recordings_exhausted")
         entry = entries[min(served, len(entries) - 1)]
+        rendered = self.index.cache.get(entry)
+        if rendered is None:
+            try:
+                rendered = await asyncio.get_running_loop().run_in_executor(None, self.index.rendered, entry)
+            except (StoreError, RecordingError, ValueError, TypeError) as exc:
+                self.outcome.errors += 1
+                log.error("recording cannot be replayed", file=str(entry.source), reason=str(exc))
+                message = f"the recording {entry.source} cannot be replayed: {exc}"
+                return error_response(call.route, 500, message, "recording_unreadable")
         self.outcome.hits += 1
-        response = entry.recording.response
-        headers = replay_headers(response.headers)
-        fmt = response.framing.get("format", "json")
+        headers = replay_headers(rendered.headers)
         if not any(name.lower() == "content-type" for name in headers):
-            headers["Content-Type"] = _DEFAULT_CONTENT_TYPES.get(fmt, JSON_CONTENT_TYPE)
-        if self.speed is None or not response.is_streaming:
-            return web.Response(status=response.status, body=entry.body_bytes(), headers=headers)
-        return await self._paced(request, entry, headers)
+            headers["Content-Type"] = _DEFAULT_CONTENT_TYPES.get(rendered.format, JSON_CONTENT_TYPE)
+        if self.speed is None or not rendered.streaming:
+            return web.Response(status=rendered.status, body=rendered.body, headers=headers)
+        return await self._paced(request, rendered, headers)
 
-    async def _paced(self, request: web.Request, entry: Entry, headers: dict[str, str]) -> web.StreamResponse:
+    async def _paced(self, request: web.Request, rendered: Rendered, headers: dict[str, str]) -> web.StreamResponse:
         """Write each chunk at its recorded offset (divided by the speed factor)."""
         assert self.speed is not None
-        response = entry.recording.response
-        timing = response.timing or {}
+        timing = rendered.timing or {}
         offsets = list(timing.get("chunk_ms") or [])
-        segments = entry.segments()
-        stream = web.StreamResponse(status=response.status, headers=headers)
+        segments = rendered.segments
+        stream = web.StreamResponse(status=rendered.status, headers=headers)
         loop = asyncio.get_running_loop()
         started = loop.time()
         await asyncio.sleep(float(timing.get("headers_ms") or 0) / 1000 / self.speed)
@@ -139,8 +174,12 @@ class ReplayMode:
         self.forwarder = forwarder
 
     async def start(self) -> None:
+        await self.replayer.start()
         if self.forwarder is not None:
             await self.forwarder.start()
+
+    async def wait_ready(self) -> None:
+        await self.replayer.wait_loaded()
 
     async def close(self) -> None:
         if self.forwarder is not None:
