@@ -98,6 +98,10 @@ def median_of(rounds: list[dict[str, Any]]) -> dict[str, float]:
 
 async def run_rounds(targets: list[Target], scenarios: list[Scenario], rounds: int) -> dict[str, dict[str, dict]]:
     raw: dict[str, dict[str, list[dict]]] = {t.name: {s.name: [] for s in scenarios} for t in targets}
+    for scenario in scenarios:  # warm-up, not counted: connections, caches, first recordings
+        for target in targets:
+            await measure(target, Scenario(scenario.name, scenario.spec, scenario.concurrency,
+                                           min(scenario.requests, scenario.distinct), scenario.distinct))
     for number in range(rounds):
         for scenario in scenarios:
             for target in targets:
@@ -139,7 +143,7 @@ def table(results: dict[str, dict[str, dict]], scenarios: list[Scenario]) -> str
 
 
 def generate_recordings(directory: Path, count: int) -> bytes:
-    """`count` distinct recordings (the seed's shape) and the body of one of them."""
+    """`count` distinct recordings (the seed's shape) and the body of the first one loaded."""
     template = {
         "request": {
             "method": "POST",
@@ -168,7 +172,7 @@ def generate_recordings(directory: Path, count: int) -> bytes:
         sub = directory / f"d{number % 100:02d}"
         sub.mkdir(exist_ok=True)
         (sub / f"chat-{number:06d}.json").write_bytes(orjson.dumps(template, option=orjson.OPT_INDENT_2))
-        if number == count // 2:
+        if number == 0:
             probe = orjson.dumps(body)
     return probe
 
@@ -232,9 +236,23 @@ async def main_async(args: argparse.Namespace) -> None:
             results = await run_rounds([upstream, passthrough, record], scenarios, args.rounds)
             record_memory = await memory_growth(record, scenarios)
             record.stop()
+            # Replay serves a directory where each distinct request was recorded once (the record
+            # phase above recorded every repeat, which replay would serve one by one, in order).
+            once = str(Path(recordings) / "once")
+            recorder = Target(
+                "record-once",
+                ["-m", "llmproxy", "record", "--upstream", upstream.url, "--recordings", once, "--port", str(o := free_port()), "--log-level", "warning"],
+                o,
+            )
+            recorder.start()
+            for scenario in [*scenarios, Scenario("sse5000-c1", Spec("sse", chunks=5000), 1, 2, distinct=2),
+                             Scenario("json-c16", Spec("json"), 16, 64)]:
+                distinct = Scenario(scenario.name, scenario.spec, 4, scenario.distinct, scenario.distinct)
+                await measure(recorder, distinct)
+            recorder.stop()
             replay = Target(
                 "replay",
-                ["-m", "llmproxy", "replay", "--recordings", recordings, "--port", str(q := free_port()), "--log-level", "warning"],
+                ["-m", "llmproxy", "replay", "--recordings", once, "--port", str(q := free_port()), "--log-level", "warning"],
                 q,
             )
             replay.start()

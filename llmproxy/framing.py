@@ -116,8 +116,7 @@ def _capture_stream(fmt: str, raw: bytes, labeler: Labeler) -> CapturedBody:
         offset += len(raw_event)
         text = raw_event.decode("utf-8")
         if fmt == "sse":
-            parsed = parse_sse_event(text)
-            payload = parsed.data
+            event_name, payload = _sse_fields(text)
             value = _loads_json(payload) if payload is not None else _NOT_JSON
         else:
             payload = text.rstrip("\r\n")
@@ -128,7 +127,7 @@ def _capture_stream(fmt: str, raw: bytes, labeler: Labeler) -> CapturedBody:
         if line_ending is None:
             line_ending = line_ending_of(text)
             if fmt == "sse":
-                event_field = _event_field_of(parsed.event, value)
+                event_field = _event_field_of(event_name, value)
         index = len(body)
         if pending:
             inserts[str(index)] = pending
@@ -150,6 +149,18 @@ def _capture_stream(fmt: str, raw: bytes, labeler: Labeler) -> CapturedBody:
     if verbatim:
         framing["verbatim"] = verbatim
     return CapturedBody(body, framing, chunk_ends)
+
+
+def _sse_fields(text: str) -> tuple[str | None, str | None]:
+    """(event name, data) of one event; the two usual shapes without the general parser."""
+    if text.endswith("\n\n") and "\r" not in text:
+        lines = text[:-2].split("\n")
+        if len(lines) == 1 and lines[0].startswith("data: "):
+            return None, lines[0][6:]
+        if len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "):
+            return lines[0][7:], lines[1][6:]
+    parsed = parse_sse_event(text)
+    return parsed.event, parsed.data
 
 
 def _event_field_of(event: str | None, value: Any) -> str | None:

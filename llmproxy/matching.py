@@ -99,7 +99,9 @@ def canonical_json(body: Any) -> bytes:
     """A body's canonical text: parsed JSON re-serialised compactly with sorted keys."""
     if isinstance(body, RawBody):
         body = {"__raw_sha256__": body.digest, "size": body.size}
-    return orjson.dumps(body, option=_KEY_JSON)
+    # orjson hands back bytes inside a 4 KiB allocation; the index keeps one per recording,
+    # so keep an exact-size copy instead.
+    return memoryview(orjson.dumps(body, option=_KEY_JSON)).tobytes()
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,7 +96,8 @@ class Recorder:
                 recording.response.truncated = True
             recording.request.sequence = sequence
             document = to_document(recording)
-            findings = self.scanner.scan(document)
+            data = self.store.serialize(document)
+            findings = self.scanner.scan(document, data)
             if findings:
                 raise SecretFound("; ".join(str(finding) for finding in findings))
             relative = self.store.name_for(
@@ -106,7 +107,7 @@ class Recorder:
                 key=call.canonical.key,
                 sequence=sequence,
             )
-            path = self.store.write(relative, document)
+            path = self.store.write(relative, data)
         except SecretFound as exc:
             self.outcome.refused += 1
             log.error(

@@ -26,7 +26,7 @@ BUILTIN_PATTERNS: dict[str, str] = {
 
 
 # Literal text each built-in pattern contains: a substring test is far cheaper than a regex.
-_MARKERS = ("sk-", "AIza", "AKIA", "ASIA", "earer", "eyJ")
+_MARKERS = (b"sk-", b"AIza", b"AKIA", b"ASIA", b"earer", b"eyJ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +50,17 @@ class SecretScanner:
         except re.error as exc:
             raise ValueError(f"bad secret pattern: {exc}") from None
 
-    def scan(self, document: Any, path: str = "") -> list[Finding]:
+    def scan(self, document: Any, serialized: bytes | None = None) -> list[Finding]:
+        """Credentials in a document, by field. `serialized` (the document's JSON, when the
+        caller has it already) spares serialising it again for the quick first pass."""
         # One pass of one combined pattern over the serialised document finds out whether
         # there is anything at all; only then is the document walked to name the fields.
-        text = orjson.dumps(document).decode()
-        if not self._extra and not any(marker in text for marker in _MARKERS):
-            return []  # every built-in pattern starts with one of these literals
-        if not self._any.search(text):
+        data = serialized if serialized is not None else orjson.dumps(document)
+        if not self._extra and not any(marker in data for marker in _MARKERS):
+            return []  # every built-in pattern contains one of these literals
+        if not self._any.search(data.decode("utf-8", errors="replace")):
             return []
-        return list(self._iter(document, path))
+        return list(self._iter(document, ""))
 
     def _iter(self, value: Any, path: str) -> Iterator[Finding]:
         if isinstance(value, str):

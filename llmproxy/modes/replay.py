@@ -77,8 +77,9 @@ class Replayer:
         """The recorded answer, or None when nothing was recorded for this request."""
         key = call.canonical.key
         entries = self.index.get(key)
-        if not entries and self._loading is not None and not self._loading.done():
-            await asyncio.shield(self._loading)  # not loaded yet, perhaps: wait, then look again
+        while not entries and self._loading is not None and not self._loading.done():
+            # Perhaps not loaded yet: look again as the index grows, until loading ends.
+            await asyncio.wait([self._loading], timeout=0.02)
             entries = self.index.get(key)
         if not entries:
             return None
