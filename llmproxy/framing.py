@@ -19,7 +19,6 @@ Rendering re-serialises each chunk's JSON (allowed: parsed equality) and copies 
 from __future__ import annotations
 
 import base64
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,8 +60,20 @@ def typed(label: str, data: Any) -> dict[str, Any]:
     return {TYPE_KEY: label, DATA_KEY: data}
 
 
-# orjson reads integers past 64 bits as floats; such payloads keep their exact text (verbatim).
-_LONG_NUMBER = re.compile(r"\d{19,}")
+# orjson reads integers past 64 bits as floats: such payloads keep their exact text (verbatim).
+_INT64_LIMIT = 2.0**63
+
+
+def _has_lossy_number(value: Any) -> bool:
+    """Whether parsing may have rounded a number (checked on the parsed value: cost follows the
+    number of JSON nodes, not the bytes, so a 1 MB string costs nothing)."""
+    if type(value) is float:
+        return not -_INT64_LIMIT < value < _INT64_LIMIT
+    if type(value) is dict:
+        return any(_has_lossy_number(item) for item in value.values())
+    if type(value) is list:
+        return any(_has_lossy_number(item) for item in value)
+    return False
 
 
 def _loads_json(text: str | bytes) -> Any:
@@ -86,9 +97,8 @@ def capture(fmt: str, raw: bytes, labeler: Labeler) -> CapturedBody:
         value = _loads_json(raw) if raw.strip() else _NOT_JSON
         if value is not _NOT_JSON:
             framing: dict[str, Any] = {"format": "json"}
-            text = raw.decode("utf-8", errors="replace")
-            if _LONG_NUMBER.search(text):
-                framing["verbatim"] = {"0": text}
+            if _has_lossy_number(value):
+                framing["verbatim"] = {"0": raw.decode("utf-8", errors="replace")}
             return CapturedBody(typed(labeler(value), value), framing)
     return capture_opaque(raw)
 
@@ -136,7 +146,7 @@ def _capture_stream(fmt: str, raw: bytes, labeler: Labeler) -> CapturedBody:
             expected = frame_sse(payload, event=_event_name(value, event_field), line_ending=line_ending)
         else:
             expected = frame_ndjson(payload, line_ending=line_ending)
-        if expected != text or _LONG_NUMBER.search(payload):
+        if expected != text or _has_lossy_number(value):
             verbatim[str(index)] = text
         body.append(typed(labeler(value), value))
         chunk_ends.append(offset)
