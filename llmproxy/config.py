@@ -46,6 +46,7 @@ class Settings:
     token: str | None = None  # when set, clients must send it in the x-llmproxy-token header
     client_disconnect: str = "discard"  # record: "discard" the exchange or "drain" and record it
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM/SIGINT
+    durable_writes: bool = False  # fsync each recording before its rename (survives power loss)
 
     def router(self) -> Router:
         return Router(self.routes)
@@ -70,6 +71,7 @@ _PROXY_KEYS = {
     "token": str,
     "client_disconnect": str,
     "shutdown_timeout": (int, float),
+    "durable_writes": bool,
 }
 _ROUTE_KEYS = {
     "name",
@@ -204,6 +206,7 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
         token=pick("token", None) or None,
         client_disconnect=client_disconnect,
         shutdown_timeout=float(pick("shutdown_timeout", 10.0)),
+        durable_writes=bool(pick("durable_writes", False)),
     )
 
 

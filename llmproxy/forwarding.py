@@ -186,7 +186,12 @@ async def _pump(
         total += len(data)
         await client.write(data)  # then straight on: the client's time to first token is the upstream's
         reads.append((total, (time.monotonic() - started) * 1000))
-    await client.write_eof()
+    try:
+        await client.write_eof()
+    except ConnectionResetError:
+        # The SDKs stop reading at the end marker ([DONE]) and may close before the upstream's
+        # final empty chunk: the client had everything, and so does the exchange.
+        pass
 
 
 async def _drain(

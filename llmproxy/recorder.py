@@ -42,9 +42,11 @@ class Recorder:
     scanner: SecretScanner = field(default_factory=SecretScanner)
     # 429 and 5xx answers would poison replay, so they are only kept when asked for.
     record_errors: bool = False
-    written: list[Path] = field(default_factory=list)
+    max_pending: int = 64
+    written: list[str] = field(default_factory=list)
     _sequences: dict[str, int] = field(default_factory=dict)
     _pending: set[asyncio.Future[Any]] = field(default_factory=set)
+    _room: asyncio.Semaphore | None = None
     # One writer thread: recordings are written in the order exchanges completed, and a burst
     # of completions queues up instead of waking a crowd of threads that fight for the GIL.
     _writer: ThreadPoolExecutor = field(
@@ -54,8 +56,12 @@ class Recorder:
     def should_record(self, status: int) -> bool:
         return self.record_errors or (status < 500 and status != 429)
 
-    def schedule(self, exchange: Exchange) -> None:
-        """Write the exchange in a worker thread; repeats of a key get sequence 2, 3, ..."""
+    async def schedule(self, exchange: Exchange) -> None:
+        """Write the exchange in the writer thread; repeats of a key get sequence 2, 3, ...
+
+        At most `max_pending` exchanges wait for the writer: when clients outpace the disk,
+        this waits (after their response was sent), which slows them down instead of
+        letting memory grow."""
         if not exchange.complete and not self.record_errors:
             self.outcome.truncated += 1
             return
@@ -69,9 +75,17 @@ class Recorder:
             return
         key = exchange.call.canonical.key
         sequence = self._sequences[key] = self._sequences.get(key, 0) + 1
+        if self._room is None:
+            self._room = asyncio.Semaphore(self.max_pending)
+        await self._room.acquire()
         future = asyncio.get_running_loop().run_in_executor(self._writer, self.write, exchange, sequence)
         self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
+        future.add_done_callback(self._written)
+
+    def _written(self, future: asyncio.Future[Any]) -> None:
+        self._pending.discard(future)
+        assert self._room is not None
+        self._room.release()
 
     async def drain(self) -> None:
         """Wait for every scheduled write (at shutdown: nothing in flight is lost)."""
@@ -123,7 +137,7 @@ class Recorder:
             log.exception("recording not written", route=call.route.name, path=call.path)
             return None
         self.outcome.recorded += 1
-        self.written.append(path)
+        self.written.append(str(path))
         log.info(
             "recorded",
             route=call.route.name,

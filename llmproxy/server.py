@@ -40,7 +40,7 @@ def record_command(settings: Settings) -> str:
 
 
 def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
-    store = RecordingStore(settings.recordings)
+    store = RecordingStore(settings.recordings, durable=settings.durable_writes)
     outcome = Outcome()
 
     def forwarder() -> Forwarder:

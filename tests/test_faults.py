@@ -53,6 +53,11 @@ class FaultyUpstream:
             assert request.transport is not None
             request.transport.abort()  # RST, no end of chunked body
             return response
+        if behaviour == "late-end":
+            await response.write(CHUNK + b"data: [DONE]\n\n")
+            await asyncio.sleep(0.3)  # the end of the chunked body comes late
+            await response.write_eof()
+            return response
         if behaviour == "no-end-marker":
             await response.write(CHUNK * 2)
             await response.write_eof()
@@ -256,6 +261,36 @@ def test_client_disconnect_mid_stream(loop_thread: LoopThread, tmp_path: Path, f
         document = json.loads(path.read_text())
         assert len(document["response"]["body"]) == 100 and "truncated" not in document["response"]
     assert loop_thread.run(_task_count()) <= baseline_tasks  # no task left running
+
+
+def test_a_client_that_stops_at_done_before_the_upstream_finishes_still_gets_recorded(
+    loop_thread: LoopThread, tmp_path: Path, faulty  # type: ignore[no-untyped-def]
+) -> None:
+    """SDKs stop reading at [DONE]; the upstream's final empty chunk may come after they left."""
+    upstream, app = faulty
+    proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url)
+
+    async def read_to_done_then_leave() -> bytes:
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            body = {"model": "m", "messages": [{"role": "user", "content": "late-end"}], "stream": True}
+            response = await session.post(proxy.url + "/v1/chat/completions", json=body)
+            received = b""
+            while b"[DONE]" not in received:
+                received += await response.content.readany()
+            response.close()  # leave at once, as an SDK does
+            return received
+
+    try:
+        received = loop_thread.run(read_to_done_then_leave())
+        deadline = time.monotonic() + 5
+        while not files_under(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        proxy.stop()
+    assert received.endswith(b"data: [DONE]\n\n")
+    [path] = files_under(tmp_path)
+    assert json.loads(path.read_text())["response"]["framing"]["end"] == "data: [DONE]\n\n"
 
 
 async def _task_count() -> int:

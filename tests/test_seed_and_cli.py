@@ -99,3 +99,11 @@ def test_cli_help_and_bad_config_are_readable(tmp_path: Path) -> None:
         [sys.executable, "-m", "llmproxy", "replay", "--timing", "sometimes"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "timing must be" in result.stderr
+
+
+def test_the_shipped_example_config_is_valid() -> None:
+    from llmproxy.config import load_settings
+
+    settings = load_settings(REPO / "config.example.toml", {})
+    assert [route.name for route in settings.routes] == ["openai", "anthropic", "ollama", "gemini"]
+    assert settings.router().resolve("POST", "/v1/messages", {}).route.name == "anthropic"  # type: ignore[union-attr]

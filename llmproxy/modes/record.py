@@ -70,5 +70,9 @@ class RecordMode:
             if self._in_flight.get(key) is future:
                 del self._in_flight[key]
         if exchange is not None:
-            self.recorder.schedule(exchange)
+            if not response.prepared:
+                # Send the answer now: waiting for room in the writer queue must not delay it.
+                await response.prepare(request)
+                await response.write_eof()
+            await self.recorder.schedule(exchange)
         return response
