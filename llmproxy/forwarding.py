@@ -17,7 +17,7 @@ from aiohttp import web
 
 from llmproxy.headers import client_response_headers, forward_request_headers
 from llmproxy.matching import public_query
-from llmproxy.modes.base import Call, Outcome, error_response
+from llmproxy.call import Call, Outcome, error_response
 
 log = structlog.get_logger("llmproxy.forward")
 

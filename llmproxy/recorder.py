@@ -22,7 +22,7 @@ from llmproxy.forwarding import Exchange, body_format
 from llmproxy.framing import CapturedBody, capture, capture_opaque, data_of
 from llmproxy.headers import recorded_response_headers
 from llmproxy.matching import RawBody, public_query
-from llmproxy.modes.base import Outcome
+from llmproxy.call import Outcome
 from llmproxy.providers import Provider
 from llmproxy.recording import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
 from llmproxy.secrets import SecretScanner

@@ -6,7 +6,6 @@ import asyncio
 import hmac
 import ipaddress
 import signal
-import time
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -17,7 +16,8 @@ from llmproxy.config import Settings, validate_timing
 from llmproxy.index import RecordingIndex, canonical_for_route
 from llmproxy.matching import RawBody, parse_body
 from llmproxy.forwarding import Forwarder
-from llmproxy.modes.base import Call, Mode, Outcome, error_response
+from llmproxy.call import Call, Outcome, error_response
+from llmproxy.modes.base import Mode
 from llmproxy.modes.record import RecordMode
 from llmproxy.modes.replay import Replayer, ReplayMode
 from llmproxy.recorder import Recorder
@@ -118,7 +118,6 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
             body=body,
             body_value=body_value,
             canonical=canonical,
-            started=time.monotonic(),
         )
         return await mode.handle(request, call)
 

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from llmproxy import __version__
-from llmproxy.modes.base import Outcome
+from llmproxy.call import Outcome
 
 REPORT_KIND = "llmproxy-usage-report"
 

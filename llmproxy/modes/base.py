@@ -1,67 +1,16 @@
-"""What a mode receives (a routed call) and the errors any mode may answer with.
+"""What a mode is: the part that decides what answers a routed call.
 
-A mode decides what answers a routed request: forwarding it (and recording the answer) or
-looking it up. Routing, body parsing and the key are done once, before the mode is asked.
+Record forwards it (and records the answer), replay looks it up; both get the same Call from
+the same routing layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from aiohttp import web
 
-from llmproxy.matching import CanonicalRequest
-from llmproxy.providers import get_provider
-from llmproxy.routing import Route
-
-
-@dataclass(slots=True)
-class Call:
-    """One incoming request after routing."""
-
-    route: Route
-    method: str
-    path: str  # as the upstream sees it
-    query_string: str
-    query: list[tuple[str, str]]
-    headers: dict[str, str]  # lower-cased names
-    body: bytes
-    body_value: Any  # parsed JSON, RawBody, or None
-    canonical: CanonicalRequest
-    started: float = 0.0
-    log_fields: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def model(self) -> str | None:
-        return self.route.provider.model_of(self.path, self.body_value)
-
-
-@dataclass(slots=True)
-class Outcome:
-    """Counts every mode keeps for the exit summary and the usage report."""
-
-    hits: int = 0
-    misses: int = 0
-    recorded: int = 0
-    forwarded: int = 0
-    errors: int = 0
-    refused: int = 0  # recordings the secret scanner stopped
-    truncated: int = 0  # answers cut short, so not recorded
-    shared: int = 0  # identical calls that waited for one in flight instead of going upstream
-    missed: list[dict[str, Any]] = field(default_factory=list)
-
-    def note_miss(self, call: Call) -> None:
-        self.misses += 1
-        self.missed.append(
-            {
-                "method": call.method,
-                "path": call.path,
-                "route": call.route.name,
-                "model": call.model,
-                "key": call.canonical.key,
-            }
-        )
+from llmproxy.call import Call, Outcome
 
 
 class Mode(Protocol):
@@ -75,18 +24,3 @@ class Mode(Protocol):
     async def close(self) -> None: ...
 
     async def handle(self, request: web.Request, call: Call) -> web.StreamResponse: ...
-
-
-def error_response(
-    route: Route | None, status: int, message: str, code: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    """An error from llmproxy itself, in the provider's own error shape so SDKs surface it."""
-    provider = route.provider if route else get_provider("openai")
-    all_headers = {"x-llmproxy-error": code, "x-should-retry": "false"}
-    all_headers.update(headers or {})
-    return web.Response(
-        status=status,
-        body=provider.error_body(status, message, code),
-        content_type="application/json",
-        headers=all_headers,
-    )

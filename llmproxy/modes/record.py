@@ -14,7 +14,7 @@ from aiohttp import web
 
 from llmproxy.forwarding import Exchange, Forwarder
 from llmproxy.headers import client_response_headers
-from llmproxy.modes.base import Call, Outcome
+from llmproxy.call import Call, Outcome
 from llmproxy.modes.replay import Replayer
 from llmproxy.recorder import Recorder
 

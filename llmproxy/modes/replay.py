@@ -12,7 +12,7 @@ from llmproxy.forwarding import Forwarder
 from llmproxy.headers import replay_headers
 from llmproxy.index import Entry, RecordingIndex, Rendered
 from llmproxy.matching import request_differences
-from llmproxy.modes.base import Call, Outcome, error_response
+from llmproxy.call import Call, Outcome, error_response
 from llmproxy.providers.base import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
 from llmproxy.recording import RecordingError
 from llmproxy.store import RecordingStore, StoreError
