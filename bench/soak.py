@@ -73,13 +73,17 @@ async def soak(target: Target, duration: float, concurrency: int) -> dict[str, o
     assert target.process is not None
     pid = target.process.pid
     start_rss, start_fds = rss_mb(pid), open_fds(pid)
-    requests, errors = await hammer(target.url, duration, concurrency)
+    first_half, errors = await hammer(target.url, duration / 2, concurrency)
+    middle_rss = rss_mb(pid)
+    second_half, more_errors = await hammer(target.url, duration / 2, concurrency)
+    await asyncio.sleep(1)  # let closed client connections finish closing on the server side
+    errors += more_errors
     return {
         "mode": target.name,
-        "requests": requests,
+        "requests": first_half + second_half,
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
-        "rss_mb": (round(start_rss, 1), round(rss_mb(pid), 1)),
+        "rss_mb": (round(start_rss, 1), round(middle_rss, 1), round(rss_mb(pid), 1)),
         "open_fds": (start_fds, open_fds(pid)),
     }
 
@@ -107,12 +111,12 @@ async def main_async(duration: float, concurrency: int) -> None:
         finally:
             replay.stop()
     print(f"{concurrency} concurrent streams of {SPEC.chunks} chunks, {duration:.0f} s per mode")
-    print("| mode | requests | errors | invalid files | RSS start → end (MB) | open fds start → end |")
+    print("| mode | requests | errors | invalid files | RSS start → half-time → end (MB) | open fds start → end |")
     print("|---|---|---|---|---|---|")
     for result in results:
         rss, fds = result["rss_mb"], result["open_fds"]
         print(f"| {result['mode']} | {result['requests']} | {result['errors']} | {result.get('invalid_files', '-')} "
-              f"| {rss[0]} → {rss[1]} | {fds[0]} → {fds[1]} |")  # type: ignore[index]
+              f"| {rss[0]} → {rss[1]} → {rss[2]} | {fds[0]} → {fds[1]} |")  # type: ignore[index]
         if result["first_error"]:
             print(f"  first error: {result['first_error']}", file=sys.stderr)
 

@@ -10,6 +10,7 @@ bytes: memory follows the index, not the bodies, and tens of thousands of files 
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -51,19 +52,25 @@ def canonical_for_route(
 
 @dataclass(frozen=True, slots=True)
 class Rendered:
-    """A recording's response, framed and ready to send."""
+    """A recording's response, framed and ready to send: one bytes object, and where each
+    chunk ends in it (paced replay sends it chunk by chunk)."""
 
     status: int
     headers: dict[str, str]
-    segments: list[bytes]
     body: bytes
+    ends: tuple[int, ...]
     streaming: bool
     format: str
     timing: dict[str, Any] | None
 
     @property
     def size(self) -> int:
-        return len(self.body) * 2  # segments and the joined body share no memory
+        return len(self.body) + 8 * len(self.ends)
+
+    @property
+    def segments(self) -> list[bytes]:
+        starts = (0, *self.ends[:-1])
+        return [self.body[start:end] for start, end in zip(starts, self.ends)]
 
 
 @dataclass(slots=True)
@@ -197,8 +204,8 @@ class RecordingIndex:
         rendered = Rendered(
             status=response.status,
             headers=dict(response.headers),
-            segments=segments,
             body=b"".join(segments),
+            ends=tuple(itertools.accumulate(len(segment) for segment in segments)),
             streaming=response.is_streaming,
             format=str(response.framing.get("format", "json")),
             timing=response.timing,
