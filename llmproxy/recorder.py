@@ -42,11 +42,14 @@ class Recorder:
     scanner: SecretScanner = field(default_factory=SecretScanner)
     # 429 and 5xx answers would poison replay, so they are only kept when asked for.
     record_errors: bool = False
-    max_pending: int = 64
+    # Exchanges waiting for the writer may hold this many body bytes; past it, handlers wait
+    # (after their client was answered), so a burst is absorbed and a flood slows down.
+    max_pending_bytes: int = 64 * 1024 * 1024
     written: list[str] = field(default_factory=list)
     _sequences: dict[str, int] = field(default_factory=dict)
     _pending: set[asyncio.Future[Any]] = field(default_factory=set)
-    _room: asyncio.Semaphore | None = None
+    _room: asyncio.Condition | None = None
+    _pending_bytes: int = 0
     # One writer thread: recordings are written in the order exchanges completed, and a burst
     # of completions queues up instead of waking a crowd of threads that fight for the GIL.
     _writer: ThreadPoolExecutor = field(
@@ -59,9 +62,8 @@ class Recorder:
     async def schedule(self, exchange: Exchange) -> None:
         """Write the exchange in the writer thread; repeats of a key get sequence 2, 3, ...
 
-        At most `max_pending` exchanges wait for the writer: when clients outpace the disk,
-        this waits (after their response was sent), which slows them down instead of
-        letting memory grow."""
+        When clients outpace the disk for long, this waits (after their response was sent),
+        which slows them down instead of letting the queue, and memory, grow."""
         if not exchange.complete and not self.record_errors:
             self.outcome.truncated += 1
             return
@@ -76,16 +78,23 @@ class Recorder:
         key = exchange.call.canonical.key
         sequence = self._sequences[key] = self._sequences.get(key, 0) + 1
         if self._room is None:
-            self._room = asyncio.Semaphore(self.max_pending)
-        await self._room.acquire()
+            self._room = asyncio.Condition()
+        size = len(exchange.body)
+        async with self._room:
+            await self._room.wait_for(
+                lambda: not self._pending or self._pending_bytes + size <= self.max_pending_bytes
+            )
+            self._pending_bytes += size
         future = asyncio.get_running_loop().run_in_executor(self._writer, self.write, exchange, sequence)
         self._pending.add(future)
-        future.add_done_callback(self._written)
+        future.add_done_callback(lambda done: asyncio.ensure_future(self._written(done, size)))
 
-    def _written(self, future: asyncio.Future[Any]) -> None:
-        self._pending.discard(future)
+    async def _written(self, future: asyncio.Future[Any], size: int) -> None:
         assert self._room is not None
-        self._room.release()
+        async with self._room:
+            self._pending.discard(future)
+            self._pending_bytes -= size
+            self._room.notify_all()
 
     async def drain(self) -> None:
         """Wait for every scheduled write (at shutdown: nothing in flight is lost)."""

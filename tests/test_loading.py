@@ -27,6 +27,8 @@ BAD_FILES = {
          "provenance": {"tool": "llmproxy"}}
     ).encode(),
     "deep.json": b"[" * 5000 + b"]" * 5000,
+    "huge-number.json": b'{"request": {"method": "POST", "url": "http://x/v1/chat/completions", "body": {"n": 1e999}}, '
+    b'"response": {"body": {}}}',
     "not-text.bin": bytes(range(256)),
     "stream-not-a-list.json": json.dumps(
         {"request": {"method": "POST", "url": "http://x/v1/chat/completions", "endpoint": "/v1/chat/completions", "body": {"model": "m"}},
