@@ -21,8 +21,10 @@ from typing import Any
 import structlog
 
 from llmproxy.framing import render_segments
+from llmproxy.headers import replay_headers
 from llmproxy.matching import CanonicalRequest, canonical_request, similarity
 from llmproxy.providers import Provider
+from llmproxy.providers.base import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
 from llmproxy.recording import Recording, RecordingError, from_document
 from llmproxy.routing import Route, Router
 from llmproxy.store import RecordingStore, StoreError
@@ -30,6 +32,8 @@ from llmproxy.store import RecordingStore, StoreError
 log = structlog.get_logger("llmproxy.index")
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+# For recordings that did not keep their content type (other recorders' files).
+DEFAULT_CONTENT_TYPES = {"sse": SSE_CONTENT_TYPE, "ndjson": NDJSON_CONTENT_TYPE, "text": "text/plain; charset=utf-8"}
 
 
 def canonical_for_route(
@@ -56,7 +60,7 @@ class Rendered:
     chunk ends in it (paced replay sends it chunk by chunk)."""
 
     status: int
-    headers: dict[str, str]
+    headers: dict[str, str]  # as sent on replay: credentials, hop-by-hop and length left out
     body: bytes
     ends: tuple[int, ...]
     streaming: bool
@@ -201,13 +205,17 @@ class RecordingIndex:
             return cached
         response = entry.recording(self.provider_for).response
         segments = render_segments(response.body, response.framing, entry.route.provider.json_value)
+        fmt = str(response.framing.get("format", "json"))
+        headers = replay_headers(response.headers)
+        if not any(name.lower() == "content-type" for name in headers):
+            headers["Content-Type"] = DEFAULT_CONTENT_TYPES.get(fmt, JSON_CONTENT_TYPE)
         rendered = Rendered(
             status=response.status,
-            headers=dict(response.headers),
+            headers=headers,
             body=b"".join(segments),
             ends=tuple(itertools.accumulate(len(segment) for segment in segments)),
             streaming=response.is_streaming,
-            format=str(response.framing.get("format", "json")),
+            format=fmt,
             timing=response.timing,
         )
         self.cache.put(entry, rendered)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 import hmac
 import ipaddress
 import signal
@@ -14,7 +15,7 @@ from aiohttp import web
 
 from llmproxy.config import Settings, validate_timing
 from llmproxy.index import RecordingIndex, canonical_for_route
-from llmproxy.matching import RawBody, parse_body
+from llmproxy.matching import CanonicalRequest, RawBody, parse_body
 from llmproxy.forwarding import Forwarder
 from llmproxy.call import Call, Outcome, error_response
 from llmproxy.modes.base import Mode
@@ -75,7 +76,15 @@ ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "O
 TOKEN_HEADER = "x-llmproxy-token"
 
 
+# Test suites send the same requests again and again: their keys are remembered (by exact
+# bytes), so parsing and hashing happen once per distinct request, not once per request.
+KEY_MEMO_SIZE = 4096
+KEY_MEMO_MAX_BODY = 64 * 1024
+
+
 def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application:
+    keys: OrderedDict[tuple[object, ...], tuple[object, CanonicalRequest]] = OrderedDict()
+
     async def handle(request: web.Request) -> web.StreamResponse:
         if settings.token is not None and not hmac.compare_digest(
             request.headers.get(TOKEN_HEADER, "").encode(), settings.token.encode()
@@ -100,14 +109,24 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
         query = parse_qsl(request.query_string, keep_blank_values=True)
         headers = {name.lower(): value for name, value in request.headers.items()}
         content_type = request.headers.get("Content-Type", "")
-        body_value = parse_body(body, content_type)
-        if isinstance(body_value, RawBody) and content_type.lower().startswith("application/json"):
-            # Forwarding it would only record the upstream's complaint about our client's bug.
-            log.warning("request body is not valid JSON", method=request.method, path=request.path, size=len(body))
-            return error_response(
-                route, 400, "the request body is not valid JSON (UTF-8) though its content type says so", "invalid_json"
-            )
-        canonical = canonical_for_route(route, request.method, match.path, query, headers, body_value)
+        memo_key = (route.name, request.method, match.path, request.query_string, content_type, body)
+        memo_key += tuple(headers.get(name) for name in route.key_headers)  # type: ignore[assignment]
+        known = keys.get(memo_key) if len(body) <= KEY_MEMO_MAX_BODY else None
+        if known is not None:
+            body_value, canonical = known
+        else:
+            body_value = parse_body(body, content_type)
+            if isinstance(body_value, RawBody) and content_type.lower().startswith("application/json"):
+                # Forwarding it would only record the upstream's complaint about our client's bug.
+                log.warning("request body is not valid JSON", method=request.method, path=request.path, size=len(body))
+                return error_response(
+                    route, 400, "the request body is not valid JSON (UTF-8) though its content type says so", "invalid_json"
+                )
+            canonical = canonical_for_route(route, request.method, match.path, query, headers, body_value)
+            if len(body) <= KEY_MEMO_MAX_BODY:
+                keys[memo_key] = (body_value, canonical)
+                if len(keys) > KEY_MEMO_SIZE:
+                    keys.popitem(last=False)
         call = Call(
             route=route,
             method=request.method.upper(),

@@ -9,17 +9,14 @@ import structlog
 from aiohttp import web
 
 from llmproxy.forwarding import Forwarder
-from llmproxy.headers import replay_headers
 from llmproxy.index import Entry, RecordingIndex, Rendered
 from llmproxy.matching import request_differences
 from llmproxy.call import Call, Outcome, error_response
-from llmproxy.providers.base import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
 from llmproxy.recording import RecordingError
 from llmproxy.store import RecordingStore, StoreError
 
 log = structlog.get_logger("llmproxy.replay")
 
-_DEFAULT_CONTENT_TYPES = {"sse": SSE_CONTENT_TYPE, "ndjson": NDJSON_CONTENT_TYPE, "text": "text/plain; charset=utf-8"}
 
 
 class Replayer:
@@ -104,12 +101,9 @@ class Replayer:
                 message = f"the recording {entry.source} cannot be replayed: {exc}"
                 return error_response(call.route, 500, message, "recording_unreadable")
         self.outcome.hits += 1
-        headers = replay_headers(rendered.headers)
-        if not any(name.lower() == "content-type" for name in headers):
-            headers["Content-Type"] = _DEFAULT_CONTENT_TYPES.get(rendered.format, JSON_CONTENT_TYPE)
         if self.speed is None or not rendered.streaming:
-            return web.Response(status=rendered.status, body=rendered.body, headers=headers)
-        return await self._paced(request, rendered, headers)
+            return web.Response(status=rendered.status, body=rendered.body, headers=rendered.headers)
+        return await self._paced(request, rendered, rendered.headers)
 
     async def _paced(self, request: web.Request, rendered: Rendered, headers: dict[str, str]) -> web.StreamResponse:
         """Write each chunk at its recorded offset (divided by the speed factor)."""
