@@ -1,6 +1,6 @@
 """The replay reference: a bare aiohttp handler serving the expected bytes from memory.
 
-    python -m bench.bare_replay --port 9003
+python -m bench.bare_replay --port 9003
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import orjson
 from aiohttp import web
 
-from bench.common import use_uvloop, expected_bytes, salt_of, spec_of
+from bench.common import expected_bytes, salt_of, spec_of, use_uvloop
 
 _cache: dict[bytes, tuple[bytes, str]] = {}
 

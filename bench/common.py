@@ -49,7 +49,9 @@ def json_body(spec: Spec, salt: str) -> bytes:
             "object": "chat.completion",
             "created": 1,
             "model": "bench-model",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"{salt} {filler}"}, "finish_reason": "stop"}],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": f"{salt} {filler}"}, "finish_reason": "stop"}
+            ],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
     )

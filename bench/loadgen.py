@@ -52,7 +52,9 @@ async def drive(session: aiohttp.ClientSession, base_url: str, scenario: Scenari
             which = number % scenario.distinct
             started = time.perf_counter()
             try:
-                async with session.post(url, data=bodies[which], headers={"Content-Type": "application/json"}) as response:
+                async with session.post(
+                    url, data=bodies[which], headers={"Content-Type": "application/json"}
+                ) as response:
                     first = await response.content.readany()
                     first_at = time.perf_counter()
                     rest = await response.read()
@@ -63,7 +65,7 @@ async def drive(session: aiohttp.ClientSession, base_url: str, scenario: Scenari
                     if first + rest != expected[which]:
                         result.errors.append(f"body differs for {scenario.name} #{which}")
                         continue
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 result.errors.append(f"{type(exc).__name__}: {exc}")
                 continue
             result.latencies.append(done - started)

@@ -1,6 +1,6 @@
 """The reference: a minimal aiohttp pass-through proxy, the floor for this stack.
 
-    python -m bench.passthrough --port 9002 --upstream http://127.0.0.1:9001
+python -m bench.passthrough --port 9002 --upstream http://127.0.0.1:9001
 """
 
 from __future__ import annotations

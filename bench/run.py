@@ -100,8 +100,16 @@ async def run_rounds(targets: list[Target], scenarios: list[Scenario], rounds: i
     raw: dict[str, dict[str, list[dict]]] = {t.name: {s.name: [] for s in scenarios} for t in targets}
     for scenario in scenarios:  # warm-up, not counted: connections, caches, first recordings
         for target in targets:
-            await measure(target, Scenario(scenario.name, scenario.spec, scenario.concurrency,
-                                           min(scenario.requests, scenario.distinct), scenario.distinct))
+            await measure(
+                target,
+                Scenario(
+                    scenario.name,
+                    scenario.spec,
+                    scenario.concurrency,
+                    min(scenario.requests, scenario.distinct),
+                    scenario.distinct,
+                ),
+            )
     for number in range(rounds):
         for scenario in scenarios:
             for target in targets:
@@ -128,7 +136,8 @@ def ratio(a: float, b: float) -> str:
 
 def table(results: dict[str, dict[str, dict]], scenarios: list[Scenario]) -> str:
     lines = [
-        "| scenario | record/pass-through throughput | record CPU/req vs pass-through | TTFB record − pass-through | replay/bare throughput | replay/bare TTFB | p99 record / pass-through / replay / bare (ms) |",
+        "| scenario | record/pass-through throughput | record CPU/req vs pass-through | TTFB record − pass-through "
+        "| replay/bare throughput | replay/bare TTFB | p99 record / pass-through / replay / bare (ms) |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in scenarios:
@@ -168,7 +177,10 @@ def generate_recordings(directory: Path, count: int) -> bytes:
     for number in range(count):
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": f"question {number}"}]}
         template["request"]["body"] = body
-        template["response"]["body"]["__data__"] = {"id": f"c{number}", "choices": [{"message": {"content": f"answer {number} " + "y" * 800}}]}
+        template["response"]["body"]["__data__"] = {
+            "id": f"c{number}",
+            "choices": [{"message": {"content": f"answer {number} " + "y" * 800}}],
+        }
         sub = directory / f"d{number % 100:02d}"
         sub.mkdir(exist_ok=True)
         (sub / f"chat-{number:06d}.json").write_bytes(orjson.dumps(template, option=orjson.OPT_INDENT_2))
@@ -183,16 +195,31 @@ async def time_loading(count: int) -> dict[str, float]:
         port = free_port()
         started = time.perf_counter()
         process = subprocess.Popen(
-            [sys.executable, "-m", "llmproxy", "replay", "--recordings", tmp, "--port", str(port), "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "llmproxy",
+                "replay",
+                "--recordings",
+                tmp,
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         first_served = ready = float("nan")
         try:
             async with aiohttp.ClientSession() as session:
                 while time.perf_counter() - started < 120:
                     try:
-                        async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=probe,
-                                                headers={"Content-Type": "application/json"}) as response:
+                        async with session.post(
+                            f"http://127.0.0.1:{port}/v1/chat/completions",
+                            data=probe,
+                            headers={"Content-Type": "application/json"},
+                        ) as response:
                             await response.read()
                             if response.status == 200:
                                 first_served = time.perf_counter() - started
@@ -200,10 +227,15 @@ async def time_loading(count: int) -> dict[str, float]:
                     except aiohttp.ClientError:
                         await asyncio.sleep(0.01)
                 # "Ready": the index is complete; a request for the last file generated hits.
-                last = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": f"question {count - 1}"}]})
+                last = orjson.dumps(
+                    {"model": "gpt-4o", "messages": [{"role": "user", "content": f"question {count - 1}"}]}
+                )
                 while time.perf_counter() - started < 300:
-                    async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=last,
-                                            headers={"Content-Type": "application/json"}) as response:
+                    async with session.post(
+                        f"http://127.0.0.1:{port}/v1/chat/completions",
+                        data=last,
+                        headers={"Content-Type": "application/json"},
+                    ) as response:
                         await response.read()
                         if response.status == 200:
                             ready = time.perf_counter() - started
@@ -220,17 +252,34 @@ async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="llmproxy-bench-rec-") as recordings:
         upstream = Target("direct", ["-m", "bench.upstream", "--port", str(port := free_port())], port)
         upstream.start()
-        passthrough = Target("passthrough", ["-m", "bench.passthrough", "--port", str(p := free_port()), "--upstream", upstream.url], p)
+        passthrough = Target(
+            "passthrough", ["-m", "bench.passthrough", "--port", str(p := free_port()), "--upstream", upstream.url], p
+        )
         record = Target(
             "record",
-            ["-m", "llmproxy", "record", "--upstream", upstream.url, "--recordings", recordings, "--port", str(r := free_port()), "--log-level", "warning"],
+            [
+                "-m",
+                "llmproxy",
+                "record",
+                "--upstream",
+                upstream.url,
+                "--recordings",
+                recordings,
+                "--port",
+                str(r := free_port()),
+                "--log-level",
+                "warning",
+            ],
             r,
         )
         bare = Target("bare", ["-m", "bench.bare_replay", "--port", str(b := free_port())], b)
         for target in (passthrough, record, bare):
             target.start()
-        print(f"machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
-              f"uvloop {'on' if _has_uvloop() else 'off'}", file=sys.stderr)
+        print(
+            f"machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
+            f"uvloop {'on' if _has_uvloop() else 'off'}",
+            file=sys.stderr,
+        )
         try:
             print("record phase (direct, pass-through, llmproxy record)", file=sys.stderr)
             results = await run_rounds([upstream, passthrough, record], scenarios, args.rounds)
@@ -241,18 +290,43 @@ async def main_async(args: argparse.Namespace) -> None:
             once = str(Path(recordings) / "once")
             recorder = Target(
                 "record-once",
-                ["-m", "llmproxy", "record", "--upstream", upstream.url, "--recordings", once, "--port", str(o := free_port()), "--log-level", "warning"],
+                [
+                    "-m",
+                    "llmproxy",
+                    "record",
+                    "--upstream",
+                    upstream.url,
+                    "--recordings",
+                    once,
+                    "--port",
+                    str(o := free_port()),
+                    "--log-level",
+                    "warning",
+                ],
                 o,
             )
             recorder.start()
-            for scenario in [*scenarios, Scenario("sse5000-c1", Spec("sse", chunks=5000), 1, 2, distinct=2),
-                             Scenario("json-c16", Spec("json"), 16, 64)]:
+            for scenario in [
+                *scenarios,
+                Scenario("sse5000-c1", Spec("sse", chunks=5000), 1, 2, distinct=2),
+                Scenario("json-c16", Spec("json"), 16, 64),
+            ]:
                 distinct = Scenario(scenario.name, scenario.spec, 4, scenario.distinct, scenario.distinct)
                 await measure(recorder, distinct)
             recorder.stop()
             replay = Target(
                 "replay",
-                ["-m", "llmproxy", "replay", "--recordings", once, "--port", str(q := free_port()), "--log-level", "warning"],
+                [
+                    "-m",
+                    "llmproxy",
+                    "replay",
+                    "--recordings",
+                    once,
+                    "--port",
+                    str(q := free_port()),
+                    "--log-level",
+                    "warning",
+                ],
                 q,
             )
             replay.start()
@@ -275,8 +349,10 @@ async def main_async(args: argparse.Namespace) -> None:
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / f"bench-{int(time.time())}.json").write_bytes(
-        orjson.dumps({"results": results, "record_memory": record_memory, "replay_memory": replay_memory, "loading": loading},
-                     option=orjson.OPT_INDENT_2)
+        orjson.dumps(
+            {"results": results, "record_memory": record_memory, "replay_memory": replay_memory, "loading": loading},
+            option=orjson.OPT_INDENT_2,
+        )
     )
 
 
@@ -292,8 +368,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer, smaller scenarios")
-    parser.add_argument("--loading", type=int, nargs="*", default=[10_000, 100_000],
-                        help="recordings counts to time loading for (none to skip)")
+    parser.add_argument(
+        "--loading",
+        type=int,
+        nargs="*",
+        default=[10_000, 100_000],
+        help="recordings counts to time loading for (none to skip)",
+    )
     args = parser.parse_args()
     if _has_uvloop():
         import uvloop

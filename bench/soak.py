@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import Spec, expected_bytes, free_port, open_fds, rss_mb, start, stop, use_uvloop
+from bench.common import Spec, expected_bytes, free_port, open_fds, rss_mb, use_uvloop
 from bench.run import Target
 from llmproxy.config import load_settings
 from llmproxy.index import RecordingIndex
@@ -43,12 +43,13 @@ async def hammer(url: str, duration: float, concurrency: int) -> tuple[int, list
                 which = turn % DISTINCT
                 turn += concurrency
                 try:
-                    async with session.post(url + "/v1/chat/completions", data=bodies[which],
-                                            headers={"Content-Type": "application/json"}) as response:
+                    async with session.post(
+                        url + "/v1/chat/completions", data=bodies[which], headers={"Content-Type": "application/json"}
+                    ) as response:
                         body = await response.read()
                         if response.status != 200 or body != expected[which]:
                             errors.append(f"#{which}: status {response.status}, {len(body)} bytes")
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     errors.append(f"#{which}: {type(exc).__name__} {exc}")
                 done += 1
 
@@ -92,8 +93,23 @@ async def main_async(duration: float, concurrency: int) -> None:
     with tempfile.TemporaryDirectory(prefix="llmproxy-soak-") as tmp:
         upstream = Target("upstream", ["-m", "bench.upstream", "--port", str(u := free_port())], u)
         upstream.start()
-        record = Target("record", ["-m", "llmproxy", "record", "--upstream", upstream.url, "--recordings", tmp,
-                                   "--port", str(r := free_port()), "--log-level", "warning"], r)
+        record = Target(
+            "record",
+            [
+                "-m",
+                "llmproxy",
+                "record",
+                "--upstream",
+                upstream.url,
+                "--recordings",
+                tmp,
+                "--port",
+                str(r := free_port()),
+                "--log-level",
+                "warning",
+            ],
+            r,
+        )
         record.start()
         try:
             results = [await soak(record, duration, concurrency)]
@@ -103,8 +119,21 @@ async def main_async(duration: float, concurrency: int) -> None:
         finally:
             upstream.stop()
             record.stop()
-        replay = Target("replay", ["-m", "llmproxy", "replay", "--recordings", tmp, "--port", str(q := free_port()),
-                                   "--log-level", "warning"], q)
+        replay = Target(
+            "replay",
+            [
+                "-m",
+                "llmproxy",
+                "replay",
+                "--recordings",
+                tmp,
+                "--port",
+                str(q := free_port()),
+                "--log-level",
+                "warning",
+            ],
+            q,
+        )
         replay.start()
         try:
             results.append(await soak(replay, duration, concurrency))
@@ -115,8 +144,10 @@ async def main_async(duration: float, concurrency: int) -> None:
     print("|---|---|---|---|---|---|")
     for result in results:
         rss, fds = result["rss_mb"], result["open_fds"]
-        print(f"| {result['mode']} | {result['requests']} | {result['errors']} | {result.get('invalid_files', '-')} "
-              f"| {rss[0]} → {rss[1]} → {rss[2]} | {fds[0]} → {fds[1]} |")  # type: ignore[index]
+        print(
+            f"| {result['mode']} | {result['requests']} | {result['errors']} | {result.get('invalid_files', '-')} "
+            f"| {rss[0]} → {rss[1]} → {rss[2]} | {fds[0]} → {fds[1]} |"
+        )  # type: ignore[index]
         if result["first_error"]:
             print(f"  first error: {result['first_error']}", file=sys.stderr)
 

@@ -1,6 +1,6 @@
 """A fast local OpenAI-style upstream for the benchmark: JSON or SSE, sized and paced on request.
 
-    python -m bench.upstream --port 9001
+python -m bench.upstream --port 9001
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 import orjson
 from aiohttp import web
 
-from bench.common import use_uvloop, json_body, salt_of, spec_of, sse_events
+from bench.common import json_body, salt_of, spec_of, sse_events, use_uvloop
 
 
 async def chat(request: web.Request) -> web.StreamResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +255,9 @@ def check(directory: Path | None, fix: bool, config_path: Path | None) -> None:
             yield from bar
 
     try:
-        problems = check_directory(root, settings.router(), SecretScanner(settings.secret_patterns), fix=fix, progress=run_with_progress)
+        problems = check_directory(
+            root, settings.router(), SecretScanner(settings.secret_patterns), fix=fix, progress=run_with_progress
+        )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     for problem in problems:
@@ -305,7 +308,7 @@ def list_recordings(
     config_path: Path | None,
 ) -> None:
     """List recordings: route, endpoint, model, age and size."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from llmproxy.inspection import listings, parse_age
 
@@ -314,10 +317,12 @@ def list_recordings(
         age = parse_age(older_than) if older_than else None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     found = listings(_load_index(settings), route=route, model=model, endpoint=endpoint, older_than=age, now=now)
     for item in found:
-        click.echo(f"{item.route:<10} {item.endpoint:<40} {item.model:<28} {item.age(now):>8} {item.size:>9}  {item.path}")
+        click.echo(
+            f"{item.route:<10} {item.endpoint:<40} {item.model:<28} {item.age(now):>8} {item.size:>9}  {item.path}"
+        )
     click.echo(f"{len(found)} recording(s)")
 
 

@@ -118,7 +118,9 @@ def _route_from_table(table: Mapping[str, Any], index: int) -> Route:
         return tuple(value)
 
     round_floats = table.get("round_floats")
-    if round_floats is not None and (not isinstance(round_floats, int) or isinstance(round_floats, bool) or round_floats < 0):
+    if round_floats is not None and (
+        not isinstance(round_floats, int) or isinstance(round_floats, bool) or round_floats < 0
+    ):
         raise ConfigError(f"{where} ({name}): 'round_floats' must be a whole number of decimals")
     return Route(
         round_floats=round_floats,

@@ -6,7 +6,6 @@ happens to it. What was received is handed back as an Exchange, for the recorder
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
@@ -15,9 +14,9 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from llmproxy.call import Call, Outcome, error_response
 from llmproxy.headers import client_response_headers, forward_request_headers
 from llmproxy.matching import public_query
-from llmproxy.call import Call, Outcome, error_response
 
 log = structlog.get_logger("llmproxy.forward")
 
@@ -108,7 +107,7 @@ class Forwarder:
                 data=call.body if call.body else None,
                 allow_redirects=False,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.outcome.errors += 1
             log.error("upstream timeout", route=route.name, url=safe_url(url))
             return error_response(route, 504, f"upstream {route.name} did not answer in time", "upstream_timeout"), None
@@ -156,11 +155,11 @@ class Forwarder:
                 log.warning("client went away mid-stream; draining the upstream to record it", path=call.path)
                 try:
                     await _drain(upstream, parts, reads, started)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     return streamed, None
                 self.outcome.forwarded += 1
                 return streamed, exchange()
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 self.outcome.errors += 1
                 complete = False
                 log.error("upstream broke off the response", route=route.name, error=str(exc) or type(exc).__name__)

@@ -49,7 +49,6 @@ class CapturedBody:
     # Byte offset (in the raw body) at which each chunk of `body` was complete; used to give
     # every chunk the arrival time of the network read that finished it.
     chunk_ends: list[int] = field(default_factory=list)
-    exact: bool = True
 
     @property
     def is_streaming(self) -> bool:
@@ -195,9 +194,7 @@ def data_of(item: Any) -> Any:
     return item
 
 
-def render_segments(
-    body: Any, framing: dict[str, Any], json_value: Callable[[Any], Any] | None = None
-) -> list[bytes]:
+def render_segments(body: Any, framing: dict[str, Any], json_value: Callable[[Any], Any] | None = None) -> list[bytes]:
     """The response bytes as one segment per chunk plus a final segment (for paced replay).
 
     Raises ValueError when body and framing do not fit together; loaders call this once so a

@@ -64,7 +64,6 @@ class Rendered:
     body: bytes
     ends: tuple[int, ...]
     streaming: bool
-    format: str
     timing: dict[str, Any] | None
 
     @property
@@ -134,7 +133,9 @@ class RecordingIndex:
     recorded order: by `request.sequence`, then by file path (other recorders' files).
     """
 
-    def __init__(self, router: Router, *, keep_recordings: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self, router: Router, *, keep_recordings: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
         self.router = router
         self.keep_recordings = keep_recordings
         self.cache = RenderCache(cache_bytes)
@@ -215,7 +216,6 @@ class RecordingIndex:
             body=b"".join(segments),
             ends=tuple(itertools.accumulate(len(segment) for segment in segments)),
             streaming=response.is_streaming,
-            format=fmt,
             timing=response.timing,
         )
         self.cache.put(entry, rendered)

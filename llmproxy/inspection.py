@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -109,7 +109,7 @@ def listings(
 ) -> list[Listing]:
     """Recordings with their facts; `older_than` keeps files recorded before now - age (and
     files of unknown age, which cannot be shown to be fresh)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     found = []
     for entry in index.entries():
         recording = entry.recording(index.provider_for)
@@ -196,13 +196,14 @@ def show(path: Path, document: Any, resolve_provider: ProviderResolver) -> str:
     recording = from_document(document, resolve_provider)
     request, response = recording.request, recording.response
     provenance = recording.provenance or {}
+    streamed = f"  (streamed, {len(response.body)} chunks)" if response.is_streaming else ""
     lines = [
         f"file       {path}",
         f"request    {request.method} {request.url or request.path}",
         f"model      {request.model or '-'} (answered by {provenance.get('response_model') or '-'})",
         f"recorded   {provenance.get('recorded_at', 'unknown')} by {provenance.get('tool', 'another recorder')} "
         f"{provenance.get('version', '')}".rstrip(),
-        f"status     {response.status}{'  (streamed, ' + str(len(response.body)) + ' chunks)' if response.is_streaming else ''}",
+        f"status     {response.status}{streamed}",
         "",
     ]
     for role, text in _request_turns(request.body):
@@ -211,4 +212,3 @@ def show(path: Path, document: Any, resolve_provider: ProviderResolver) -> str:
     answer = _response_text(values)
     lines.append(f"[assistant] {answer}" if answer else "[response] " + str(values[0] if values else "")[:500])
     return "\n".join(lines)
-

@@ -128,6 +128,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         f"{len(report['recorded'])} recorded, {'-' if unused is None else len(unused)} unused recording(s)"
     )
     for miss in report["misses"]:
-        terminalreporter.write_line(f"  missed {miss['method']} {miss['path']} (model {miss['model']}, key {miss['key'][:16]})")
+        terminalreporter.write_line(
+            f"  missed {miss['method']} {miss['path']} (model {miss['model']}, key {miss['key'][:16]})"
+        )
     if proxy.settings.report is not None:
         terminalreporter.write_line(f"usage report: {proxy.settings.report}")

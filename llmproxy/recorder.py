@@ -10,7 +10,7 @@ import asyncio
 import bisect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -18,11 +18,11 @@ from urllib.parse import urlencode
 import structlog
 
 from llmproxy import __version__
+from llmproxy.call import Outcome
 from llmproxy.forwarding import Exchange, body_format
 from llmproxy.framing import CapturedBody, capture, capture_opaque, data_of
 from llmproxy.headers import recorded_response_headers
 from llmproxy.matching import RawBody, public_query
-from llmproxy.call import Outcome
 from llmproxy.providers import Provider
 from llmproxy.recording import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
 from llmproxy.secrets import SecretScanner
@@ -81,9 +81,7 @@ class Recorder:
             self._room = asyncio.Condition()
         size = len(exchange.body)
         async with self._room:
-            await self._room.wait_for(
-                lambda: not self._pending or self._pending_bytes + size <= self.max_pending_bytes
-            )
+            await self._room.wait_for(lambda: not self._pending or self._pending_bytes + size <= self.max_pending_bytes)
             self._pending_bytes += size
         future = asyncio.get_running_loop().run_in_executor(self._writer, self.write, exchange, sequence)
         self._pending.add(future)
@@ -237,7 +235,7 @@ def build_recording(exchange: Exchange) -> Recording:
     provenance = {
         "tool": TOOL_NAME,
         "version": __version__,
-        "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "response_model": _answering_model(captured.body),
         "client_user_agent": call.headers.get("user-agent", ""),
     }

@@ -256,7 +256,9 @@ def _normalise_foreign(request_doc: dict, response_doc: dict, resolve_provider: 
         if not isinstance(details, dict):
             raise RecordingError("response.exception_data must be an object")
         status = _status(details.get("status_code") or 500)
-        response_body = typed("json", {"error": details.get("body") or {"message": response_doc.get("exception_message")}})
+        response_body = typed(
+            "json", {"error": details.get("body") or {"message": response_doc.get("exception_message")}}
+        )
         framing, streaming = {"format": "json"}, False
     elif isinstance(response_body, list) and response_body and all(isinstance(x, str) for x in response_body):
         # Raw SSE lines: capture them as if they had just arrived from the upstream.
@@ -286,4 +288,3 @@ def _normalise_foreign(request_doc: dict, response_doc: dict, resolve_provider: 
     )
     response = RecordedResponse(status, {"content-type": content_type}, response_body, framing)
     return Recording(request, response)
-

@@ -50,7 +50,9 @@ async def run_command(settings: Settings, mode: str, command: list[str]) -> int:
     base_url = f"http://{settings.host}:{server.port}"
     try:
         try:
-            child = await asyncio.create_subprocess_exec(*command, env=client_environment(base_url, mode, dict(os.environ)))
+            child = await asyncio.create_subprocess_exec(
+                *command, env=client_environment(base_url, mode, dict(os.environ))
+            )
         except OSError as exc:
             log.error("cannot start the command", command=command[0], error=exc.strerror)
             return 127

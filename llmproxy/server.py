@@ -3,29 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 import hmac
 import ipaddress
 import signal
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import parse_qsl
 
 import structlog
 from aiohttp import web
 
+from llmproxy.call import Call, Outcome, error_response
 from llmproxy.config import Settings, validate_timing
+from llmproxy.forwarding import Forwarder
 from llmproxy.index import RecordingIndex, canonical_for_route
 from llmproxy.matching import CanonicalRequest, RawBody, parse_body
-from llmproxy.forwarding import Forwarder
-from llmproxy.call import Call, Outcome, error_response
 from llmproxy.modes.base import Mode
 from llmproxy.modes.record import RecordMode
 from llmproxy.modes.replay import Replayer, ReplayMode
 from llmproxy.recorder import Recorder
-from llmproxy.secrets import SecretScanner
-from llmproxy.usage import build_report, write_report
 from llmproxy.routing import Router
+from llmproxy.secrets import SecretScanner
 from llmproxy.store import RecordingStore
+from llmproxy.usage import build_report, write_report
 
 log = structlog.get_logger("llmproxy.server")
 
@@ -120,7 +120,10 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
                 # Forwarding it would only record the upstream's complaint about our client's bug.
                 log.warning("request body is not valid JSON", method=request.method, path=request.path, size=len(body))
                 return error_response(
-                    route, 400, "the request body is not valid JSON (UTF-8) though its content type says so", "invalid_json"
+                    route,
+                    400,
+                    "the request body is not valid JSON (UTF-8) though its content type says so",
+                    "invalid_json",
                 )
             canonical = canonical_for_route(route, request.method, match.path, query, headers, body_value)
             if len(body) <= KEY_MEMO_MAX_BODY:
@@ -215,6 +218,7 @@ class ProxyServer:
             hits=report["hits"],
             misses=len(report["misses"]),
             recorded=len(report["recorded"]),
+            forwarded=self.mode.outcome.forwarded,
             unused="-" if report["unused"] is None else len(report["unused"]),
             errors=report["errors"],
             refused=report["refused"],

@@ -8,8 +8,8 @@ so a reader (or a crash) never sees a torn file.
 
 from __future__ import annotations
 
-import os
 import itertools
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path

@@ -6,7 +6,7 @@ missed may have skipped code paths, so "unused" would not mean "stale".
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ def build_report(
         "kind": REPORT_KIND,
         "version": __version__,
         "mode": mode,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "recordings": str(recordings),
         "hits": outcome.hits,
         "misses": outcome.missed,
@@ -67,5 +67,7 @@ def prunable(report: dict[str, Any]) -> list[Path]:
             "a run with misses may not have exercised everything, so nothing is pruned"
         )
     if report.get("unused") is None:
-        raise ReportError(f"a {report.get('mode')} run does not load recordings; use a replay or record --missing report")
+        raise ReportError(
+            f"a {report.get('mode')} run does not load recordings; use a replay or record --missing report"
+        )
     return [Path(name) for name in report["unused"]]

@@ -62,7 +62,10 @@ def replayed_bytes_equal_upstream(loop: LoopThread, upstream: Any, proxy_url: st
                     if name in request["headers"]:
                         headers[name] = request["headers"][name]
                 async with session.request(
-                    request["method"], proxy_url + prefix + request["path_qs"], data=request["raw"] or None, headers=headers
+                    request["method"],
+                    proxy_url + prefix + request["path_qs"],
+                    data=request["raw"] or None,
+                    headers=headers,
                 ) as response:
                     got = await response.read()
                     assert response.status == 200, got[:300]

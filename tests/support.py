@@ -59,7 +59,9 @@ class RunningProxy:
         self.loop.run(self.server.stop())
 
 
-def start_proxy(loop: LoopThread, mode: str, recordings: Path, config: Path | None = None, **overrides: Any) -> RunningProxy:
+def start_proxy(
+    loop: LoopThread, mode: str, recordings: Path, config: Path | None = None, **overrides: Any
+) -> RunningProxy:
     settings: Settings = load_settings(config, {"host": "127.0.0.1", "port": 0, "recordings": recordings, **overrides})
 
     async def start() -> ProxyServer:

@@ -12,14 +12,16 @@ import openai
 import pytest
 
 from llmproxy.server import _is_loopback
+from tests.netguard import TRIPWIRE
 from tests.providers_support import write_config
 from tests.support import SEED, CliProxy, LoopThread, RunningApp, files_under, start_proxy
 from tests.test_seed_and_cli import SEED_MESSAGES
 from tests.upstreams.openai_wire import OpenAIWire
-from tests.netguard import TRIPWIRE
 
 
-async def _send(url: str, method: str = "POST", data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+async def _send(
+    url: str, method: str = "POST", data: bytes | None = None, headers: dict | None = None
+) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as session:
         async with session.request(method, url, data=data, headers=headers or {}) as response:
             text = await response.text()
@@ -48,10 +50,18 @@ def recording_proxy(loop_thread: LoopThread, tmp_path: Path):  # type: ignore[no
     ],
 )
 def test_bad_bodies_get_a_clear_error_and_are_not_forwarded_or_written(
-    loop_thread: LoopThread, recording_proxy, name: str, body: bytes, content_type: str, status: int, code: str  # type: ignore[no-untyped-def]
+    loop_thread: LoopThread,
+    recording_proxy,
+    name: str,
+    body: bytes,
+    content_type: str,
+    status: int,
+    code: str,  # type: ignore[no-untyped-def]
 ) -> None:
     proxy, wire, recordings = recording_proxy
-    got, payload = loop_thread.run(_send(proxy.url + "/v1/chat/completions", data=body, headers={"Content-Type": content_type}))
+    got, payload = loop_thread.run(
+        _send(proxy.url + "/v1/chat/completions", data=body, headers={"Content-Type": content_type})
+    )
     assert got == status and payload["error"]["code"] == code, name
     assert "not valid JSON" in payload["error"]["message"]
     assert wire.requests == []
@@ -64,8 +74,13 @@ def test_bad_bodies_get_a_clear_error_and_are_not_forwarded_or_written(
 def test_huge_body_absurd_header_and_odd_method(loop_thread: LoopThread, tmp_path: Path) -> None:
     proxy = CliProxy("replay", "--recordings", str(tmp_path), "--port", "0")
     try:
-        status, _ = loop_thread.run(_send(proxy.url + "/v1/chat/completions", data=b"{" + b" " * (65 * 1024 * 1024) + b"}",
-                                          headers={"Content-Type": "application/json"}))
+        status, _ = loop_thread.run(
+            _send(
+                proxy.url + "/v1/chat/completions",
+                data=b"{" + b" " * (65 * 1024 * 1024) + b"}",
+                headers={"Content-Type": "application/json"},
+            )
+        )
         assert status == 413
         status, _ = loop_thread.run(_send(proxy.url + "/v1/models", method="GET", headers={"X-Absurd": "x" * 100_000}))
         assert status in (400, 431)
@@ -111,8 +126,16 @@ def test_replay_opens_zero_outbound_connections(tmp_path: Path) -> None:
 
 def test_the_tripwire_does_fire_on_an_outbound_connection(tmp_path: Path) -> None:
     """The guard used above is real: record mode through it trips on its first upstream call."""
-    proxy = CliProxy("record", "--upstream", "http://127.0.0.1:9", "--recordings", str(tmp_path), "--port", "0",
-                     netguard="no-outbound")
+    proxy = CliProxy(
+        "record",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--recordings",
+        str(tmp_path),
+        "--port",
+        "0",
+        netguard="no-outbound",
+    )
     try:
         client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
         with pytest.raises(openai.InternalServerError):
@@ -132,7 +155,10 @@ def test_shared_token_guards_an_exposed_proxy_and_is_never_forwarded(loop_thread
             anonymous.models.list()
         assert "x-llmproxy-token" in caught.value.message
         member = openai.OpenAI(
-            base_url=proxy.url + "/v1", api_key="k", max_retries=0, default_headers={"x-llmproxy-token": "team-secret-token"}
+            base_url=proxy.url + "/v1",
+            api_key="k",
+            max_retries=0,
+            default_headers={"x-llmproxy-token": "team-secret-token"},
         )
         assert member.models.list().data[0].id == "gpt-4o"
     finally:
@@ -151,7 +177,9 @@ def test_loopback_detection_behind_the_public_bind_warning() -> None:
 def test_default_bind_is_loopback(tmp_path: Path) -> None:
     proxy = CliProxy("replay", "--recordings", str(tmp_path), "--port", "0")
     try:
-        listening = next(e for e in (json_line for json_line in map(json.loads, proxy.lines)) if e["event"] == "listening")
+        listening = next(
+            e for e in (json_line for json_line in map(json.loads, proxy.lines)) if e["event"] == "listening"
+        )
         assert listening["host"] == "127.0.0.1"
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=2):
             pass

@@ -16,7 +16,9 @@ from tests.upstreams.openai_wire import OpenAIWire
 
 
 def llmproxy(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "llmproxy", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "llmproxy", *args], capture_output=True, text=True, cwd=cwd, timeout=60
+    )
 
 
 @pytest.fixture
@@ -28,7 +30,9 @@ def recorded(loop_thread: LoopThread, tmp_path: Path) -> Path:
     proxy = start_proxy(loop_thread, "record", recordings, upstream=app.url)
     try:
         client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-test-commands-0000000000000000", max_retries=0)
-        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "what is 2+2"}], temperature=0.5)
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "what is 2+2"}], temperature=0.5
+        )
         client.embeddings.create(model="text-embedding-3-small", input="vector")
     finally:
         proxy.stop()
@@ -77,7 +81,9 @@ def test_explain_names_key_rules_hit_and_nearest(recorded: Path, tmp_path: Path)
     assert "key         " in hit.stdout and "ignored body fields: -" in hit.stdout
     assert "hit         " + str(recorded / "openai") in hit.stdout
 
-    request.write_text(json.dumps({"method": "POST", "path": "/v1/chat/completions", "body": {**body, "temperature": 0.9}}))
+    request.write_text(
+        json.dumps({"method": "POST", "path": "/v1/chat/completions", "body": {**body, "temperature": 0.9}})
+    )
     miss = llmproxy("explain", str(request), "--recordings", str(recorded))
     assert "hit         none" in miss.stdout
     assert "nearest 1" in miss.stdout and "temperature: 0.9 != 0.5 recorded" in miss.stdout
@@ -119,8 +125,22 @@ def test_run_points_the_child_at_the_proxy_and_returns_its_status(tmp_path: Path
     )
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_"))}
     result = subprocess.run(
-        [sys.executable, "-m", "llmproxy", "run", "replay", "--recordings", str(tmp_path), "--", sys.executable, str(child)],
-        capture_output=True, text=True, env=env, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "llmproxy",
+            "run",
+            "replay",
+            "--recordings",
+            str(tmp_path),
+            "--",
+            sys.executable,
+            str(child),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert result.returncode == 7, result.stderr
     lines = result.stdout.splitlines()

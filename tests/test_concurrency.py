@@ -11,13 +11,12 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from tests.providers_support import write_config
-from tests.support import CliProxy, LoopThread, RunningApp, files_under, sse_data, start_proxy
-from tests.upstreams.openai_wire import OpenAIWire
-
 from llmproxy.config import load_settings
 from llmproxy.index import RecordingIndex
 from llmproxy.store import RecordingStore
+from tests.providers_support import write_config
+from tests.support import CliProxy, LoopThread, RunningApp, files_under, sse_data, start_proxy
+from tests.upstreams.openai_wire import OpenAIWire
 
 
 async def _stream(session: aiohttp.ClientSession, url: str, content: str) -> list[dict]:
@@ -33,7 +32,9 @@ def test_two_processes_times_32_streams_into_one_directory(loop_thread: LoopThre
     app = RunningApp(loop_thread, wire.app()).start()
     config = write_config(tmp_path / "llmproxy.toml", [{"name": "openai", "provider": "openai", "upstream": app.url}])
     recordings = tmp_path / "recordings"
-    proxies = [CliProxy("record", "--config", str(config), "--recordings", str(recordings), "--port", "0") for _ in range(2)]
+    proxies = [
+        CliProxy("record", "--config", str(config), "--recordings", str(recordings), "--port", "0") for _ in range(2)
+    ]
 
     async def drive() -> list[list[dict]]:
         async with aiohttp.ClientSession() as session:

@@ -9,7 +9,6 @@ Files that share a request are replayed in file-name order, one response each.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -162,4 +161,3 @@ def test_openai_corpus_streams_replay_through_the_sdk(loop_thread: LoopThread) -
         assert checked >= 5
     finally:
         proxy.stop()
-

@@ -12,12 +12,11 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from tests.support import CliProxy, LoopThread, RunningApp, files_under
-from tests.upstreams.openai_wire import OpenAIWire
-
 from llmproxy.config import load_settings
 from llmproxy.index import RecordingIndex
 from llmproxy.store import RecordingStore
+from tests.support import CliProxy, LoopThread, RunningApp, files_under
+from tests.upstreams.openai_wire import OpenAIWire
 
 
 async def _stream_many(url: str, count: int) -> list[BaseException | bytes]:
@@ -65,8 +64,9 @@ def test_kill_9_mid_recording_leaves_only_complete_valid_files(loop_thread: Loop
     # Whatever the kill left behind, replay serves only the complete files, and check --fix
     # removes temp leftovers.
     assert _valid_recordings(recordings) == len(complete)
-    fixed = subprocess.run([sys.executable, "-m", "llmproxy", "check", str(recordings), "--fix"],
-                           capture_output=True, text=True)
+    fixed = subprocess.run(
+        [sys.executable, "-m", "llmproxy", "check", str(recordings), "--fix"], capture_output=True, text=True
+    )
     assert fixed.returncode == 0, fixed.stdout
     assert not [p for p in files_under(recordings) if p.name.endswith(".tmp")]
 

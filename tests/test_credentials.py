@@ -39,21 +39,39 @@ def test_no_credential_style_reaches_recordings_or_logs(loop_thread: LoopThread,
         ],
     )
     recordings = tmp_path / "recordings"
-    proxy = CliProxy("record", "--config", str(config), "--recordings", str(recordings), "--port", "0", "--log-level", "debug")
+    proxy = CliProxy(
+        "record", "--config", str(config), "--recordings", str(recordings), "--port", "0", "--log-level", "debug"
+    )
     chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
     async def send_all() -> None:
         async with aiohttp.ClientSession() as session:
             requests = [
-                ("/v1/chat/completions?key=" + SECRETS["openai_query"], chat,
-                 {"Authorization": f"Bearer {SECRETS['bearer']}", "Cookie": f"session={SECRETS['cookie']}"}),
-                ("/v1/messages", {"model": "claude-test", "max_tokens": 5, "messages": chat["messages"]},
-                 {"x-api-key": SECRETS["x_api_key"], "anthropic-version": "2023-06-01"}),
-                ("/openai/deployments/dep/chat/completions?api-version=2024-10-21", chat, {"api-key": SECRETS["azure"]}),
-                ("/v1beta/models/gemini-2.0-flash:generateContent", {"contents": [{"parts": [{"text": "hi"}]}]},
-                 {"x-goog-api-key": SECRETS["goog_header"]}),
-                ("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key=" + SECRETS["goog_query"],
-                 {"contents": [{"parts": [{"text": "hi"}]}]}, {}),
+                (
+                    "/v1/chat/completions?key=" + SECRETS["openai_query"],
+                    chat,
+                    {"Authorization": f"Bearer {SECRETS['bearer']}", "Cookie": f"session={SECRETS['cookie']}"},
+                ),
+                (
+                    "/v1/messages",
+                    {"model": "claude-test", "max_tokens": 5, "messages": chat["messages"]},
+                    {"x-api-key": SECRETS["x_api_key"], "anthropic-version": "2023-06-01"},
+                ),
+                (
+                    "/openai/deployments/dep/chat/completions?api-version=2024-10-21",
+                    chat,
+                    {"api-key": SECRETS["azure"]},
+                ),
+                (
+                    "/v1beta/models/gemini-2.0-flash:generateContent",
+                    {"contents": [{"parts": [{"text": "hi"}]}]},
+                    {"x-goog-api-key": SECRETS["goog_header"]},
+                ),
+                (
+                    "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key=" + SECRETS["goog_query"],
+                    {"contents": [{"parts": [{"text": "hi"}]}]},
+                    {},
+                ),
             ]
             for path, body, headers in requests:
                 async with session.post(proxy.url + path, json=body, headers=headers) as response:
@@ -97,7 +115,9 @@ def test_key_headers_join_the_key_only_where_configured(loop_thread: LoopThread,
 
     async def post(url: str, beta: str) -> int:
         async with aiohttp.ClientSession() as session:
-            async with session.post(url + "/v1/messages", json=body, headers={"anthropic-beta": beta, "x-api-key": "k"}) as r:
+            async with session.post(
+                url + "/v1/messages", json=body, headers={"anthropic-beta": beta, "x-api-key": "k"}
+            ) as r:
                 await r.read()
                 return r.status
 
@@ -116,7 +136,9 @@ def test_key_headers_join_the_key_only_where_configured(loop_thread: LoopThread,
         replay.stop()
 
 
-def test_prefix_route_strips_its_prefix_and_replays_through_the_same_route(loop_thread: LoopThread, tmp_path: Path) -> None:
+def test_prefix_route_strips_its_prefix_and_replays_through_the_same_route(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
     main, local = OpenAIWire(), OpenAIWire()
     main_app, local_app = RunningApp(loop_thread, main.app()).start(), RunningApp(loop_thread, local.app()).start()
     config = write_config(
@@ -144,7 +166,9 @@ def test_prefix_route_strips_its_prefix_and_replays_through_the_same_route(loop_
     replay = start_proxy(loop_thread, "replay", recordings, config=config)
     try:
         client = openai.OpenAI(base_url=replay.url + "/local/v1", api_key="k", max_retries=0)
-        assert client.chat.completions.create(model="gpt-4o", messages=messages).model_dump() == local_answer.model_dump()
+        assert (
+            client.chat.completions.create(model="gpt-4o", messages=messages).model_dump() == local_answer.model_dump()
+        )
         assert replay.server.mode.outcome.hits == 1
     finally:
         replay.stop()

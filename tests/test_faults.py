@@ -17,7 +17,10 @@ from aiohttp import web
 
 from tests.support import CliProxy, LoopThread, RunningApp, files_under, free_port, start_proxy
 
-CHUNK = b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+CHUNK = (
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+)
 
 
 class FaultyUpstream:
@@ -107,8 +110,16 @@ def test_connection_refused_is_a_502_in_provider_shape(loop_thread: LoopThread, 
 
 
 def test_dns_failure_is_a_502(tmp_path: Path) -> None:
-    proxy = CliProxy("record", "--upstream", "http://api.upstream.invalid", "--recordings", str(tmp_path), "--port", "0",
-                     netguard="no-dns")
+    proxy = CliProxy(
+        "record",
+        "--upstream",
+        "http://api.upstream.invalid",
+        "--recordings",
+        str(tmp_path),
+        "--port",
+        "0",
+        netguard="no-dns",
+    )
     try:
         with pytest.raises(openai.InternalServerError) as caught:
             chat(proxy.url, "hello")
@@ -148,7 +159,10 @@ def test_timeout_before_headers_is_a_504(loop_thread: LoopThread, tmp_path: Path
 
 @pytest.mark.parametrize("record_errors", [False, True])
 def test_reset_mid_stream_cuts_the_client_off_and_writes_no_half_file(
-    loop_thread: LoopThread, tmp_path: Path, faulty, record_errors: bool  # type: ignore[no-untyped-def]
+    loop_thread: LoopThread,
+    tmp_path: Path,
+    faulty,
+    record_errors: bool,  # type: ignore[no-untyped-def]
 ) -> None:
     _, app = faulty
     proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url, record_errors=record_errors)
@@ -169,7 +183,10 @@ def test_reset_mid_stream_cuts_the_client_off_and_writes_no_half_file(
 
 @pytest.mark.parametrize("status", [429, 500, 503])
 def test_429_and_5xx_pass_through_with_retry_headers_and_are_not_recorded(
-    loop_thread: LoopThread, tmp_path: Path, faulty, status: int  # type: ignore[no-untyped-def]
+    loop_thread: LoopThread,
+    tmp_path: Path,
+    faulty,
+    status: int,  # type: ignore[no-untyped-def]
 ) -> None:
     _, app = faulty
     proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url)
@@ -213,7 +230,9 @@ def test_4xx_is_recorded_and_429_too_with_record_errors(loop_thread: LoopThread,
 
 
 def test_stream_without_its_end_marker_is_passed_on_but_not_recorded(
-    loop_thread: LoopThread, tmp_path: Path, faulty  # type: ignore[no-untyped-def]
+    loop_thread: LoopThread,
+    tmp_path: Path,
+    faulty,  # type: ignore[no-untyped-def]
 ) -> None:
     _, app = faulty
     proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url)
@@ -264,7 +283,9 @@ def test_client_disconnect_mid_stream(loop_thread: LoopThread, tmp_path: Path, f
 
 
 def test_a_client_that_stops_at_done_before_the_upstream_finishes_still_gets_recorded(
-    loop_thread: LoopThread, tmp_path: Path, faulty  # type: ignore[no-untyped-def]
+    loop_thread: LoopThread,
+    tmp_path: Path,
+    faulty,  # type: ignore[no-untyped-def]
 ) -> None:
     """SDKs stop reading at [DONE]; the upstream's final empty chunk may come after they left."""
     upstream, app = faulty

@@ -15,16 +15,28 @@ from tests.providers_support import normalise_json_whitespace, write_config
 from tests.support import LoopThread, RunningApp, files_under, start_proxy
 
 CASES = {
-    "openai_plain": ("openai", "text/event-stream; charset=utf-8",
-                     b'data: {"a":1}\n\ndata: {"a":2}\n\ndata: [DONE]\n\n'),
-    "keepalive_comments": ("openai", "text/event-stream",
-                           b': keep-alive\n\ndata: {"a":1}\n\n: ping\n\ndata: {"a":2}\n\ndata: [DONE]\n\n'),
+    "openai_plain": (
+        "openai",
+        "text/event-stream; charset=utf-8",
+        b'data: {"a":1}\n\ndata: {"a":2}\n\ndata: [DONE]\n\n',
+    ),
+    "keepalive_comments": (
+        "openai",
+        "text/event-stream",
+        b': keep-alive\n\ndata: {"a":1}\n\n: ping\n\ndata: {"a":2}\n\ndata: [DONE]\n\n',
+    ),
     "crlf_and_no_done": ("openai", "text/event-stream", b'data: {"a":1}\r\n\r\ndata: {"a":2}\r\n\r\n'),
     "spaces_in_json": ("gemini", "text/event-stream", b'data: {"a": 1, "b": [1, 2]}\r\n\r\n'),
-    "event_names_differ_from_type": ("anthropic", "text/event-stream; charset=utf-8",
-                                     b'event: custom\ndata: {"type":"message_start"}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'),
-    "multiline_data_and_id": ("openai", "text/event-stream",
-                              b'id: 7\ndata: {"a":\ndata: 1}\n\nretry: 100\ndata: {"b":2}\n\n'),
+    "event_names_differ_from_type": (
+        "anthropic",
+        "text/event-stream; charset=utf-8",
+        b'event: custom\ndata: {"type":"message_start"}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n',
+    ),
+    "multiline_data_and_id": (
+        "openai",
+        "text/event-stream",
+        b'id: 7\ndata: {"a":\ndata: 1}\n\nretry: 100\ndata: {"b":2}\n\n',
+    ),
     "non_json_data": ("openai", "text/event-stream", b'data: hello\n\ndata: {"a":1}\n\ndata: [DONE]\n\n'),
     "stream_cut_short": ("openai", "text/event-stream", b'data: {"a":1}\n\ndata: {"a":2'),
     "ndjson_blank_line": ("ollama", "application/x-ndjson", b'{"a":1}\n\n{"done":true}\n'),
@@ -39,11 +51,19 @@ CASES = {
 # Streams that end without their provider's end marker: recorded only with record_errors, and
 # then marked truncated.
 TRUNCATED = {
-    "crlf_and_no_done", "spaces_in_json", "multiline_data_and_id", "stream_cut_short",
-    "ndjson_no_final_newline", "big_integer",
+    "crlf_and_no_done",
+    "spaces_in_json",
+    "multiline_data_and_id",
+    "stream_cut_short",
+    "ndjson_no_final_newline",
+    "big_integer",
 }
-PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", "ollama": "/api/chat",
-         "gemini": "/v1beta/models/m:streamGenerateContent?alt=sse"}
+PATHS = {
+    "openai": "/v1/chat/completions",
+    "anthropic": "/v1/messages",
+    "ollama": "/api/chat",
+    "gemini": "/v1beta/models/m:streamGenerateContent?alt=sse",
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -62,7 +82,9 @@ def test_recorded_framing_replays_exactly(loop_thread: LoopThread, tmp_path: Pat
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", serve)
     upstream = RunningApp(loop_thread, app).start()
-    config = write_config(tmp_path / "llmproxy.toml", [{"name": provider, "provider": provider, "upstream": upstream.url}])
+    config = write_config(
+        tmp_path / "llmproxy.toml", [{"name": provider, "provider": provider, "upstream": upstream.url}]
+    )
     recordings = tmp_path / "recordings"
     body = {"model": "m", "stream": True, "messages": []}
 

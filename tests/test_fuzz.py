@@ -19,10 +19,18 @@ from llmproxy.recording import RecordingError, from_document
 from llmproxy.routing import Router, default_routes
 
 # FUZZ_EXAMPLES=5000 for a longer hunt than the suite's default.
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
@@ -38,7 +46,7 @@ def sse_streams(draw: Any) -> bytes:
         comment = draw(st.booleans())
         text = (f": keep-alive{ending}" if comment else "") + (f"event: {name}{ending}" if name else "")
         events.append(text + f"data: {json.dumps(value)}{ending}{ending}")
-    tail = draw(st.sampled_from(["", f"data: [DONE]{ending}{ending}", "data: {\"cut"]))
+    tail = draw(st.sampled_from(["", f"data: [DONE]{ending}{ending}", 'data: {"cut']))
     return "".join(events).encode() + tail.encode()
 
 
@@ -66,7 +74,9 @@ def test_sse_chunk_boundaries_never_change_the_events(stream: bytes, points: lis
 
 
 @FUZZ
-@given(lines=st.lists(json_values, max_size=8), ending=line_endings, points=st.lists(st.integers(0, 10_000), max_size=12))
+@given(
+    lines=st.lists(json_values, max_size=8), ending=line_endings, points=st.lists(st.integers(0, 10_000), max_size=12)
+)
 def test_ndjson_chunk_boundaries_never_change_the_lines(lines: list[Any], ending: str, points: list[int]) -> None:
     stream = "".join(json.dumps(value) + ending for value in lines).encode()
     whole, rest = split_stream("ndjson", stream)
@@ -85,8 +95,12 @@ def test_capture_then_render_gives_back_the_bytes_for_any_input(data: bytes, fmt
     rendered = b"".join(render_segments(captured.body, captured.framing))
     if captured.framing["format"] in ("sse", "ndjson"):
         # Chunks may be re-serialised; everything between and around them is byte-exact.
-        assert split_stream(captured.framing["format"], rendered)[1] == split_stream(captured.framing["format"], data)[1]
-        assert len(split_stream(captured.framing["format"], rendered)[0]) == len(split_stream(captured.framing["format"], data)[0])
+        assert (
+            split_stream(captured.framing["format"], rendered)[1] == split_stream(captured.framing["format"], data)[1]
+        )
+        assert len(split_stream(captured.framing["format"], rendered)[0]) == len(
+            split_stream(captured.framing["format"], data)[0]
+        )
     elif captured.framing["format"] == "json":
         assert orjson.loads(rendered) == orjson.loads(data)
     else:
@@ -106,10 +120,16 @@ def test_canonical_key_ignores_key_order_whitespace_and_per_call_headers(body: d
     compact = orjson.dumps(body)
     spaced = json.dumps(dict(reversed(list(body.items()))), indent=3).encode()
     common = {"route": "openai", "method": "POST", "path": "/v1/chat/completions", "query": []}
-    first = canonical_request(**common, headers={"user-agent": user_agent, "x-stainless-retry-count": "0"},
-                              body=parse_body(compact, "application/json"))
-    second = canonical_request(**common, headers={"authorization": "Bearer x", "x-stainless-retry-count": "2"},
-                               body=parse_body(spaced, "application/json"))
+    first = canonical_request(
+        **common,
+        headers={"user-agent": user_agent, "x-stainless-retry-count": "0"},
+        body=parse_body(compact, "application/json"),
+    )
+    second = canonical_request(
+        **common,
+        headers={"authorization": "Bearer x", "x-stainless-retry-count": "2"},
+        body=parse_body(spaced, "application/json"),
+    )
     assert first.key == second.key
 
 
@@ -130,10 +150,18 @@ def test_loader_raises_only_recording_errors_for_any_json(document: Any) -> None
 
 @FUZZ
 @given(
-    request=st.dictionaries(st.sampled_from(["method", "url", "endpoint", "body", "payload", "headers", "route", "sequence", "model"]),
-                            json_values, max_size=9),
-    response=st.dictionaries(st.sampled_from(["body", "is_streaming", "status", "headers", "framing", "is_exception", "exception_data", "truncated"]),
-                             json_values, max_size=8),
+    request=st.dictionaries(
+        st.sampled_from(["method", "url", "endpoint", "body", "payload", "headers", "route", "sequence", "model"]),
+        json_values,
+        max_size=9,
+    ),
+    response=st.dictionaries(
+        st.sampled_from(
+            ["body", "is_streaming", "status", "headers", "framing", "is_exception", "exception_data", "truncated"]
+        ),
+        json_values,
+        max_size=8,
+    ),
     own=st.booleans(),
 )
 def test_loader_on_recording_shaped_garbage(request: dict, response: dict, own: bool) -> None:

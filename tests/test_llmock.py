@@ -51,7 +51,18 @@ def llmock() -> Iterator[Llmock]:
         pytest.skip("llmock is not installed (.ci/run installs it into .venv-llmock): third-party tier skipped")
     port = free_port()
     process = subprocess.Popen(
-        [binary, "serve", "--host", "127.0.0.1", "--port", str(port), "--response-style", "echo", "--log-level", "warning"],
+        [
+            binary,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--response-style",
+            "echo",
+            "--log-level",
+            "warning",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -89,7 +100,9 @@ def _calls(base_url: str) -> dict[str, Any]:
         "embeddings": dump(oa.embeddings.create(model="text-embedding-3-small", input="vector")),
         "models": dump(oa.models.list().data),
         "anthropic": dump(an.messages.create(model="claude-test", max_tokens=50, messages=messages)),
-        "anthropic_stream": dump(list(an.messages.create(model="claude-test", max_tokens=50, messages=messages, stream=True))),
+        "anthropic_stream": dump(
+            list(an.messages.create(model="claude-test", max_tokens=50, messages=messages, stream=True))
+        ),
         "gemini": dump(ge.models.generate_content(model="gemini-2.0-flash", contents="gemini via llmock")),
         "gemini_stream": dump(list(ge.models.generate_content_stream(model="gemini-2.0-flash", contents="stream it"))),
     }

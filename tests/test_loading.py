@@ -19,20 +19,31 @@ BAD_FILES = {
     "empty.json": b"",
     "array.json": b"[1, 2, 3]",
     "tool-call.json": json.dumps({"tool_name": "web_search", "kwargs": {"q": "x"}, "result": "..."}).encode(),
-    "no-response.json": json.dumps({"request": {"method": "POST", "url": "http://x/v1/chat/completions", "body": {}}}).encode(),
+    "no-response.json": json.dumps(
+        {"request": {"method": "POST", "url": "http://x/v1/chat/completions", "body": {}}}
+    ).encode(),
     "wrong-types.json": json.dumps({"request": {"method": 7, "url": []}, "response": {"body": {}}}).encode(),
     "bad-status.json": json.dumps(
-        {"request": {"method": "GET", "url": "http://x/v1/models", "endpoint": "/v1/models"},
-         "response": {"status": "teapot", "body": {}},
-         "provenance": {"tool": "llmproxy"}}
+        {
+            "request": {"method": "GET", "url": "http://x/v1/models", "endpoint": "/v1/models"},
+            "response": {"status": "teapot", "body": {}},
+            "provenance": {"tool": "llmproxy"},
+        }
     ).encode(),
     "deep.json": b"[" * 5000 + b"]" * 5000,
     "huge-number.json": b'{"request": {"method": "POST", "url": "http://x/v1/chat/completions", "body": {"n": 1e999}}, '
     b'"response": {"body": {}}}',
     "not-text.bin": bytes(range(256)),
     "stream-not-a-list.json": json.dumps(
-        {"request": {"method": "POST", "url": "http://x/v1/chat/completions", "endpoint": "/v1/chat/completions", "body": {"model": "m"}},
-         "response": {"body": {"__type__": "x", "__data__": 1}, "is_streaming": True}}
+        {
+            "request": {
+                "method": "POST",
+                "url": "http://x/v1/chat/completions",
+                "endpoint": "/v1/chat/completions",
+                "body": {"model": "m"},
+            },
+            "response": {"body": {"__type__": "x", "__data__": 1}, "is_streaming": True},
+        }
     ).encode(),
 }
 
@@ -80,8 +91,9 @@ def test_unknown_path_and_oversized_body_get_clear_errors(loop_thread: LoopThrea
     async def go() -> list[tuple[int, dict]]:
         async with aiohttp.ClientSession() as session:
             results = []
-            async with session.post(proxy.url + "/v1/chat/completions", data=b"x" * 5000,
-                                    headers={"Content-Type": "application/json"}) as response:
+            async with session.post(
+                proxy.url + "/v1/chat/completions", data=b"x" * 5000, headers={"Content-Type": "application/json"}
+            ) as response:
                 results.append((response.status, await response.json()))
             async with session.post(proxy.url + "/v1/chat/completions", data=b"\xff\xfe not json") as response:
                 results.append((response.status, await response.json()))

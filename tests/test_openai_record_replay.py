@@ -147,7 +147,9 @@ def test_recording_file_is_the_seed_format_extended(loop_thread: LoopThread, tmp
     assert response["framing"]["end"] == "data: [DONE]\n\n"
     labels = {item["__type__"] for item in response["body"]}
     assert labels == {"openai.types.chat.chat_completion_chunk.ChatCompletionChunk"}
-    assert [item["__data__"] for item in response["body"]] == [c.model_dump(mode="json", exclude_unset=True) for c in chunks]
+    assert [item["__data__"] for item in response["body"]] == [
+        c.model_dump(mode="json", exclude_unset=True) for c in chunks
+    ]
     assert len(response["timing"]["chunk_ms"]) == len(chunks)
     assert document["provenance"]["tool"] == "llmproxy"
     assert document["provenance"]["client_user_agent"].startswith("OpenAI/Python")
@@ -217,7 +219,9 @@ def test_gzip_from_the_upstream_is_decoded_once(loop_thread: LoopThread, tmp_pat
     [path] = files_under(tmp_path)
     document = json.loads(path.read_text())
     assert "content-encoding" not in document["response"]["headers"]
-    assert document["response"]["body"]["__data__"]["choices"][0]["message"]["content"] == "ECHO: SAY HELLO TO THE PROXY"
+    assert (
+        document["response"]["body"]["__data__"]["choices"][0]["message"]["content"] == "ECHO: SAY HELLO TO THE PROXY"
+    )
     replay = start_proxy(loop_thread, "replay", tmp_path)
     try:
         client = openai.OpenAI(base_url=replay.url + "/v1", api_key="anything", max_retries=0)

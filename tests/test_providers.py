@@ -89,9 +89,7 @@ def test_anthropic_messages_streams_helper_and_tools(loop_thread: LoopThread, tm
         ) as stream:
             out["helper_text"] = "".join(stream.text_stream)
             out["helper_final"] = dump(stream.get_final_message())
-        out["tools"] = dump(
-            client.messages.create(model="claude-test", max_tokens=64, messages=messages, tools=TOOLS)
-        )
+        out["tools"] = dump(client.messages.create(model="claude-test", max_tokens=64, messages=messages, tools=TOOLS))
         with client.messages.stream(model="claude-test", max_tokens=64, messages=messages, tools=TOOLS) as stream:
             out["tools_stream_final"] = dump(stream.get_final_message())
         return out
@@ -144,9 +142,17 @@ def test_azure_openai_deployments_and_v1_paths(loop_thread: LoopThread, tmp_path
 
     def calls(base_url: str) -> dict[str, Any]:
         client = openai.AzureOpenAI(azure_endpoint=base_url, api_version="2024-10-21", api_key=azure_key, max_retries=0)
-        out = {"chat": dump(client.chat.completions.create(model="my-gpt4o", messages=[{"role": "user", "content": "azure"}]))}
+        out = {
+            "chat": dump(
+                client.chat.completions.create(model="my-gpt4o", messages=[{"role": "user", "content": "azure"}])
+            )
+        }
         out["stream"] = dump(
-            list(client.chat.completions.create(model="my-gpt4o", messages=[{"role": "user", "content": "s"}], stream=True))
+            list(
+                client.chat.completions.create(
+                    model="my-gpt4o", messages=[{"role": "user", "content": "s"}], stream=True
+                )
+            )
         )
         out["embed"] = dump(client.embeddings.create(model="my-embedder", input="x"))
         v1 = openai.OpenAI(base_url=base_url + "/openai/v1/", api_key=azure_key, max_retries=0)
@@ -211,7 +217,9 @@ def test_gemini_generate_stream_and_embed(loop_thread: LoopThread, tmp_path: Pat
     def calls(base_url: str) -> dict[str, Any]:
         client = genai.Client(api_key=google_key, http_options=genai_types.HttpOptions(base_url=base_url))
         out: dict[str, Any] = {}
-        out["generate"] = dump(client.models.generate_content(model="gemini-2.0-flash", contents="Why is the sky blue?"))
+        out["generate"] = dump(
+            client.models.generate_content(model="gemini-2.0-flash", contents="Why is the sky blue?")
+        )
         out["stream"] = dump(
             list(client.models.generate_content_stream(model="gemini-2.0-flash", contents="Tell me a story"))
         )
@@ -253,7 +261,11 @@ def test_one_instance_records_openai_anthropic_and_ollama_then_replays_all(
         an = anthropic.Anthropic(base_url=base_url, api_key=SECRET, max_retries=0)
         ol = ollama.Client(host=base_url)
         return [
-            dump(list(oa.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "a"}], stream=True))),
+            dump(
+                list(
+                    oa.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "a"}], stream=True)
+                )
+            ),
             dump(an.messages.create(model="claude-test", max_tokens=20, messages=[{"role": "user", "content": "b"}])),
             dump(list(ol.chat(model="llama3.2", messages=[{"role": "user", "content": "c"}], stream=True))),
             dump(oa.models.list().data),
@@ -281,7 +293,11 @@ def test_multipart_upload_and_binary_response_round_trip(loop_thread: LoopThread
 
     def calls(base_url: str) -> dict[str, Any]:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key=SECRET, max_retries=0)
-        out = {"transcript": dump(client.audio.transcriptions.create(model="whisper-1", file=("clip.wav", audio_in, "audio/wav")))}
+        out = {
+            "transcript": dump(
+                client.audio.transcriptions.create(model="whisper-1", file=("clip.wav", audio_in, "audio/wav"))
+            )
+        }
         out["speech"] = client.audio.speech.create(model="tts-1", voice="alloy", input="hello").content
         return out
 

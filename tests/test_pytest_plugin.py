@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.support import LoopThread, RunningApp, files_under
 from tests.upstreams.openai_wire import OpenAIWire
 
-SUITE = '''
+SUITE = """
 import openai
 import pytest
 
@@ -29,9 +29,9 @@ def test_one():
 
 def test_two():
     assert ask("plugin two").choices[0].message.content == "ECHO: PLUGIN TWO"
-'''
+"""
 
-MISSING = '''
+MISSING = """
 import openai
 import pytest
 
@@ -39,7 +39,7 @@ import pytest
 @pytest.mark.usefixtures("llmproxy")
 def test_not_recorded():
     openai.OpenAI(max_retries=0).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "new"}])
-'''
+"""
 
 
 def run_pytest(project: Path, *args: str, env_key: bool = True) -> subprocess.CompletedProcess[str]:
@@ -50,7 +50,11 @@ def run_pytest(project: Path, *args: str, env_key: bool = True) -> subprocess.Co
         env["OPENAI_API_KEY"] = "sk-test-plugin-key-000000000000000000"
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
-        cwd=project, capture_output=True, text=True, env=env, timeout=120,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 

@@ -22,7 +22,9 @@ KEY = "sk-test-workflow-key-0123456789abcdef"
 def ask(base_url: str, content: str, **extra: object) -> str:
     client = openai.OpenAI(base_url=base_url + "/v1", api_key=KEY, max_retries=0)
     answer = client.chat.completions.create(
-        model="gpt-4o", messages=[{"role": "user", "content": content}], **extra  # type: ignore[arg-type]
+        model="gpt-4o",
+        messages=[{"role": "user", "content": content}],
+        **extra,  # type: ignore[arg-type]
     )
     return answer.choices[0].message.content or ""
 
@@ -77,9 +79,14 @@ def test_three_identical_requests_replay_in_recorded_order(loop_thread: LoopThre
     wire, app = upstream
     proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url)
     try:
-        recorded = [openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY).chat.completions.with_raw_response.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "sample"}], temperature=1.0
-        ).headers["x-request-id"] for _ in range(3)]
+        recorded = [
+            openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY)
+            .chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "sample"}], temperature=1.0
+            )
+            .headers["x-request-id"]
+            for _ in range(3)
+        ]
     finally:
         proxy.stop()
     assert len(set(recorded)) == 3  # three different answers (ids) from the upstream
@@ -148,9 +155,7 @@ def test_a_rule_change_makes_old_recordings_hit_without_rerecording(
 def test_float_rounding_rule(loop_thread: LoopThread, tmp_path: Path, upstream) -> None:
     wire, app = upstream
     config = tmp_path / "llmproxy.toml"
-    config.write_text(
-        f'[[routes]]\nname = "openai"\nprovider = "openai"\nupstream = "{app.url}"\nround_floats = 2\n'
-    )
+    config.write_text(f'[[routes]]\nname = "openai"\nprovider = "openai"\nupstream = "{app.url}"\nround_floats = 2\n')
     proxy = start_proxy(loop_thread, "record", tmp_path / "rec", config=config)
     try:
         ask(proxy.url, "floats", temperature=0.7000001)

@@ -12,9 +12,9 @@ import asyncio
 import structlog
 from aiohttp import web
 
+from llmproxy.call import Call, Outcome
 from llmproxy.forwarding import Exchange, Forwarder
 from llmproxy.headers import client_response_headers
-from llmproxy.call import Call, Outcome
 from llmproxy.modes.replay import Replayer
 from llmproxy.recorder import Recorder
 

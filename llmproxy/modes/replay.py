@@ -8,15 +8,14 @@ import time
 import structlog
 from aiohttp import web
 
+from llmproxy.call import Call, Outcome, error_response
 from llmproxy.forwarding import Forwarder
 from llmproxy.index import Entry, RecordingIndex, Rendered
 from llmproxy.matching import request_differences
-from llmproxy.call import Call, Outcome, error_response
 from llmproxy.recording import RecordingError
 from llmproxy.store import RecordingStore, StoreError
 
 log = structlog.get_logger("llmproxy.replay")
-
 
 
 class Replayer:
@@ -187,6 +186,8 @@ class ReplayMode:
         if self.forwarder is None:
             return self.replayer.miss(call)
         self.outcome.note_miss(call)
-        log.warning("replay miss forwarded live, not recorded", method=call.method, path=call.path, route=call.route.name)
+        log.warning(
+            "replay miss forwarded live, not recorded", method=call.method, path=call.path, route=call.route.name
+        )
         response, _ = await self.forwarder.forward(request, call)
         return response

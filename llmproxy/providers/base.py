@@ -75,4 +75,3 @@ class Provider:
     def error_body(self, status: int, message: str, code: str) -> bytes:
         """A JSON error body in this provider's shape, for errors llmproxy itself returns."""
         return orjson.dumps({"error": {"message": message, "type": code, "code": code}})
-

@@ -24,7 +24,9 @@ class AnthropicWire(Upstream):
 
     def _content(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         last = body["messages"][-1]["content"]
-        text = last if isinstance(last, str) else " ".join(part.get("text", "") for part in last if isinstance(part, dict))
+        text = (
+            last if isinstance(last, str) else " ".join(part.get("text", "") for part in last if isinstance(part, dict))
+        )
         if body.get("tools"):
             tool = body["tools"][0]["name"]
             return [
@@ -53,22 +55,65 @@ class AnthropicWire(Upstream):
         if not body.get("stream"):
             return self.json(message, headers=headers)
         events = [
-            _event("message_start", {"type": "message_start", "message": {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}}),
+            _event(
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}},
+                },
+            ),
         ]
         for index, block in enumerate(content):
             if block["type"] == "text":
-                events.append(_event("content_block_start", {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}))
+                events.append(
+                    _event(
+                        "content_block_start",
+                        {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}},
+                    )
+                )
                 if index == 0:
                     events.append(b'event: ping\ndata: {"type": "ping"}\n\n')
                 text = block["text"]
                 for start in range(0, len(text), 4):
-                    events.append(_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text[start : start + 4]}}))
+                    events.append(
+                        _event(
+                            "content_block_delta",
+                            {
+                                "type": "content_block_delta",
+                                "index": index,
+                                "delta": {"type": "text_delta", "text": text[start : start + 4]},
+                            },
+                        )
+                    )
             else:
-                events.append(_event("content_block_start", {"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}}))
+                events.append(
+                    _event(
+                        "content_block_start",
+                        {"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}},
+                    )
+                )
                 partial = orjson.dumps(block["input"]).decode()
                 for start in range(0, len(partial), 9):
-                    events.append(_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": partial[start : start + 9]}}))
+                    events.append(
+                        _event(
+                            "content_block_delta",
+                            {
+                                "type": "content_block_delta",
+                                "index": index,
+                                "delta": {"type": "input_json_delta", "partial_json": partial[start : start + 9]},
+                            },
+                        )
+                    )
             events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
-        events.append(_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": 7}}))
+        events.append(
+            _event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop, "stop_sequence": None},
+                    "usage": {"output_tokens": 7},
+                },
+            )
+        )
         events.append(_event("message_stop", {"type": "message_stop"}))
         return await self.stream(request, events, {**SSE, **headers})

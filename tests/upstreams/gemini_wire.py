@@ -27,7 +27,8 @@ class GeminiWire(Upstream):
         if method == "batchEmbedContents":
             return self.json(
                 {"embeddings": [{"values": [0.25, -0.5, float(len(str(r)) % 7)]} for r in body["requests"]]},
-                content_type="application/json; charset=UTF-8", dumps=_dumps,
+                content_type="application/json; charset=UTF-8",
+                dumps=_dumps,
             )
         text = "Hi from " + model + " about " + body["contents"][-1]["parts"][0]["text"][:16]
         pieces = [text[i : i + 6] for i in range(0, len(text), 6)]
@@ -37,11 +38,18 @@ class GeminiWire(Upstream):
             candidate: dict[str, Any] = {"content": {"parts": [{"text": part}], "role": "model"}, "index": 0}
             if final:
                 candidate["finishReason"] = "STOP"
-            return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model, "responseId": "AdVRaMmDCYekqtsPrb_-iAw"}
+            return {
+                "candidates": [candidate],
+                "usageMetadata": usage,
+                "modelVersion": model,
+                "responseId": "AdVRaMmDCYekqtsPrb_-iAw",
+            }
 
         if method == "generateContent":
             return self.json(chunk(text, True), content_type="application/json; charset=UTF-8", dumps=_dumps)
         if method == "streamGenerateContent" and request.query.get("alt") == "sse":
             events = [b"data: " + _dumps(chunk(p, i == len(pieces) - 1)) + b"\r\n\r\n" for i, p in enumerate(pieces)]
             return await self.stream(request, events, {"Content-Type": "text/event-stream"})
-        return web.json_response({"error": {"code": 400, "message": "unsupported", "status": "INVALID_ARGUMENT"}}, status=400)
+        return web.json_response(
+            {"error": {"code": 400, "message": "unsupported", "status": "INVALID_ARGUMENT"}}, status=400
+        )

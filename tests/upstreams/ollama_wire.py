@@ -28,7 +28,14 @@ MODEL = {
     "modified_at": "2025-01-01T00:00:00Z",
     "size": 2019393189,
     "digest": "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
-    "details": {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"], "parameter_size": "3.2B", "quantization_level": "Q4_K_M"},
+    "details": {
+        "parent_model": "",
+        "format": "gguf",
+        "family": "llama",
+        "families": ["llama"],
+        "parameter_size": "3.2B",
+        "quantization_level": "Q4_K_M",
+    },
 }
 
 
@@ -43,13 +50,18 @@ class OllamaWire(Upstream):
         app.router.add_post("/api/show", self.show)
         return app
 
-    async def _answer(self, request: web.Request, body: dict[str, Any], pieces: list[dict[str, Any]], final: dict[str, Any]) -> web.StreamResponse:
+    async def _answer(
+        self, request: web.Request, body: dict[str, Any], pieces: list[dict[str, Any]], final: dict[str, Any]
+    ) -> web.StreamResponse:
         if body.get("stream") is False:
             merged = dict(final)
             for key in ("message", "response"):
                 if key in pieces[0]:
                     if key == "message":
-                        merged["message"] = {"role": "assistant", "content": "".join(p["message"]["content"] for p in pieces)}
+                        merged["message"] = {
+                            "role": "assistant",
+                            "content": "".join(p["message"]["content"] for p in pieces),
+                        }
                     else:
                         merged["response"] = "".join(p["response"] for p in pieces)
             return self.json(merged, content_type=JSON_UTF8)
@@ -60,7 +72,10 @@ class OllamaWire(Upstream):
         body = await self.note(request)
         text = "Hello from " + body["messages"][-1]["content"][:20]
         base = {"model": body["model"], "created_at": CREATED_AT}
-        pieces = [{**base, "message": {"role": "assistant", "content": text[i : i + 5]}, "done": False} for i in range(0, len(text), 5)]
+        pieces = [
+            {**base, "message": {"role": "assistant", "content": text[i : i + 5]}, "done": False}
+            for i in range(0, len(text), 5)
+        ]
         final = {**base, "message": {"role": "assistant", "content": ""}, **DONE}
         return await self._answer(request, body, pieces, final)
 
@@ -76,8 +91,13 @@ class OllamaWire(Upstream):
         body = await self.note(request)
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         return self.json(
-            {"model": body["model"], "embeddings": [[0.1 * len(text), -0.25, 0.5] for text in inputs],
-             "total_duration": 14017069, "load_duration": 6084798, "prompt_eval_count": 6},
+            {
+                "model": body["model"],
+                "embeddings": [[0.1 * len(text), -0.25, 0.5] for text in inputs],
+                "total_duration": 14017069,
+                "load_duration": 6084798,
+                "prompt_eval_count": 6,
+            },
             content_type=JSON_UTF8,
         )
 
@@ -87,13 +107,22 @@ class OllamaWire(Upstream):
 
     async def ps(self, request: web.Request) -> web.Response:
         await self.note(request)
-        return self.json({"models": [{**MODEL, "expires_at": "2025-01-01T00:05:00Z", "size_vram": 2019393189}]}, content_type=JSON_UTF8)
+        return self.json(
+            {"models": [{**MODEL, "expires_at": "2025-01-01T00:05:00Z", "size_vram": 2019393189}]},
+            content_type=JSON_UTF8,
+        )
 
     async def show(self, request: web.Request) -> web.Response:
         body = await self.note(request)
         return self.json(
-            {"modelfile": f"FROM {body['model']}", "parameters": "stop <|eot_id|>", "template": "{{ .Prompt }}",
-             "details": MODEL["details"], "model_info": {"general.architecture": "llama"}, "capabilities": ["completion"],
-             "modified_at": "2025-01-01T00:00:00Z"},
+            {
+                "modelfile": f"FROM {body['model']}",
+                "parameters": "stop <|eot_id|>",
+                "template": "{{ .Prompt }}",
+                "details": MODEL["details"],
+                "model_info": {"general.architecture": "llama"},
+                "capabilities": ["completion"],
+                "modified_at": "2025-01-01T00:00:00Z",
+            },
             content_type=JSON_UTF8,
         )

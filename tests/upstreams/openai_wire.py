@@ -59,7 +59,14 @@ class OpenAIWire:
         json_body = request.headers.get("Content-Type", "").startswith("application/json")
         body = orjson.loads(raw) if raw and json_body else {}
         self.requests.append(
-            {"method": request.method, "path": request.path, "path_qs": request.path_qs, "headers": dict(request.headers), "body": body, "raw": raw}
+            {
+                "method": request.method,
+                "path": request.path,
+                "path_qs": request.path_qs,
+                "headers": dict(request.headers),
+                "body": body,
+                "raw": raw,
+            }
         )
         return body
 
@@ -102,7 +109,12 @@ class OpenAIWire:
         text = _answer(body)
         model = body.get("model", "gpt-4o")
         completion_id = "chatcmpl-fake123"
-        base = {"id": completion_id, "created": CREATED, "model": f"{model}-2024-08-06", "system_fingerprint": "fp_fake"}
+        base = {
+            "id": completion_id,
+            "created": CREATED,
+            "model": f"{model}-2024-08-06",
+            "system_fingerprint": "fp_fake",
+        }
         if not body.get("stream"):
             return self._json(
                 request,
@@ -123,26 +135,53 @@ class OpenAIWire:
             )
         chunk = {**base, "object": "chat.completion.chunk", "service_tier": "default"}
         events = [
-            {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}], "usage": None}
+            {
+                **chunk,
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                ],
+                "usage": None,
+            }
         ]
         for piece in _pieces(text):
-            events.append({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}], "usage": None})
-        events.append({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], "usage": None})
+            events.append(
+                {
+                    **chunk,
+                    "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}],
+                    "usage": None,
+                }
+            )
+        events.append(
+            {**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], "usage": None}
+        )
         if (body.get("stream_options") or {}).get("include_usage"):
-            events.append({**chunk, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}})
+            events.append(
+                {**chunk, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}}
+            )
         return await self._stream(request, events)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._note(request)
         text = _answer(body)
-        base = {"id": "cmpl-fake456", "created": CREATED, "model": body.get("model", "gpt-3.5-turbo-instruct"), "object": "text_completion"}
+        base = {
+            "id": "cmpl-fake456",
+            "created": CREATED,
+            "model": body.get("model", "gpt-3.5-turbo-instruct"),
+            "object": "text_completion",
+        }
         if not body.get("stream"):
             return self._json(
                 request,
-                {**base, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
-                 "usage": {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}},
+                {
+                    **base,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10},
+                },
             )
-        events = [{**base, "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]} for piece in _pieces(text)]
+        events = [
+            {**base, "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]}
+            for piece in _pieces(text)
+        ]
         events.append({**base, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}]})
         return await self._stream(request, events)
 
@@ -160,7 +199,12 @@ class OpenAIWire:
             data.append({"object": "embedding", "index": index, "embedding": embedding})
         return self._json(
             request,
-            {"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": 3, "total_tokens": 3}},
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": 3, "total_tokens": 3},
+            },
         )
 
     async def models(self, request: web.Request) -> web.Response:
@@ -181,27 +225,56 @@ class OpenAIWire:
         text = "Responses say: " + str(body.get("input"))[:24]
         response_id, item_id = "resp_fake789", "msg_fake789"
         base = {
-            "id": response_id, "object": "response", "created_at": CREATED, "model": body.get("model"),
-            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "error": None,
-            "incomplete_details": None, "instructions": None, "metadata": {}, "temperature": 1.0, "top_p": 1.0,
+            "id": response_id,
+            "object": "response",
+            "created_at": CREATED,
+            "model": body.get("model"),
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "error": None,
+            "incomplete_details": None,
+            "instructions": None,
+            "metadata": {},
+            "temperature": 1.0,
+            "top_p": 1.0,
         }
         part = {"type": "output_text", "text": text, "annotations": []}
         item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
-        usage = {"input_tokens": 5, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 6,
-                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 11}
+        usage = {
+            "input_tokens": 5,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 6,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 11,
+        }
         done = {**base, "status": "completed", "output": [item], "usage": usage}
         if not body.get("stream"):
             return self._json(request, done)
         events = [
             ("response.created", {"response": {**base, "status": "in_progress", "output": []}}),
             ("response.in_progress", {"response": {**base, "status": "in_progress", "output": []}}),
-            ("response.output_item.added", {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}}),
-            ("response.content_part.added", {"item_id": item_id, "output_index": 0, "content_index": 0, "part": {**part, "text": ""}}),
+            (
+                "response.output_item.added",
+                {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}},
+            ),
+            (
+                "response.content_part.added",
+                {"item_id": item_id, "output_index": 0, "content_index": 0, "part": {**part, "text": ""}},
+            ),
         ]
         for piece in _pieces(text):
-            events.append(("response.output_text.delta", {"item_id": item_id, "output_index": 0, "content_index": 0, "delta": piece, "logprobs": []}))
+            events.append(
+                (
+                    "response.output_text.delta",
+                    {"item_id": item_id, "output_index": 0, "content_index": 0, "delta": piece, "logprobs": []},
+                )
+            )
         events += [
-            ("response.output_text.done", {"item_id": item_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
+            (
+                "response.output_text.done",
+                {"item_id": item_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []},
+            ),
             ("response.content_part.done", {"item_id": item_id, "output_index": 0, "content_index": 0, "part": part}),
             ("response.output_item.done", {"output_index": 0, "item": item}),
             ("response.completed", {"response": done}),

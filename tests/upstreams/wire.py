@@ -37,8 +37,15 @@ class Upstream:
         )
         return body
 
-    def json(self, value: Any, *, status: int = 200, headers: dict[str, str] | None = None,
-             content_type: str = "application/json", dumps: Any = orjson.dumps) -> web.Response:
+    def json(
+        self,
+        value: Any,
+        *,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+        dumps: Any = orjson.dumps,
+    ) -> web.Response:
         data = dumps(value)
         self.sent.append(data)
         return web.Response(status=status, body=data, headers={"Content-Type": content_type, **(headers or {})})
