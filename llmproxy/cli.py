@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -240,23 +240,17 @@ def check(directory: Path | None, fix: bool, config_path: Path | None) -> None:
     if not root.is_dir():
         raise click.ClickException(f"no such directory: {root}")
 
-    def progress(paths: Any) -> Any:
-        # click draws the bar only on a terminal; large directories get one.
+    def progress(paths: list[Path]) -> Iterator[Path]:
         if len(paths) < 500:
-            return paths
-        return click.progressbar(paths, label=f"checking {root}", file=click.get_text_stream("stderr"))
-
-    def run_with_progress(paths: Any) -> Any:
-        wrapped = progress(paths)
-        if wrapped is paths:
             yield from paths
             return
-        with wrapped as bar:
+        # click draws the bar only on a terminal.
+        with click.progressbar(paths, label=f"checking {root}", file=click.get_text_stream("stderr")) as bar:
             yield from bar
 
     try:
         problems = check_directory(
-            root, settings.router(), SecretScanner(settings.secret_patterns), fix=fix, progress=run_with_progress
+            root, settings.router(), SecretScanner(settings.secret_patterns), fix=fix, progress=progress
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

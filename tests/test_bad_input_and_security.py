@@ -185,3 +185,30 @@ def test_default_bind_is_loopback(tmp_path: Path) -> None:
             pass
     finally:
         proxy.stop()
+
+
+def test_wrong_content_types_are_handled_by_what_the_body_is(loop_thread: LoopThread, tmp_path: Path) -> None:
+    """A JSON body labelled text/plain keys as JSON; a 'multipart' label on a body that is not
+    multipart keys by its bytes; neither is an error, a crash or a hang."""
+    shutil.copy(SEED, tmp_path / SEED.name)
+    seed_body = json.loads(SEED.read_text())["request"]["body"]
+    proxy = start_proxy(loop_thread, "replay", tmp_path)
+    try:
+        status, payload = loop_thread.run(
+            _send(
+                proxy.url + "/v1/chat/completions",
+                data=json.dumps(seed_body).encode(),
+                headers={"Content-Type": "text/plain"},
+            )
+        )
+        assert status == 200  # the seed's stream, found by its JSON content
+        status, payload = loop_thread.run(
+            _send(
+                proxy.url + "/v1/chat/completions",
+                data=b"not a form at all",
+                headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+            )
+        )
+        assert status == 404 and payload["error"]["code"] == "recording_not_found"
+    finally:
+        proxy.stop()
