@@ -73,6 +73,13 @@ class Target:
         return rss_mb(self.process.pid) if self.process else 0.0
 
 
+def llmproxy_target(name: str, mode: str, recordings: str, upstream: str | None = None) -> Target:
+    """`python -m llmproxy MODE` on a free port, logging only warnings."""
+    port = free_port()
+    args = ["-m", "llmproxy", mode, "--recordings", recordings, "--port", str(port), "--log-level", "warning"]
+    return Target(name, args + (["--upstream", upstream] if upstream else []), port)
+
+
 async def measure(target: Target, scenario: Scenario) -> dict[str, Any]:
     timeout = aiohttp.ClientTimeout(total=300)
     connector = aiohttp.TCPConnector(limit=0)
@@ -255,23 +262,7 @@ async def main_async(args: argparse.Namespace) -> None:
         passthrough = Target(
             "passthrough", ["-m", "bench.passthrough", "--port", str(p := free_port()), "--upstream", upstream.url], p
         )
-        record = Target(
-            "record",
-            [
-                "-m",
-                "llmproxy",
-                "record",
-                "--upstream",
-                upstream.url,
-                "--recordings",
-                recordings,
-                "--port",
-                str(r := free_port()),
-                "--log-level",
-                "warning",
-            ],
-            r,
-        )
+        record = llmproxy_target("record", "record", recordings, upstream.url)
         bare = Target("bare", ["-m", "bench.bare_replay", "--port", str(b := free_port())], b)
         for target in (passthrough, record, bare):
             target.start()
@@ -288,23 +279,7 @@ async def main_async(args: argparse.Namespace) -> None:
             # Replay serves a directory where each distinct request was recorded once (the record
             # phase above recorded every repeat, which replay would serve one by one, in order).
             once = str(Path(recordings) / "once")
-            recorder = Target(
-                "record-once",
-                [
-                    "-m",
-                    "llmproxy",
-                    "record",
-                    "--upstream",
-                    upstream.url,
-                    "--recordings",
-                    once,
-                    "--port",
-                    str(o := free_port()),
-                    "--log-level",
-                    "warning",
-                ],
-                o,
-            )
+            recorder = llmproxy_target("record-once", "record", once, upstream.url)
             recorder.start()
             for scenario in [
                 *scenarios,
@@ -314,21 +289,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 distinct = Scenario(scenario.name, scenario.spec, 4, scenario.distinct, scenario.distinct)
                 await measure(recorder, distinct)
             recorder.stop()
-            replay = Target(
-                "replay",
-                [
-                    "-m",
-                    "llmproxy",
-                    "replay",
-                    "--recordings",
-                    once,
-                    "--port",
-                    str(q := free_port()),
-                    "--log-level",
-                    "warning",
-                ],
-                q,
-            )
+            replay = llmproxy_target("replay", "replay", once)
             replay.start()
             print("replay phase (llmproxy replay, bare handler)", file=sys.stderr)
             results.update(await run_rounds([replay, bare], scenarios, args.rounds))

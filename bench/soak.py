@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import Spec, expected_bytes, free_port, open_fds, rss_mb, use_uvloop
-from bench.run import Target
+from bench.run import Target, llmproxy_target
 from llmproxy.config import load_settings
 from llmproxy.index import RecordingIndex
 from llmproxy.store import RecordingStore
@@ -93,23 +93,7 @@ async def main_async(duration: float, concurrency: int) -> None:
     with tempfile.TemporaryDirectory(prefix="llmproxy-soak-") as tmp:
         upstream = Target("upstream", ["-m", "bench.upstream", "--port", str(u := free_port())], u)
         upstream.start()
-        record = Target(
-            "record",
-            [
-                "-m",
-                "llmproxy",
-                "record",
-                "--upstream",
-                upstream.url,
-                "--recordings",
-                tmp,
-                "--port",
-                str(r := free_port()),
-                "--log-level",
-                "warning",
-            ],
-            r,
-        )
+        record = llmproxy_target("record", "record", tmp, upstream.url)
         record.start()
         try:
             results = [await soak(record, duration, concurrency)]
@@ -119,21 +103,7 @@ async def main_async(duration: float, concurrency: int) -> None:
         finally:
             upstream.stop()
             record.stop()
-        replay = Target(
-            "replay",
-            [
-                "-m",
-                "llmproxy",
-                "replay",
-                "--recordings",
-                tmp,
-                "--port",
-                str(q := free_port()),
-                "--log-level",
-                "warning",
-            ],
-            q,
-        )
+        replay = llmproxy_target("replay", "replay", tmp)
         replay.start()
         try:
             results.append(await soak(replay, duration, concurrency))
