@@ -142,6 +142,7 @@ class RecordingIndex:
         self._entries: dict[str, list[Entry]] = {}
         self.problems: list[LoadProblem] = []
         self.loaded = threading.Event()
+        self._stop_loading = threading.Event()
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._entries.values())
@@ -187,9 +188,15 @@ class RecordingIndex:
     def load_document(self, document: Any, source: Path | None = None) -> Entry:
         return self.add(from_document(document, self.provider_for), source)
 
+    def stop_loading(self) -> None:
+        """Ask a load in progress (in another thread) to stop: the proxy is shutting down."""
+        self._stop_loading.set()
+
     def load_store(self, store: RecordingStore) -> None:
         try:
             for path in store.paths():
+                if self._stop_loading.is_set():
+                    break
                 try:
                     self.load_document(store.read(path), path)
                 except (StoreError, RecordingError, ValueError, TypeError) as exc:

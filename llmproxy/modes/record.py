@@ -40,6 +40,8 @@ class RecordMode:
             await self.replayer.wait_loaded()
 
     async def close(self) -> None:
+        if self.replayer is not None:
+            await self.replayer.stop()
         await self.recorder.drain()
         await self.forwarder.close()
 

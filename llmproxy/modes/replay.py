@@ -51,6 +51,12 @@ class Replayer:
         if self._loading is not None:
             await self._loading
 
+    async def stop(self) -> None:
+        """Stop a load still in progress, so shutting down never waits for it to finish."""
+        if self._loading is not None and not self._loading.done():
+            self.index.stop_loading()
+            await self._loading
+
     def _load(self, store: RecordingStore) -> None:
         started = time.perf_counter()
         self.index.load_store(store)
@@ -176,6 +182,7 @@ class ReplayMode:
         await self.replayer.wait_loaded()
 
     async def close(self) -> None:
+        await self.replayer.stop()
         if self.forwarder is not None:
             await self.forwarder.close()
 
