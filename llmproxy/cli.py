@@ -116,6 +116,13 @@ def main() -> None:
     help="Replay what is recorded; forward and record only what is not (each live call is logged).",
 )
 @click.option(
+    "--after-last",
+    type=click.Choice(["repeat", "error"]),
+    envvar="LLMPROXY_AFTER_LAST",
+    help="With --missing: a request asked more often than recorded replays the last (repeat, default) "
+    "or is recorded as a new repeat (error).",
+)
+@click.option(
     "--record-errors/--no-record-errors",
     default=None,
     help="Also record upstream 429 and 5xx answers (off: they would poison replay).",

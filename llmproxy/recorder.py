@@ -59,11 +59,12 @@ class Recorder:
     def should_record(self, status: int) -> bool:
         return self.record_errors or (status < 500 and status != 429)
 
-    async def schedule(self, exchange: Exchange) -> None:
+    async def schedule(self, exchange: Exchange, after: int = 0) -> None:
         """Write the exchange in the writer thread; repeats of a key get sequence 2, 3, ...
 
         When clients outpace the disk for long, this waits (after their response was sent),
-        which slows them down instead of letting the queue, and memory, grow."""
+        which slows them down instead of letting the queue, and memory, grow. `after` is how
+        many recordings of this request exist already (record --missing adds to them)."""
         if not exchange.complete and not self.record_errors:
             self.outcome.truncated += 1
             return
@@ -76,7 +77,7 @@ class Recorder:
             )
             return
         key = exchange.call.canonical.key
-        sequence = self._sequences[key] = self._sequences.get(key, 0) + 1
+        sequence = self._sequences[key] = max(self._sequences.get(key, 0), after) + 1
         if self._room is None:
             self._room = asyncio.Condition()
         size = len(exchange.body)

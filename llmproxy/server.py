@@ -52,7 +52,7 @@ def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
             drain_on_disconnect=settings.client_disconnect == "drain",
         )
 
-    def replayer() -> Replayer:
+    def replayer(recording: bool = False) -> Replayer:
         return Replayer(
             RecordingIndex(router),
             outcome,
@@ -60,13 +60,14 @@ def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
             speed=validate_timing(settings.timing),
             repeat_last=settings.after_last == "repeat",
             record_command=record_command(settings),
+            record_exhausted=recording,
         )
 
     if mode_name in ("record", "record-missing"):
         recorder = Recorder(
             store, outcome, scanner=SecretScanner(settings.secret_patterns), record_errors=settings.record_errors
         )
-        return RecordMode(forwarder(), recorder, replayer() if mode_name == "record-missing" else None)
+        return RecordMode(forwarder(), recorder, replayer(recording=True) if mode_name == "record-missing" else None)
     if mode_name == "replay":
         return ReplayMode(replayer(), forwarder() if settings.on_miss == "forward" else None)
     raise ValueError(f"unknown mode {mode_name!r}")

@@ -234,3 +234,24 @@ def test_usage_report_and_prune(loop_thread: LoopThread, tmp_path: Path, upstrea
     assert done.returncode == 0, done.stderr
     assert f"deleted {stale_file}" in done.stdout
     assert not stale_file.exists() and kept_file.exists()
+
+
+def test_record_missing_adds_a_repeat_when_asked_more_often_than_recorded(
+    loop_thread: LoopThread, tmp_path: Path, upstream
+) -> None:
+    wire, app = upstream
+    proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url)
+    try:
+        ask(proxy.url, "again")
+    finally:
+        proxy.stop()
+    proxy = start_proxy(loop_thread, "record-missing", tmp_path, upstream=app.url, after_last="error")
+    try:
+        ask(proxy.url, "again")  # replayed
+        ask(proxy.url, "again")  # one more than recorded: recorded as the second repeat
+    finally:
+        proxy.stop()
+    assert len(wire.requests) == 2
+    names = sorted(p.name for p in files_under(tmp_path))
+    assert len(names) == 2 and names[0].endswith("-2.json")
+    assert json.loads((tmp_path / "openai" / names[0]).read_text())["request"]["sequence"] == 2

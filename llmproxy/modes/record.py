@@ -76,5 +76,6 @@ class RecordMode:
                 # Send the answer now: waiting for room in the writer queue must not delay it.
                 await response.prepare(request)
                 await response.write_eof()
-            await self.recorder.schedule(exchange)
+            recorded_before = len(self.replayer.index.get(key)) if self.replayer is not None else 0
+            await self.recorder.schedule(exchange, after=recorded_before)
         return response

@@ -30,6 +30,7 @@ class Replayer:
         speed: float | None = None,
         repeat_last: bool = True,
         record_command: str = "llmproxy record --missing",
+        record_exhausted: bool = False,
     ) -> None:
         self.index = index
         self.outcome = outcome
@@ -38,6 +39,8 @@ class Replayer:
         # After the last recorded repeat of a request: serve the last one again, or fail.
         self.repeat_last = repeat_last
         self.record_command = record_command
+        # In record --missing, a request asked more often than recorded is recorded again.
+        self.record_exhausted = record_exhausted
         self.store = store
         self._served: dict[str, int] = {}
         self._loading: asyncio.Future[None] | None = None
@@ -88,6 +91,8 @@ class Replayer:
         served = self._served.get(key, 0)
         self._served[key] = served + 1
         if served >= len(entries) and not self.repeat_last:
+            if self.record_exhausted:
+                return None  # record --missing: the extra call is a new repeat to record
             self.outcome.note_miss(call)
             message = (
                 f"all {len(entries)} recordings of {call.canonical.describe()} (key {key[:16]}) were "
