@@ -264,7 +264,9 @@ def check(directory: Path | None, fix: bool, config_path: Path | None) -> None:
     for problem in problems:
         click.echo(str(problem))
     failing = [p for p in problems if p.fails]
-    count = sum(1 for _ in root.rglob("*") if _.is_file())
+    from llmproxy.store import RecordingStore
+
+    count = sum(1 for _ in RecordingStore(root).paths())
     click.echo(f"checked {root}: {len(failing)} problem(s) in {count} file(s)")
     if failing:
         raise SystemExit(1)

@@ -76,6 +76,24 @@ class Rendered:
         return [self.body[start:end] for start, end in zip(starts, self.ends)]
 
 
+def render(recording: Recording, route: Route) -> Rendered:
+    """A recording's response framed for the wire, with the headers replay sends."""
+    response = recording.response
+    segments = render_segments(response.body, response.framing, route.provider.json_value)
+    fmt = str(response.framing.get("format", "json"))
+    headers = replay_headers(response.headers)
+    if not any(name.lower() == "content-type" for name in headers):
+        headers["Content-Type"] = DEFAULT_CONTENT_TYPES.get(fmt, JSON_CONTENT_TYPE)
+    return Rendered(
+        status=response.status,
+        headers=headers,
+        body=b"".join(segments),
+        ends=tuple(itertools.accumulate(len(segment) for segment in segments)),
+        streaming=response.is_streaming,
+        timing=response.timing,
+    )
+
+
 @dataclass(slots=True)
 class Entry:
     canonical: CanonicalRequest
@@ -211,20 +229,7 @@ class RecordingIndex:
         cached = self.cache.get(entry)
         if cached is not None:
             return cached
-        response = entry.recording(self.provider_for).response
-        segments = render_segments(response.body, response.framing, entry.route.provider.json_value)
-        fmt = str(response.framing.get("format", "json"))
-        headers = replay_headers(response.headers)
-        if not any(name.lower() == "content-type" for name in headers):
-            headers["Content-Type"] = DEFAULT_CONTENT_TYPES.get(fmt, JSON_CONTENT_TYPE)
-        rendered = Rendered(
-            status=response.status,
-            headers=headers,
-            body=b"".join(segments),
-            ends=tuple(itertools.accumulate(len(segment) for segment in segments)),
-            streaming=response.is_streaming,
-            timing=response.timing,
-        )
+        rendered = render(entry.recording(self.provider_for), entry.route)
         self.cache.put(entry, rendered)
         return rendered
 

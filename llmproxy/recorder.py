@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from urllib.parse import urlencode
 import structlog
 
 from llmproxy import __version__
-from llmproxy.call import Outcome
+from llmproxy.call import Call, Outcome
 from llmproxy.forwarding import Exchange, body_format
 from llmproxy.framing import CapturedBody, capture, capture_opaque, data_of
 from llmproxy.headers import recorded_response_headers
@@ -59,14 +60,31 @@ class Recorder:
     def should_record(self, status: int) -> bool:
         return self.record_errors or (status < 500 and status != 429)
 
-    async def schedule(self, exchange: Exchange, after: int = 0) -> None:
-        """Write the exchange in the writer thread; repeats of a key get sequence 2, 3, ...
+    def next_sequence(self, key: str, after: int = 0) -> int:
+        """The sequence the next recording of `key` gets: 1, then 2, 3, ... for repeats. `after`
+        is how many recordings of it exist already (record --missing adds to them)."""
+        sequence = self._sequences[key] = max(self._sequences.get(key, 0), after) + 1
+        return sequence
+
+    def give_back(self, key: str, sequence: int) -> None:
+        """Undo `next_sequence` for a call that will not be recorded after all."""
+        if self._sequences.get(key) == sequence:
+            self._sequences[key] = sequence - 1
+
+    def target(self, call: Call, sequence: int) -> Path:
+        return self.store.name_for(
+            route=call.route.name, path=call.path, model=call.model, key=call.canonical.key, sequence=sequence
+        )
+
+    async def schedule(self, exchange: Exchange, sequence: int, done: Callable[[], None] | None = None) -> None:
+        """Write the exchange in the writer thread, then call `done` (there, written or not).
 
         When clients outpace the disk for long, this waits (after their response was sent),
-        which slows them down instead of letting the queue, and memory, grow. `after` is how
-        many recordings of this request exist already (record --missing adds to them)."""
+        which slows them down instead of letting the queue, and memory, grow."""
         if not exchange.complete and not self.record_errors:
             self.outcome.truncated += 1
+            if done is not None:
+                done()
             return
         if not self.should_record(exchange.status):
             log.warning(
@@ -75,16 +93,16 @@ class Recorder:
                 path=exchange.call.path,
                 status=exchange.status,
             )
+            if done is not None:
+                done()
             return
-        key = exchange.call.canonical.key
-        sequence = self._sequences[key] = max(self._sequences.get(key, 0), after) + 1
         if self._room is None:
             self._room = asyncio.Condition()
         size = len(exchange.body)
         async with self._room:
             await self._room.wait_for(lambda: not self._pending or self._pending_bytes + size <= self.max_pending_bytes)
             self._pending_bytes += size
-        future = asyncio.get_running_loop().run_in_executor(self._writer, self.write, exchange, sequence)
+        future = asyncio.get_running_loop().run_in_executor(self._writer, self._write_then, exchange, sequence, done)
         self._pending.add(future)
         future.add_done_callback(lambda done: asyncio.ensure_future(self._written(done, size)))
 
@@ -100,6 +118,13 @@ class Recorder:
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
         self._writer.shutdown(wait=True)
+
+    def _write_then(self, exchange: Exchange, sequence: int, done: Callable[[], None] | None) -> Path | None:
+        try:
+            return self.write(exchange, sequence)
+        finally:
+            if done is not None:
+                done()
 
     def write(self, exchange: Exchange, sequence: int = 1) -> Path | None:
         call = exchange.call
@@ -122,14 +147,7 @@ class Recorder:
             findings = self.scanner.scan(document, data)
             if findings:
                 raise SecretFound("; ".join(str(finding) for finding in findings))
-            relative = self.store.name_for(
-                route=call.route.name,
-                path=call.path,
-                model=recording.request.model,
-                key=call.canonical.key,
-                sequence=sequence,
-            )
-            path = self.store.write(relative, data)
+            path = self.store.write(self.target(call, sequence), data)
         except SecretFound as exc:
             self.outcome.refused += 1
             log.error(

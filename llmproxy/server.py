@@ -17,6 +17,7 @@ from llmproxy.call import Call, Outcome, error_response
 from llmproxy.config import Settings, validate_timing
 from llmproxy.forwarding import Forwarder
 from llmproxy.index import RecordingIndex, canonical_for_route
+from llmproxy.inflight import InFlight
 from llmproxy.matching import CanonicalRequest, RawBody, parse_body
 from llmproxy.modes.base import Mode
 from llmproxy.modes.record import RecordMode
@@ -67,7 +68,12 @@ def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
         recorder = Recorder(
             store, outcome, scanner=SecretScanner(settings.secret_patterns), record_errors=settings.record_errors
         )
-        return RecordMode(forwarder(), recorder, replayer(recording=True) if mode_name == "record-missing" else None)
+        return RecordMode(
+            forwarder(),
+            recorder,
+            replayer(recording=True) if mode_name == "record-missing" else None,
+            InFlight(settings.recordings, stale_after=settings.read_timeout + 60),
+        )
     if mode_name == "replay":
         return ReplayMode(replayer(), forwarder() if settings.on_miss == "forward" else None)
     raise ValueError(f"unknown mode {mode_name!r}")

@@ -90,3 +90,39 @@ def test_identical_calls_in_flight_go_upstream_once(loop_thread: LoopThread, tmp
     assert first == second and first[-1]["choices"][0]["finish_reason"] == "stop"
     assert len(files_under(tmp_path)) == 1
     json.loads(files_under(tmp_path)[0].read_text())
+
+
+def test_identical_calls_in_two_proxies_on_one_directory_go_upstream_once(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    """Parallel test workers: proxy B waits for proxy A's lock, then serves what A recorded."""
+    wire = OpenAIWire()
+    wire.gate = asyncio.Event()
+    app = RunningApp(loop_thread, wire.app()).start()
+    recordings = tmp_path / "recordings"
+    first, second = (
+        CliProxy("record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0") for _ in range(2)
+    )
+
+    async def drive() -> tuple[list[dict], list[dict], int]:
+        async with aiohttp.ClientSession() as session:
+            via_first = asyncio.create_task(_stream(session, first.url, "across processes"))
+            while not wire.requests:
+                await asyncio.sleep(0.01)
+            via_second = asyncio.create_task(_stream(session, second.url, "across processes"))
+            await asyncio.sleep(1.0)  # B has long arrived: it must be waiting, not calling upstream
+            upstream_calls_while_held = len(wire.requests)
+            wire.gate.set()
+            return await via_first, await via_second, upstream_calls_while_held
+
+    try:
+        answer_a, answer_b, calls_while_held = loop_thread.run(drive())
+    finally:
+        events_b = second.stop()
+        first.stop()
+        app.stop()
+    assert calls_while_held == 1
+    assert len(wire.requests) == 1
+    assert answer_a == answer_b and answer_a[-1]["choices"][0]["finish_reason"] == "stop"
+    assert len(files_under(recordings)) == 1
+    assert any(e["event"] == "identical call in flight in another proxy: served its recording" for e in events_b)

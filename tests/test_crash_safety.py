@@ -55,7 +55,7 @@ def test_kill_9_mid_recording_leaves_only_complete_valid_files(loop_thread: Loop
     finally:
         app.stop()
     files = files_under(recordings)
-    complete = [p for p in files if not p.name.endswith(".tmp")]
+    complete = [p for p in files if p.suffix == ".json"]
     assert 4 <= len(complete) < 32
     assert any(isinstance(result, BaseException) for result in results)  # killed mid-stream
     for path in complete:
@@ -68,7 +68,7 @@ def test_kill_9_mid_recording_leaves_only_complete_valid_files(loop_thread: Loop
         [sys.executable, "-m", "llmproxy", "check", str(recordings), "--fix"], capture_output=True, text=True
     )
     assert fixed.returncode == 0, fixed.stdout
-    assert not [p for p in files_under(recordings) if p.name.endswith(".tmp")]
+    assert [p for p in files_under(recordings) if p.suffix != ".json"] == []  # temp files and locks
 
 
 def test_sigterm_finishes_in_flight_writes_and_exits_in_bounded_time(loop_thread: LoopThread, tmp_path: Path) -> None:

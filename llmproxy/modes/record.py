@@ -2,12 +2,14 @@
 
 With `missing_only` (`llmproxy record --missing`) calls that already have a recording are
 replayed and only the others go upstream (each such live call is logged). Identical calls in
-flight at the same moment go upstream once; the others get the same answer.
+flight at the same moment go upstream once, the others get the same answer: within this
+process through a shared future, across proxies on the same directory through a lock file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 from aiohttp import web
@@ -15,17 +17,28 @@ from aiohttp import web
 from llmproxy.call import Call, Outcome
 from llmproxy.forwarding import Exchange, Forwarder
 from llmproxy.headers import client_response_headers
+from llmproxy.index import render
+from llmproxy.inflight import InFlight
 from llmproxy.modes.replay import Replayer
 from llmproxy.recorder import Recorder
+from llmproxy.recording import RecordingError, from_document
+from llmproxy.store import RecordingStore, StoreError
 
 log = structlog.get_logger("llmproxy.record")
 
 
 class RecordMode:
-    def __init__(self, forwarder: Forwarder, recorder: Recorder, replayer: Replayer | None = None) -> None:
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        recorder: Recorder,
+        replayer: Replayer | None = None,
+        inflight: InFlight | None = None,
+    ) -> None:
         self.forwarder = forwarder
         self.recorder = recorder
         self.replayer = replayer
+        self.inflight = inflight
         self.outcome: Outcome = forwarder.outcome
         self.name = "record-missing" if replayer is not None else "record"
         self._in_flight: dict[str, asyncio.Future[Exchange | None]] = {}
@@ -62,6 +75,17 @@ class RecordMode:
                 return web.Response(
                     status=exchange.status, body=exchange.body, headers=client_response_headers(exchange.headers)
                 )
+        recorded_before = len(self.replayer.index.get(key)) if self.replayer is not None else 0
+        sequence = self.recorder.next_sequence(key, recorded_before)
+        lock = None
+        if self.inflight is not None:
+            lock = self.inflight.try_acquire(key, self.recorder.target(call, sequence))
+            if lock is None:  # another proxy on this directory is making this very call
+                self.recorder.give_back(key, sequence)
+                shared = await self._wait_for_other_process(call)
+                if shared is not None:
+                    return shared
+                sequence = self.recorder.next_sequence(key, recorded_before)
         future: asyncio.Future[Exchange | None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         exchange = None
@@ -71,11 +95,35 @@ class RecordMode:
             future.set_result(exchange)
             if self._in_flight.get(key) is future:
                 del self._in_flight[key]
-        if exchange is not None:
-            if not response.prepared:
-                # Send the answer now: waiting for room in the writer queue must not delay it.
-                await response.prepare(request)
-                await response.write_eof()
-            recorded_before = len(self.replayer.index.get(key)) if self.replayer is not None else 0
-            await self.recorder.schedule(exchange, after=recorded_before)
+            if exchange is None and lock is not None:
+                InFlight.release(lock)
+        if exchange is None:
+            self.recorder.give_back(key, sequence)
+            return response
+        if not response.prepared:
+            # Send the answer now: waiting for room in the writer queue must not delay it.
+            await response.prepare(request)
+            await response.write_eof()
+        done = (lambda: InFlight.release(lock)) if lock is not None else None
+        await self.recorder.schedule(exchange, sequence, done)
         return response
+
+    async def _wait_for_other_process(self, call: Call) -> web.StreamResponse | None:
+        """Wait for the proxy that holds this call's lock; serve what it recorded, if it did."""
+        assert self.inflight is not None
+        self.outcome.shared += 1
+        started = time.time()
+        target = await self.inflight.wait(call.canonical.key)
+        if target is None:
+            return None
+        path = self.recorder.store.root / target
+        loop = asyncio.get_running_loop()
+        try:
+            if path.stat().st_mtime < started - 1:
+                return None  # an older recording: the other call did not record (an error, a cut)
+            document = await loop.run_in_executor(None, RecordingStore.read, path)
+            rendered = render(from_document(document, lambda method, path_: call.route.provider), call.route)
+        except (OSError, StoreError, RecordingError, ValueError, TypeError):
+            return None
+        log.info("identical call in flight in another proxy: served its recording", path=call.path, file=str(path))
+        return web.Response(status=rendered.status, body=rendered.body, headers=rendered.headers)
