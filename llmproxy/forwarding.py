@@ -73,6 +73,7 @@ class Forwarder:
         # When a client leaves mid-stream: read the rest anyway so the exchange is recorded
         # whole (drain), or close the upstream request at once and record nothing (default).
         self.drain_on_disconnect = drain_on_disconnect
+        self.read_timeout = read_timeout
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
 

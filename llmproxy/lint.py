@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmproxy.index import RecordingIndex
-from llmproxy.inflight import LOCK_DIR
 from llmproxy.recording import RecordingError
 from llmproxy.routing import Router
 from llmproxy.secrets import SecretScanner
@@ -33,13 +32,10 @@ class Problem:
 
 
 def leftover_temp_files(root: Path) -> list[Path]:
-    """Temp files of writes that never finished, and in-flight locks of calls that never
-    finished (a crash or kill -9 mid-write)."""
+    """Temp files of writes that never finished (a crash or kill -9 mid-write)."""
     if not root.is_dir():
         return []
-    temps = [p for p in root.rglob(f"*{TEMP_SUFFIX}") if p.is_file()]
-    locks = [p for p in (root / LOCK_DIR).glob("*.lock") if p.is_file()]
-    return sorted(temps + locks)
+    return sorted(p for p in root.rglob(f"*{TEMP_SUFFIX}") if p.is_file())
 
 
 def check_directory(
@@ -86,9 +82,7 @@ def check_directory(
     for path in leftover_temp_files(root):
         if fix:
             path.unlink(missing_ok=True)
-            problems.append(Problem(path, "fixed", "deleted what an unfinished write left"))
+            problems.append(Problem(path, "fixed", "deleted the temp file of an unfinished write"))
         else:
-            problems.append(
-                Problem(path, "leftover", "left by an unfinished write or call; run only when no proxy runs (--fix)")
-            )
+            problems.append(Problem(path, "leftover", "temp file of an unfinished write (delete with --fix)"))
     return problems

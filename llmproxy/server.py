@@ -17,6 +17,7 @@ from llmproxy.call import Call, Outcome, error_response
 from llmproxy.config import Settings, validate_timing
 from llmproxy.forwarding import Forwarder
 from llmproxy.index import RecordingIndex, canonical_for_route
+from llmproxy.inflight import SUPPORTED as INFLIGHT_SUPPORTED
 from llmproxy.inflight import InFlight
 from llmproxy.matching import CanonicalRequest, RawBody, parse_body
 from llmproxy.modes.base import Mode
@@ -72,7 +73,7 @@ def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
             forwarder(),
             recorder,
             replayer(recording=True) if mode_name == "record-missing" else None,
-            InFlight(settings.recordings, stale_after=settings.read_timeout + 60),
+            InFlight(settings.recordings) if INFLIGHT_SUPPORTED else None,
         )
     if mode_name == "replay":
         return ReplayMode(replayer(), forwarder() if settings.on_miss == "forward" else None)

@@ -83,6 +83,21 @@ class RecordingStore:
             parts.append(str(sequence))
         return Path(slug(route, 40)) / ("-".join(parts) + ".json")
 
+    def newest_recording(self, route: str, key: str, *, since: float) -> Path | None:
+        """The most recent recording of `key` written by any proxy at or after `since`."""
+        directory = self.root / slug(route, 40)
+        try:
+            candidates = [
+                entry
+                for entry in os.scandir(directory)
+                if entry.name.endswith(".json") and f"-{key[:16]}" in entry.name and entry.stat().st_mtime >= since
+            ]
+        except FileNotFoundError:
+            return None
+        if not candidates:
+            return None
+        return Path(max(candidates, key=lambda entry: entry.stat().st_mtime).path)
+
     @staticmethod
     def serialize(document: Any) -> bytes:
         """A recording file's bytes: pretty (2-space), key order kept, newline-terminated."""

@@ -106,8 +106,7 @@ def free_port() -> int:
 
 
 def files_under(directory: Path) -> list[Path]:
-    """Files in a recordings directory, its in-flight lock directory aside."""
-    return sorted(p for p in directory.rglob("*") if p.is_file() and ".inflight" not in p.parts)
+    return sorted(p for p in directory.rglob("*") if p.is_file())
 
 
 def assert_no_secret(directory: Path, *secrets: str) -> None:

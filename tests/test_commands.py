@@ -67,7 +67,7 @@ def test_check_passes_a_clean_directory_and_fails_on_secret_corrupt_and_misnamed
     assert "duplicate: same request and sequence 1" in llmproxy("check", str(recorded)).stdout
 
     fixed = llmproxy("check", str(recorded), "--fix")
-    assert "deleted what an unfinished write left" in fixed.stdout
+    assert "deleted the temp file of an unfinished write" in fixed.stdout
     assert not (recorded / ".half-written.json.x1y2.tmp").exists()
 
 

@@ -68,7 +68,7 @@ def test_kill_9_mid_recording_leaves_only_complete_valid_files(loop_thread: Loop
         [sys.executable, "-m", "llmproxy", "check", str(recordings), "--fix"], capture_output=True, text=True
     )
     assert fixed.returncode == 0, fixed.stdout
-    assert [p for p in files_under(recordings) if p.suffix != ".json"] == []  # temp files and locks
+    assert [p for p in files_under(recordings) if p.suffix != ".json"] == []  # no temp files left
 
 
 def test_sigterm_finishes_in_flight_writes_and_exits_in_bounded_time(loop_thread: LoopThread, tmp_path: Path) -> None:

@@ -75,17 +75,16 @@ class RecordMode:
                 return web.Response(
                     status=exchange.status, body=exchange.body, headers=client_response_headers(exchange.headers)
                 )
-        recorded_before = len(self.replayer.index.get(key)) if self.replayer is not None else 0
-        sequence = self.recorder.next_sequence(key, recorded_before)
         lock = None
         if self.inflight is not None:
-            lock = self.inflight.try_acquire(key, self.recorder.target(call, sequence))
+            lock = self.inflight.try_acquire(key)
             if lock is None:  # another proxy on this directory is making this very call
-                self.recorder.give_back(key, sequence)
                 shared = await self._wait_for_other_process(call)
                 if shared is not None:
                     return shared
-                sequence = self.recorder.next_sequence(key, recorded_before)
+                lock = self.inflight.try_acquire(key)
+        recorded_before = len(self.replayer.index.get(key)) if self.replayer is not None else 0
+        sequence = self.recorder.next_sequence(key, recorded_before)
         future: asyncio.Future[Exchange | None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         exchange = None
@@ -113,17 +112,17 @@ class RecordMode:
         assert self.inflight is not None
         self.outcome.shared += 1
         started = time.time()
-        target = await self.inflight.wait(call.canonical.key)
-        if target is None:
+        if not await self.inflight.wait(call.canonical.key, self.forwarder.read_timeout):
             return None
-        path = self.recorder.store.root / target
+        store = self.recorder.store
+        path = store.newest_recording(call.route.name, call.canonical.key, since=started - 1)
+        if path is None:
+            return None  # the other call recorded nothing (an error, a cut): go upstream ourselves
         loop = asyncio.get_running_loop()
         try:
-            if path.stat().st_mtime < started - 1:
-                return None  # an older recording: the other call did not record (an error, a cut)
             document = await loop.run_in_executor(None, RecordingStore.read, path)
             rendered = render(from_document(document, lambda method, path_: call.route.provider), call.route)
-        except (OSError, StoreError, RecordingError, ValueError, TypeError):
+        except (StoreError, RecordingError, ValueError, TypeError):
             return None
         log.info("identical call in flight in another proxy: served its recording", path=call.path, file=str(path))
         return web.Response(status=rendered.status, body=rendered.body, headers=rendered.headers)
