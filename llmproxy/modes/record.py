@@ -18,7 +18,7 @@ from llmproxy.call import Call, Outcome
 from llmproxy.forwarding import Exchange, Forwarder
 from llmproxy.headers import client_response_headers
 from llmproxy.index import render
-from llmproxy.inflight import InFlight
+from llmproxy.inflight import InFlight, Lock
 from llmproxy.modes.replay import Replayer
 from llmproxy.recorder import Recorder
 from llmproxy.recording import RecordingError, from_document
@@ -42,6 +42,7 @@ class RecordMode:
         self.outcome: Outcome = forwarder.outcome
         self.name = "record-missing" if replayer is not None else "record"
         self._in_flight: dict[str, asyncio.Future[Exchange | None]] = {}
+        self._locks: dict[str, Lock] = {}  # cross-process locks this proxy holds, by key
 
     async def start(self) -> None:
         if self.replayer is not None:
@@ -76,13 +77,15 @@ class RecordMode:
                     status=exchange.status, body=exchange.body, headers=client_response_headers(exchange.headers)
                 )
         lock = None
-        if self.inflight is not None:
+        if self.inflight is not None and key not in self._locks:  # our own lock is no contest
             lock = self.inflight.try_acquire(key)
             if lock is None:  # another proxy on this directory is making this very call
                 shared = await self._wait_for_other_process(call)
                 if shared is not None:
                     return shared
                 lock = self.inflight.try_acquire(key)
+        if lock is not None:
+            self._locks[key] = lock
         recorded_before = len(self.replayer.index.get(key)) if self.replayer is not None else 0
         sequence = self.recorder.next_sequence(key, recorded_before)
         future: asyncio.Future[Exchange | None] = asyncio.get_running_loop().create_future()
@@ -95,7 +98,7 @@ class RecordMode:
             if self._in_flight.get(key) is future:
                 del self._in_flight[key]
             if exchange is None and lock is not None:
-                InFlight.release(lock)
+                self._unlock(key, lock)
         if exchange is None:
             self.recorder.give_back(key, sequence)
             return response
@@ -103,9 +106,17 @@ class RecordMode:
             # Send the answer now: waiting for room in the writer queue must not delay it.
             await response.prepare(request)
             await response.write_eof()
-        done = (lambda: InFlight.release(lock)) if lock is not None else None
+        # The lock is held until the recording is written: another proxy waiting for this call
+        # then finds the file.
+        loop = asyncio.get_running_loop()
+        done = (lambda: loop.call_soon_threadsafe(self._unlock, key, lock)) if lock is not None else None
         await self.recorder.schedule(exchange, sequence, done)
         return response
+
+    def _unlock(self, key: str, lock: Lock) -> None:
+        if self._locks.get(key) is lock:
+            del self._locks[key]
+        InFlight.release(lock)
 
     async def _wait_for_other_process(self, call: Call) -> web.StreamResponse | None:
         """Wait for the proxy that holds this call's lock; serve what it recorded, if it did."""
