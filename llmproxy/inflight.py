@@ -35,9 +35,13 @@ class InFlight:
     def _address(self, key: str) -> bytes:
         return self._prefix + key[:48].encode()
 
-    def try_acquire(self, key: str) -> Lock | None:
-        """The lock for `key`, or None when another process holds it."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def try_acquire(self, key: str) -> Lock | None | bool:
+        """The lock for `key`; None when another process holds it; False when no lock can be
+        had at all (out of file descriptors): the call then goes ahead unshared."""
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            return False
         try:
             sock.bind(self._address(key))
         except OSError:
@@ -55,8 +59,10 @@ class InFlight:
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             lock = self.try_acquire(key)
-            if lock is not None:
+            if isinstance(lock, Lock):
                 self.release(lock)
                 return True
+            if lock is False:
+                return False
             await asyncio.sleep(self.poll)
         return False

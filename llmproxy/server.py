@@ -31,8 +31,6 @@ from llmproxy.usage import build_report, write_report
 
 log = structlog.get_logger("llmproxy.server")
 
-MODE_KEY = web.AppKey("mode", object)
-
 
 def record_command(settings: Settings) -> str:
     """The command that records what a replay missed, with this run's directory and config."""
@@ -158,7 +156,6 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
         await mode.close()
 
     app = web.Application(client_max_size=settings.max_body_bytes)
-    app[MODE_KEY] = mode
     app.router.add_route("*", "/{tail:.*}", handle)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)

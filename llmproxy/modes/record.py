@@ -1,6 +1,6 @@
 """Record mode: forward each call, pass the answer through as it arrives, tee it to disk.
 
-With `missing_only` (`llmproxy record --missing`) calls that already have a recording are
+With a replayer (`llmproxy record --missing`) calls that already have a recording are
 replayed and only the others go upstream (each such live call is logged). Identical calls in
 flight at the same moment go upstream once, the others get the same answer: within this
 process through a shared future, across proxies on the same directory through a lock file.
@@ -25,6 +25,8 @@ from llmproxy.recording import RecordingError, from_document
 from llmproxy.store import RecordingStore, StoreError
 
 log = structlog.get_logger("llmproxy.record")
+
+MAX_HELD_LOCKS = 256
 
 
 class RecordMode:
@@ -76,16 +78,18 @@ class RecordMode:
                 return web.Response(
                     status=exchange.status, body=exchange.body, headers=client_response_headers(exchange.headers)
                 )
-        lock = None
-        if self.inflight is not None and key not in self._locks:  # our own lock is no contest
-            lock = self.inflight.try_acquire(key)
-            if lock is None:  # another proxy on this directory is making this very call
+        lock: Lock | None = None
+        # Locks are held until the recording is written; past MAX_HELD_LOCKS pending writes,
+        # calls go unshared rather than hold a file descriptor each.
+        if self.inflight is not None and key not in self._locks and len(self._locks) < MAX_HELD_LOCKS:
+            taken = self.inflight.try_acquire(key)
+            if taken is None:  # another proxy on this directory is making this very call
                 shared = await self._wait_for_other_process(call)
                 if shared is not None:
                     return shared
-                lock = self.inflight.try_acquire(key)
-        if lock is not None:
-            self._locks[key] = lock
+                taken = self.inflight.try_acquire(key)
+            if isinstance(taken, Lock):
+                lock = self._locks[key] = taken
         recorded_before = len(self.replayer.index.get(key)) if self.replayer is not None else 0
         sequence = self.recorder.next_sequence(key, recorded_before)
         future: asyncio.Future[Exchange | None] = asyncio.get_running_loop().create_future()
