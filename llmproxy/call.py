@@ -40,7 +40,6 @@ class Outcome:
 
     hits: int = 0
     misses: int = 0
-    recorded: int = 0
     forwarded: int = 0
     errors: int = 0
     refused: int = 0  # recordings the secret scanner stopped

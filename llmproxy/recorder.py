@@ -162,7 +162,6 @@ class Recorder:
             self.outcome.errors += 1
             log.exception("recording not written", route=call.route.name, path=call.path)
             return None
-        self.outcome.recorded += 1
         self.written.append(str(path))
         log.info(
             "recorded",

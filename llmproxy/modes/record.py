@@ -136,7 +136,7 @@ class RecordMode:
         loop = asyncio.get_running_loop()
         try:
             document = await loop.run_in_executor(None, RecordingStore.read, path)
-            rendered = render(from_document(document, lambda method, path_: call.route.provider), call.route)
+            rendered = render(from_document(document, lambda _method, _path: call.route.provider), call.route)
         except (StoreError, RecordingError, ValueError, TypeError):
             return None
         log.info("identical call in flight in another proxy: served its recording", path=call.path, file=str(path))
