@@ -21,8 +21,8 @@ import aiohttp
 from bench.common import Spec, expected_bytes, free_port, open_fds, rss_mb, use_uvloop
 from bench.run import Target, llmproxy_target
 from llmproxy.config import load_settings
-from llmproxy.index import RecordingIndex
-from llmproxy.store import RecordingStore
+from llmproxy.store.directory import RecordingStore
+from llmproxy.store.index import RecordingIndex
 
 SPEC = Spec("sse", chunks=40)
 DISTINCT = 256

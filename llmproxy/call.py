@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llmproxy.matching import CanonicalRequest
+from llmproxy.canonical import CanonicalRequest
 from llmproxy.providers import get_provider
 from llmproxy.routing import Route
 

@@ -190,7 +190,7 @@ def prune(report_path: Path, dry_run: bool) -> None:
     Only a report from a run with no misses is trusted: a run that missed may not have
     exercised every code path, so "unused" would not mean "stale".
     """
-    from llmproxy.usage import ReportError, prunable, read_report
+    from llmproxy.tools.report import ReportError, prunable, read_report
 
     try:
         paths = prunable(read_report(report_path))
@@ -220,8 +220,8 @@ def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load_index(settings: Settings) -> Any:
-    from llmproxy.index import RecordingIndex
-    from llmproxy.store import RecordingStore
+    from llmproxy.store.directory import RecordingStore
+    from llmproxy.store.index import RecordingIndex
 
     index = RecordingIndex(settings.router(), keep_recordings=True)
     index.load_store(RecordingStore(settings.recordings))
@@ -239,8 +239,8 @@ def check(directory: Path | None, fix: bool, config_path: Path | None) -> None:
     repeat, files whose name no longer matches their key, and leftover temp files. Exits 1
     when anything is wrong.
     """
-    from llmproxy.lint import check_directory
-    from llmproxy.secrets import SecretScanner
+    from llmproxy.store.secrets import SecretScanner
+    from llmproxy.tools.check import check_directory
 
     settings = _settings(config_path, recordings=directory, log_level="error")
     root = settings.recordings
@@ -264,7 +264,7 @@ def check(directory: Path | None, fix: bool, config_path: Path | None) -> None:
     for problem in problems:
         click.echo(str(problem))
     failing = [p for p in problems if p.fails]
-    from llmproxy.store import RecordingStore
+    from llmproxy.store.directory import RecordingStore
 
     count = sum(1 for _ in RecordingStore(root).paths())
     click.echo(f"checked {root}: {len(failing)} problem(s) in {count} file(s)")
@@ -285,7 +285,7 @@ def explain(request_file: Path, recordings: Path | None, config_path: Path | Non
     """
     import orjson
 
-    from llmproxy.inspection import explain as explain_request
+    from llmproxy.tools.explain import explain as explain_request
 
     settings = _settings(config_path, recordings=recordings, log_level="error")
     try:
@@ -313,7 +313,7 @@ def list_recordings(
     """List recordings: route, endpoint, model, age and size."""
     from datetime import datetime
 
-    from llmproxy.inspection import listings, parse_age
+    from llmproxy.tools.explain import listings, parse_age
 
     settings = _settings(config_path, recordings=recordings, log_level="error")
     try:
@@ -336,9 +336,9 @@ def show(recording_file: Path, config_path: Path | None) -> None:
     """Print one recording as a readable conversation."""
     import orjson
 
-    from llmproxy.index import RecordingIndex
-    from llmproxy.inspection import show as render
-    from llmproxy.recording import RecordingError
+    from llmproxy.store.document import RecordingError
+    from llmproxy.store.index import RecordingIndex
+    from llmproxy.tools.explain import show as render
 
     settings = _settings(config_path, log_level="error")
     try:
@@ -364,7 +364,7 @@ def run(mode: str, command: tuple[str, ...], upstream: str | None, config_path: 
     Example:
       llmproxy run replay -- pytest tests/
     """
-    from llmproxy.runner import run_command
+    from llmproxy.tools.run import run_command
 
     options.pop("port", None)
     settings = _settings(config_path, upstream=upstream, **options)

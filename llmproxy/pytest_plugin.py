@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from llmproxy.config import load_settings
-from llmproxy.runner import client_environment
 from llmproxy.server import ProxyServer
+from llmproxy.tools.run import client_environment
 
 MODES = ("record", "record-missing", "replay")
 _STASH_KEY = pytest.StashKey["SessionProxy"]()

@@ -14,20 +14,20 @@ import structlog
 from aiohttp import web
 
 from llmproxy.call import Call, Outcome, error_response
+from llmproxy.canonical import CanonicalRequest, RawBody, parse_body
 from llmproxy.config import Settings, validate_timing
-from llmproxy.forwarding import Forwarder
-from llmproxy.index import RecordingIndex, canonical_for_route
-from llmproxy.inflight import SUPPORTED as INFLIGHT_SUPPORTED
-from llmproxy.inflight import InFlight
-from llmproxy.matching import CanonicalRequest, RawBody, parse_body
 from llmproxy.modes.base import Mode
 from llmproxy.modes.record import RecordMode
 from llmproxy.modes.replay import Replayer, ReplayMode
-from llmproxy.recorder import Recorder
 from llmproxy.routing import Router
-from llmproxy.secrets import SecretScanner
-from llmproxy.store import RecordingStore
-from llmproxy.usage import build_report, write_report
+from llmproxy.store.directory import RecordingStore
+from llmproxy.store.index import RecordingIndex, canonical_for_route
+from llmproxy.store.secrets import SecretScanner
+from llmproxy.store.writer import Recorder
+from llmproxy.tools.report import build_report, write_report
+from llmproxy.upstream.client import Forwarder
+from llmproxy.upstream.singleflight import SUPPORTED as INFLIGHT_SUPPORTED
+from llmproxy.upstream.singleflight import InFlight
 
 log = structlog.get_logger("llmproxy.server")
 

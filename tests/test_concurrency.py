@@ -12,8 +12,8 @@ import aiohttp
 import orjson
 
 from llmproxy.config import load_settings
-from llmproxy.index import RecordingIndex
-from llmproxy.store import RecordingStore
+from llmproxy.store.directory import RecordingStore
+from llmproxy.store.index import RecordingIndex
 from tests.providers_support import write_config
 from tests.support import CliProxy, LoopThread, RunningApp, files_under, sse_data, start_proxy
 from tests.upstreams.openai_wire import OpenAIWire

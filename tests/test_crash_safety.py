@@ -13,8 +13,8 @@ import aiohttp
 import orjson
 
 from llmproxy.config import load_settings
-from llmproxy.index import RecordingIndex
-from llmproxy.store import RecordingStore
+from llmproxy.store.directory import RecordingStore
+from llmproxy.store.index import RecordingIndex
 from tests.support import CliProxy, LoopThread, RunningApp, files_under
 from tests.upstreams.openai_wire import OpenAIWire
 

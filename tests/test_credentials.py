@@ -176,7 +176,7 @@ def test_prefix_route_strips_its_prefix_and_replays_through_the_same_route(
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden"])
 def test_route_names_cannot_escape_the_recordings_directory(tmp_path: Path, name: str) -> None:
-    from llmproxy.store import RecordingStore
+    from llmproxy.store.directory import RecordingStore
 
     store = RecordingStore(tmp_path / "rec")
     relative = store.name_for(route=name, path="/v1/../../etc/passwd", model="../../x", key="0" * 64)

@@ -11,12 +11,12 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmproxy.codecs import StreamSplitter, parse_sse_event, split_stream
-from llmproxy.framing import capture, render_segments
-from llmproxy.matching import canonical_request, parse_body
+from llmproxy.canonical import canonical_request, parse_body
 from llmproxy.providers import get_provider
-from llmproxy.recording import RecordingError, from_document
 from llmproxy.routing import Router, default_routes
+from llmproxy.store.document import RecordingError, from_document
+from llmproxy.wire.codecs import StreamSplitter, parse_sse_event, split_stream
+from llmproxy.wire.framing import capture, render_segments
 
 # FUZZ_EXAMPLES=5000 for a longer hunt than the suite's default.
 FUZZ = settings(

@@ -15,14 +15,14 @@ import structlog
 from aiohttp import web
 
 from llmproxy.call import Call, Outcome
-from llmproxy.forwarding import Exchange, Forwarder
 from llmproxy.headers import client_response_headers
-from llmproxy.index import render
-from llmproxy.inflight import InFlight, Lock
 from llmproxy.modes.replay import Replayer
-from llmproxy.recorder import Recorder
-from llmproxy.recording import RecordingError, from_document
-from llmproxy.store import RecordingStore, StoreError
+from llmproxy.store.directory import RecordingStore, StoreError
+from llmproxy.store.document import RecordingError, from_document
+from llmproxy.store.index import render
+from llmproxy.store.writer import Recorder
+from llmproxy.upstream.client import Exchange, Forwarder
+from llmproxy.upstream.singleflight import InFlight, Lock
 
 log = structlog.get_logger("llmproxy.record")
 

@@ -9,11 +9,11 @@ import structlog
 from aiohttp import web
 
 from llmproxy.call import Call, Outcome, error_response
-from llmproxy.forwarding import Forwarder
-from llmproxy.index import Entry, RecordingIndex, Rendered
-from llmproxy.matching import request_differences
-from llmproxy.recording import RecordingError
-from llmproxy.store import RecordingStore, StoreError
+from llmproxy.canonical import request_differences
+from llmproxy.store.directory import RecordingStore, StoreError
+from llmproxy.store.document import RecordingError
+from llmproxy.store.index import Entry, RecordingIndex, Rendered
+from llmproxy.upstream.client import Forwarder
 
 log = structlog.get_logger("llmproxy.replay")
 

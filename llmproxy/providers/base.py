@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from llmproxy.framing import data_of
+from llmproxy.wire.framing import data_of
 
 JSON_LABEL = "json"
 

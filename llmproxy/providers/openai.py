@@ -7,8 +7,8 @@ from typing import Any
 
 import orjson
 
-from llmproxy.framing import data_of, typed
 from llmproxy.providers.base import JSON_LABEL, Provider
+from llmproxy.wire.framing import data_of, typed
 
 CHAT_COMPLETION = "openai.types.chat.chat_completion.ChatCompletion"
 CHAT_COMPLETION_CHUNK = "openai.types.chat.chat_completion_chunk.ChatCompletionChunk"

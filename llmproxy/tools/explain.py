@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from llmproxy.framing import data_of
-from llmproxy.index import RecordingIndex, canonical_for_route
-from llmproxy.matching import request_differences
-from llmproxy.recording import ProviderResolver, Recording, from_document
+from llmproxy.canonical import request_differences
 from llmproxy.routing import Router
+from llmproxy.store.document import ProviderResolver, Recording, from_document
+from llmproxy.store.index import RecordingIndex, canonical_for_route
+from llmproxy.wire.framing import data_of
 
 _AGE = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

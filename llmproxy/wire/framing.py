@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from llmproxy.codecs import (
+from llmproxy.wire.codecs import (
     frame_ndjson,
     frame_sse,
     line_ending_of,

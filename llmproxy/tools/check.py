@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmproxy.index import RecordingIndex
-from llmproxy.recording import RecordingError
 from llmproxy.routing import Router
-from llmproxy.secrets import SecretScanner
-from llmproxy.store import TEMP_SUFFIX, RecordingStore, StoreError
+from llmproxy.store.directory import TEMP_SUFFIX, RecordingStore, StoreError
+from llmproxy.store.document import RecordingError
+from llmproxy.store.index import RecordingIndex
+from llmproxy.store.secrets import SecretScanner
 
 # Names llmproxy gives its files: ...-<key16>.json, or ...-<key16>-<sequence>.json for repeats.
 _OWN_NAME = re.compile(r"-(?P<key>[0-9a-f]{16})(?:-(?P<sequence>\d+))?\.json$")

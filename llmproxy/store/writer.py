@@ -20,14 +20,14 @@ import structlog
 
 from llmproxy import __version__
 from llmproxy.call import Call, Outcome
-from llmproxy.forwarding import Exchange, body_format
-from llmproxy.framing import CapturedBody, capture, capture_opaque, data_of
+from llmproxy.canonical import RawBody, public_query
 from llmproxy.headers import recorded_response_headers
-from llmproxy.matching import RawBody, public_query
 from llmproxy.providers import Provider
-from llmproxy.recording import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
-from llmproxy.secrets import SecretScanner
-from llmproxy.store import RecordingStore
+from llmproxy.store.directory import RecordingStore
+from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
+from llmproxy.store.secrets import SecretScanner
+from llmproxy.upstream.client import Exchange, body_format
+from llmproxy.wire.framing import CapturedBody, capture, capture_opaque, data_of
 
 log = structlog.get_logger("llmproxy.record")
 

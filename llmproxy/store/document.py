@@ -20,16 +20,16 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from llmproxy.framing import (
+from llmproxy.canonical import RawBody
+from llmproxy.providers import Provider, provider_for_label
+from llmproxy.providers.base import JSON_CONTENT_TYPE
+from llmproxy.wire.framing import (
     BYTES_LABEL,
     DATA_KEY,
     TYPE_KEY,
     capture,
     typed,
 )
-from llmproxy.matching import RawBody
-from llmproxy.providers import Provider, provider_for_label
-from llmproxy.providers.base import JSON_CONTENT_TYPE
 
 TOOL_NAME = "llmproxy"
 

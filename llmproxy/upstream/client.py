@@ -15,8 +15,8 @@ import structlog
 from aiohttp import web
 
 from llmproxy.call import Call, Outcome, error_response
+from llmproxy.canonical import public_query
 from llmproxy.headers import client_response_headers, forward_request_headers
-from llmproxy.matching import public_query
 
 log = structlog.get_logger("llmproxy.forward")
 

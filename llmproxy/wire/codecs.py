@@ -2,7 +2,7 @@
 
 These functions never parse JSON and never lose a byte: joining the pieces they return gives
 back the input. Everything above them (which events are chunks, how to frame them again)
-lives in `llmproxy.framing`.
+lives in `llmproxy.wire.framing`.
 """
 
 from __future__ import annotations

@@ -20,16 +20,16 @@ from typing import Any
 
 import structlog
 
-from llmproxy.framing import render_segments
+from llmproxy.canonical import CanonicalRequest, canonical_request, similarity
 from llmproxy.headers import replay_headers
-from llmproxy.matching import CanonicalRequest, canonical_request, similarity
 from llmproxy.providers import Provider
 from llmproxy.providers.base import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
-from llmproxy.recording import Recording, RecordingError, from_document
 from llmproxy.routing import Route, Router
-from llmproxy.store import RecordingStore, StoreError
+from llmproxy.store.directory import RecordingStore, StoreError
+from llmproxy.store.document import Recording, RecordingError, from_document
+from llmproxy.wire.framing import render_segments
 
-log = structlog.get_logger("llmproxy.index")
+log = structlog.get_logger("llmproxy.store.index")
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 # For recordings that did not keep their content type (other recorders' files).

@@ -1,0 +1,1 @@
+"""Commands around the recordings: check, ls/show/explain, report/prune, run."""

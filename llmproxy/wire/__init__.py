@@ -1,0 +1,1 @@
+"""Stream and body codecs by wire format: split, capture, render."""
