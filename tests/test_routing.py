@@ -3,6 +3,11 @@ and no credential ever forwarded to another provider's upstream."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,7 @@ from llmproxy.routing import Route, Router, default_routes
 from llmproxy.store.directory import RecordingStore
 from llmproxy.tools.run import client_environment
 from tests.providers_support import normalise_json_whitespace, write_config
-from tests.support import LoopThread, RunningApp, assert_no_secret, files_under, start_proxy
+from tests.support import REPO, LoopThread, RunningApp, assert_no_secret, files_under, start_proxy
 from tests.upstreams.anthropic_wire import AnthropicWire
 from tests.upstreams.gemini_wire import GeminiWire
 from tests.upstreams.ollama_wire import OllamaWire
@@ -313,3 +318,70 @@ def test_a_configured_prefix_undoes_the_sdk_convention_only_for_the_apis_paths()
         "/health": "/health",
         "/tokenize": "/tokenize",
     }
+
+
+AI_SDK_SCRIPT = """
+const { createAnthropic } = await import(process.env.AI_SDK_ANTHROPIC);
+const model = createAnthropic()("claude-test");  // base URL and key from ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY
+const ask = (text) => ({ prompt: [{ role: "user", content: [{ type: "text", text }] }], maxOutputTokens: 20 });
+const generated = await model.doGenerate(ask("from the vercel ai sdk"));
+const { stream } = await model.doStream(ask("streamed by the vercel ai sdk"));
+let streamed = "";
+for await (const part of stream) {
+  if (part.type === "text-delta") streamed += part.delta;
+  if (part.type === "error") throw new Error(JSON.stringify(part.error));
+}
+console.log(JSON.stringify({ base: process.env.ANTHROPIC_BASE_URL, generated: generated.content, streamed }));
+"""
+
+
+def _ai_sdk_anthropic() -> str | None:
+    candidates = [
+        os.environ.get("AI_SDK_ANTHROPIC"),
+        str(REPO / ".venv-node" / "node_modules" / "@ai-sdk" / "anthropic" / "dist" / "index.js"),
+    ]
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+def test_the_real_ai_sdk_anthropic_under_llmproxy_run_records_and_replays(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    """The real `@ai-sdk/anthropic` (Node), configured only by the ANTHROPIC_BASE_URL `llmproxy run`
+    sets: it posts `{base}/messages`, which reaches Anthropic's /v1/messages and replays offline."""
+    module, node = _ai_sdk_anthropic(), shutil.which("node")
+    if module is None or node is None:
+        pytest.skip("node or @ai-sdk/anthropic is not installed (.ci/run installs it into .venv-node)")
+    upstream = Counted(loop_thread, "anthropic", AnthropicWire())
+    config = write_config(tmp_path / "llmproxy.toml", _routes({"anthropic": upstream}))
+    script = tmp_path / "ai_sdk.mjs"
+    script.write_text(AI_SDK_SCRIPT)
+    recordings = tmp_path / "recordings"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "OPENAI_"))}
+    env.update({"AI_SDK_ANTHROPIC": module, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+
+    def run(mode: str) -> dict[str, Any]:
+        result = subprocess.run(
+            [sys.executable, "-m", "llmproxy", "run", mode, "--config", str(config), "--recordings", str(recordings)]
+            + ["--", node, str(script)],
+            capture_output=True,
+            text=True,
+            env=env if mode == "record" else {k: v for k, v in env.items() if k != "ANTHROPIC_API_KEY"},
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        output: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+        assert output.pop("base").endswith("/anthropic")
+        return output
+
+    try:
+        recorded = run("record")
+    finally:
+        upstream.app.stop()
+    assert [(method, path) for method, path, _ in upstream.received] == [("POST", "/v1/messages")] * 2
+    assert all(headers["x-api-key"] == ANTHROPIC_KEY for _, _, headers in upstream.received)
+    assert recorded["generated"] == [{"type": "text", "text": "Echo: from the vercel ai sdk"}]
+    assert recorded["streamed"] == "Echo: streamed by the vercel ai sdk"
+    assert run("replay") == recorded  # the upstream is gone: both answers come from the recordings
+    store = RecordingStore(recordings)
+    assert {store.read(p)["request"]["endpoint"] for p in store.paths()} == {"/v1/messages"}
+    assert_no_secret(recordings, ANTHROPIC_KEY)
