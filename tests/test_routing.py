@@ -295,6 +295,29 @@ def test_unclaimed_path_is_a_404_naming_the_base_urls(loop_thread: LoopThread, t
         proxy.stop()
 
 
+def test_an_sdk_pointed_at_another_providers_prefix_gets_a_clear_error(loop_thread: LoopThread, tmp_path: Path) -> None:
+    """The anthropic SDK given the OpenAI base URL: a 400 its own error class shows, naming the
+    header and the base URL to use, and nothing forwarded (replay would have nothing to forward
+    either; record mode is the one with an upstream)."""
+    upstreams = _start_upstreams(loop_thread)
+    config = write_config(tmp_path / "llmproxy.toml", _routes(upstreams))
+    proxy = start_proxy(loop_thread, "record", tmp_path / "recordings", config=config)
+    try:
+        client = anthropic.Anthropic(base_url=proxy.url + "/openai", api_key=ANTHROPIC_KEY, max_retries=0)
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            client.messages.create(model="claude-test", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 400
+        assert caught.value.body["type"] == "error"  # type: ignore[index]  # Anthropic's own error shape
+        message = caught.value.body["error"]["message"]  # type: ignore[index]
+        # anthropic 2.x sends its key as a Bearer token, always with anthropic-version.
+        assert "anthropic-version (used by anthropic)" in message and proxy.url + "/anthropic" in message
+    finally:
+        proxy.stop()
+        for up in upstreams.values():
+            up.app.stop()
+    assert {name: up.received for name, up in upstreams.items()} == {name: [] for name in upstreams}
+
+
 def test_every_registered_provider_has_a_prefix_and_no_provider_claims_every_path() -> None:
     router = Router(default_routes())
     for provider in PROVIDERS.values():
