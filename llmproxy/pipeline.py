@@ -104,6 +104,7 @@ class Pipeline:
         self._flight_misses: dict[Flight, list[dict[str, Any]]] = {}
         self._landing: set[asyncio.Task[None]] = set()
         self._locks: dict[str, Lock] = {}  # cross-process locks held, by key
+        self.serving = 0  # clients being fed from a flight right now
 
     @property
     def index(self) -> Any:
@@ -236,6 +237,7 @@ class Pipeline:
     ) -> web.StreamResponse:
         """Write the flight's answer to this client as it arrives."""
         response: web.StreamResponse | None = None
+        self.serving += 1
         try:
             head = await flight.headers()
             if isinstance(head, UpstreamFailure):
@@ -285,11 +287,15 @@ class Pipeline:
             if leader:
                 self.outcome.count(Result.FORWARDED)
             return response
-        except ConnectionError:
-            if flight.persist and flight.keeping:
-                log.info("client went away before the end; reading the upstream on to record it", path=call.path)
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            # With persist the flight reads on and records the exchange whole; else the last
+            # reader to leave closes the upstream call.
+            log.info("client went away before the end", path=call.path, read_on=flight.persist and flight.keeping)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return response if response is not None else web.Response(status=499)
         finally:
+            self.serving -= 1
             flight.leave(reader)
 
     async def _land(self, flight: Flight, record: bool, sequence: int, lock: Lock | None) -> None:
@@ -305,12 +311,12 @@ class Pipeline:
                 return
             assert self.recorder is not None
             reason = None
-            if flight.response is None:
-                reason = NotRecorded.UPSTREAM_FAILED
-            elif flight.over_limit:
+            if flight.over_limit:
                 reason = NotRecorded.OVER_LIMIT
             elif flight.abandoned:
                 reason = NotRecorded.CLIENT_LEFT
+            elif flight.response is None:
+                reason = NotRecorded.UPSTREAM_FAILED
             if reason is not None:
                 self.outcome.note_not_recorded(reason)
                 log.warning(
