@@ -105,6 +105,7 @@ class Pipeline:
         self._landing: set[asyncio.Task[None]] = set()
         self._locks: dict[str, Lock] = {}  # cross-process locks held, by key
         self.serving = 0  # clients being fed from a flight right now
+        self.stop_by: float | None = None  # time.monotonic() by which close() must be done
 
     @property
     def index(self) -> Any:
@@ -126,6 +127,8 @@ class Pipeline:
         """Let flights end (bounded by `grace`), write what they received, release everything."""
         if self.playback is not None:
             await self.playback.stop()
+        if self.stop_by is not None:
+            grace = min(grace, max(0.0, self.stop_by - time.monotonic()))
         if self._landing:
             _, pending = await asyncio.wait(list(self._landing), timeout=grace)
             if pending:

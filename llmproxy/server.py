@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import ipaddress
 import signal
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -258,6 +259,9 @@ class ProxyServer:
 
     async def stop(self) -> None:
         if self._runner is not None:
+            # One shutdown_timeout in all: what the handlers use of it is not given again to the
+            # calls still reading their upstream to record it.
+            self.pipeline.stop_by = time.monotonic() + self.settings.shutdown_timeout
             await self._runner.cleanup()
             self._runner = None
         report = self.report()
