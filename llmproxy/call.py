@@ -5,7 +5,9 @@ Routing, body parsing and the key are done once, in the server, before any mode 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
@@ -28,36 +30,97 @@ class Call:
     body: bytes
     body_value: Any  # parsed JSON, RawBody, or None
     canonical: CanonicalRequest
+    # The client's headers as received (names as sent, repeats kept): what goes upstream.
+    raw_headers: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def model(self) -> str | None:
         return self.route.provider.model_of(self.path, self.body_value)
 
 
+class Result(StrEnum):
+    """How one call was answered (each call counts once, in `Outcome.count`)."""
+
+    HIT = "hit"  # replayed from a recording
+    MISS = "miss"  # no recording: answered with llmproxy's 404
+    FORWARDED = "forwarded"  # went upstream and was passed through
+    SHARED = "shared"  # an identical call was in flight: fed from it instead of going upstream
+    ERROR = "error"  # the upstream failed or broke off, or a recording could not be served
+
+
+class NotRecorded(StrEnum):
+    """Why an exchange that should have been recorded was not written."""
+
+    CLIENT_LEFT = "client_left"  # client_disconnect = "discard"
+    UPSTREAM_FAILED = "upstream_failed"  # no response, or a response cut short
+    UPSTREAM_STATUS = "upstream_status"  # 429/5xx without record_errors
+    TRUNCATED = "truncated"  # a stream without its end marker
+    SECRET = "secret"  # the scanner found a credential
+    OVER_LIMIT = "over_limit"  # the response outgrew max_recording_mb
+    WRITE_FAILED = "write_failed"
+
+
 @dataclass(slots=True)
 class Outcome:
-    """Counts every mode keeps for the exit summary and the usage report."""
+    """The counts for the exit summary and the usage report, kept in this one place."""
 
     hits: int = 0
-    misses: int = 0
+    misses: int = 0  # every miss, recorded afterwards (record --missing) or not
     forwarded: int = 0
     errors: int = 0
     refused: int = 0  # recordings the secret scanner stopped
     truncated: int = 0  # answers cut short, so not recorded
-    shared: int = 0  # identical calls that waited for one in flight instead of going upstream
+    shared: int = 0  # identical calls fed from one in flight instead of going upstream
+    not_recorded: int = 0  # exchanges meant for the recordings that were not written
+    not_recorded_by: dict[str, int] = field(default_factory=dict)
+    # Every miss; a miss that record --missing then recorded carries "recorded": its file.
     missed: list[dict[str, Any]] = field(default_factory=list)
+    # The writer thread counts too.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def note_miss(self, call: Call) -> None:
-        self.misses += 1
-        self.missed.append(
-            {
-                "method": call.method,
-                "path": call.path,
-                "route": call.route.name,
-                "model": call.model,
-                "key": call.canonical.key,
-            }
-        )
+    def count(self, result: Result) -> None:
+        with self._lock:
+            if result is Result.HIT:
+                self.hits += 1
+            elif result is Result.FORWARDED:
+                self.forwarded += 1
+            elif result is Result.SHARED:
+                self.shared += 1
+            elif result is Result.ERROR:
+                self.errors += 1
+
+    def note_miss(self, call: Call) -> dict[str, Any]:
+        """Count a miss; the entry returned is marked "recorded" if the call gets recorded."""
+        entry = {
+            "method": call.method,
+            "path": call.path,
+            "route": call.route.name,
+            "model": call.model,
+            "key": call.canonical.key,
+        }
+        with self._lock:
+            self.misses += 1
+            self.missed.append(entry)
+        return entry
+
+    def note_not_recorded(self, reason: NotRecorded) -> None:
+        with self._lock:
+            self.not_recorded += 1
+            self.not_recorded_by[reason.value] = self.not_recorded_by.get(reason.value, 0) + 1
+            if reason is NotRecorded.SECRET:
+                self.refused += 1
+            elif reason is NotRecorded.TRUNCATED:
+                self.truncated += 1
+            elif reason is NotRecorded.WRITE_FAILED:
+                self.errors += 1
+
+    @property
+    def unrecorded_misses(self) -> list[dict[str, Any]]:
+        return [miss for miss in self.missed if "recorded" not in miss]
+
+    @property
+    def recorded_misses(self) -> list[dict[str, Any]]:
+        return [miss for miss in self.missed if "recorded" in miss]
 
 
 def error_response(

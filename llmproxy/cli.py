@@ -127,6 +127,19 @@ def main() -> None:
     default=None,
     help="Also record upstream 429 and 5xx answers (off: they would poison replay).",
 )
+@click.option(
+    "--share-inflight/--no-share-inflight",
+    default=None,
+    envvar="LLMPROXY_SHARE_INFLIGHT",
+    help="Identical calls in flight at once go upstream once and share the answer (default), "
+    "or each goes upstream and is recorded as its own repeat.",
+)
+@click.option(
+    "--max-recording-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar="LLMPROXY_MAX_RECORDING_MB",
+    help="Largest response kept for a recording (default: 64); bigger ones pass through unrecorded.",
+)
 @common_options
 def record(upstream: str | None, missing: bool, config_path: Path | None, **options: Any) -> None:
     """Forward every call to the real API and record each exchange.

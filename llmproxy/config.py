@@ -44,7 +44,15 @@ class Settings:
     report: Path | None = None  # usage report (JSON) written on exit
     config_path: Path | None = None
     token: str | None = None  # when set, clients must send it in the x-llmproxy-token header
-    client_disconnect: str = "discard"  # record: "discard" the exchange or "drain" and record it
+    # record: a client that leaves early: "drain" reads the upstream on and records the exchange
+    # whole; "discard" closes the upstream request at once and records nothing.
+    client_disconnect: str = "drain"
+    # record: identical calls in flight at once go upstream once and share the answer (true), or
+    # each goes upstream and is recorded as its own repeat (false: sampling twice, two answers).
+    share_inflight: bool = True
+    # record: what is kept of one response for its recording; past it the client still gets
+    # everything, but the exchange is not recorded (counted, warned).
+    max_recording_bytes: int = 64 * 1024 * 1024
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM/SIGINT
     durable_writes: bool = False  # fsync each recording before its rename (survives power loss)
 
@@ -70,6 +78,8 @@ _PROXY_KEYS = {
     "report": str,
     "token": str,
     "client_disconnect": str,
+    "share_inflight": bool,
+    "max_recording_mb": (int, float),
     "shutdown_timeout": (int, float),
     "durable_writes": bool,
 }
@@ -182,7 +192,7 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
     if not all(isinstance(p, str) for p in patterns):
         raise ConfigError("secret_patterns must be a list of regular expressions")
     report = pick("report", None)
-    client_disconnect = str(pick("client_disconnect", "discard"))
+    client_disconnect = str(pick("client_disconnect", "drain"))
     if client_disconnect not in ("discard", "drain"):
         raise ConfigError(f"client_disconnect must be 'discard' or 'drain', not {client_disconnect!r}")
     port = int(pick("port", DEFAULT_PORT))
@@ -207,9 +217,21 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
         config_path=config_path or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None),
         token=pick("token", None) or None,
         client_disconnect=client_disconnect,
+        share_inflight=bool(pick("share_inflight", True)),
+        max_recording_bytes=_megabytes("max_recording_mb", pick("max_recording_mb", 64)),
         shutdown_timeout=float(pick("shutdown_timeout", 10.0)),
         durable_writes=bool(pick("durable_writes", False)),
     )
+
+
+def _megabytes(name: str, value: Any) -> int:
+    try:
+        size = int(float(value) * 1024 * 1024)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number of megabytes, not {value!r}") from None
+    if size <= 0:
+        raise ConfigError(f"{name} must be more than 0")
+    return size
 
 
 def _with_openai_upstream(routes: list[Route], upstream: str) -> list[Route]:

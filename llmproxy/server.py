@@ -1,4 +1,4 @@
-"""The HTTP front: every request is routed, keyed, then handed to the mode."""
+"""The HTTP front: checks (middlewares), routing and keying, then the pipeline decides."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import asyncio
 import hmac
 import ipaddress
 import signal
+import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -16,16 +18,15 @@ from aiohttp import web
 from llmproxy.call import Call, Outcome, error_response
 from llmproxy.canonical import CanonicalRequest, RawBody, parse_body
 from llmproxy.config import Settings, validate_timing
-from llmproxy.modes.base import Mode
-from llmproxy.modes.record import RecordMode
-from llmproxy.modes.replay import Replayer, ReplayMode
+from llmproxy.pipeline import MODES, MissPolicy, Pipeline, RecordPolicy
+from llmproxy.playback import Playback
 from llmproxy.routing import Refusal, Router
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex, canonical_for_route
 from llmproxy.store.secrets import SecretScanner
 from llmproxy.store.writer import Recorder
 from llmproxy.tools.report import build_report, write_report
-from llmproxy.upstream.client import Forwarder
+from llmproxy.upstream.client import AiohttpUpstream
 from llmproxy.upstream.singleflight import SUPPORTED as INFLIGHT_SUPPORTED
 from llmproxy.upstream.singleflight import InFlight
 
@@ -40,46 +41,55 @@ def record_command(settings: Settings) -> str:
     return " ".join(parts)
 
 
-def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
+def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
+    """The pipeline for a CLI mode: `record`, `record-missing` or `replay` (see pipeline.MODES)."""
+    try:
+        record = MODES[mode_name]
+    except KeyError:
+        raise ValueError(f"unknown mode {mode_name!r}") from None
+    on_miss = MissPolicy(settings.on_miss) if record is RecordPolicy.OFF else MissPolicy.ERROR
     store = RecordingStore(settings.recordings, durable=settings.durable_writes)
     outcome = Outcome()
-
-    def forwarder() -> Forwarder:
-        return Forwarder(
-            outcome,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            drain_on_disconnect=settings.client_disconnect == "drain",
-        )
-
-    def replayer(recording: bool = False) -> Replayer:
-        return Replayer(
-            RecordingIndex(router),
-            outcome,
+    upstream = None
+    if record is not RecordPolicy.OFF or on_miss is MissPolicy.FORWARD:
+        upstream = AiohttpUpstream(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
+    playback = None
+    if record is not RecordPolicy.ALL:
+        playback = Playback(
+            RecordingIndex(settings.router()),
             store,
             speed=validate_timing(settings.timing),
+            # In record --missing with after_last "error", a call asked more often than recorded
+            # is recorded as a new repeat.
             repeat_last=settings.after_last == "repeat",
             record_command=record_command(settings),
-            record_exhausted=recording,
         )
-
-    if mode_name in ("record", "record-missing"):
+    recorder = None
+    if record is not RecordPolicy.OFF:
         recorder = Recorder(
             store, outcome, scanner=SecretScanner(settings.secret_patterns), record_errors=settings.record_errors
         )
-        return RecordMode(
-            forwarder(),
-            recorder,
-            replayer(recording=True) if mode_name == "record-missing" else None,
-            InFlight(settings.recordings) if INFLIGHT_SUPPORTED else None,
-        )
-    if mode_name == "replay":
-        return ReplayMode(replayer(), forwarder() if settings.on_miss == "forward" else None)
-    raise ValueError(f"unknown mode {mode_name!r}")
+    return Pipeline(
+        name=mode_name,
+        record=record,
+        on_miss=on_miss,
+        outcome=outcome,
+        upstream=upstream,
+        playback=playback,
+        recorder=recorder,
+        inflight=InFlight(settings.recordings) if INFLIGHT_SUPPORTED and settings.share_inflight else None,
+        share_inflight=settings.share_inflight,
+        record_after_disconnect=settings.client_disconnect == "drain",
+        max_recording_bytes=settings.max_recording_bytes,
+    )
 
 
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 TOKEN_HEADER = "x-llmproxy-token"
+
+SETTINGS = web.AppKey("settings", Settings)
+ROUTER = web.AppKey("router", Router)
+PIPELINE = web.AppKey("pipeline", Pipeline)
 
 
 # Test suites send the same requests again and again: their keys are remembered (by exact
@@ -87,31 +97,57 @@ TOKEN_HEADER = "x-llmproxy-token"
 KEY_MEMO_SIZE = 4096
 KEY_MEMO_MAX_BODY = 64 * 1024
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application:
+
+@web.middleware
+async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[SETTINGS].token
+    if token is not None and not hmac.compare_digest(
+        request.headers.get(TOKEN_HEADER, "").encode("utf-8", "surrogateescape"), token.encode()
+    ):
+        log.warning("client refused: missing or wrong token", path=request.path, peer=request.remote)
+        return error_response(None, 401, f"this llmproxy needs the {TOKEN_HEADER} header", "proxy_token_required")
+    return await handler(request)
+
+
+@web.middleware
+async def method_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method not in ALLOWED_METHODS:
+        log.warning("method not allowed", method=request.method, path=request.path)
+        return error_response(None, 405, f"method {request.method} is not proxied", "method_not_allowed")
+    return await handler(request)
+
+
+@web.middleware
+async def body_size_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a body over max_body_mb (by its announced length, or while reading it)."""
+    limit = request.app[SETTINGS].max_body_bytes
+    too_large = request.content_length is not None and request.content_length > limit
+    if not too_large:
+        try:
+            await request.read()  # kept by aiohttp: the handler reads it again for free
+        except web.HTTPRequestEntityTooLarge:
+            too_large = True
+    if too_large:
+        log.warning("request body too large", path=request.path, limit=limit)
+        match = request.app[ROUTER].resolve(request.method, request.path, request.headers)
+        return error_response(
+            match.route if match else None, 413, f"request body exceeds the {limit} byte limit", "body_too_large"
+        )
+    return await handler(request)
+
+
+def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.Application:
     keys: OrderedDict[tuple[object, ...], tuple[object, CanonicalRequest]] = OrderedDict()
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if settings.token is not None and not hmac.compare_digest(
-            request.headers.get(TOKEN_HEADER, "").encode(), settings.token.encode()
-        ):
-            log.warning("client refused: missing or wrong token", path=request.path, peer=request.remote)
-            return error_response(None, 401, f"this llmproxy needs the {TOKEN_HEADER} header", "proxy_token_required")
-        if request.method not in ALLOWED_METHODS:
-            log.warning("method not allowed", method=request.method, path=request.path)
-            return error_response(None, 405, f"method {request.method} is not proxied", "method_not_allowed")
         match = router.route(request.method, request.path, request.headers, request.query_string, request.host)
         if isinstance(match, Refusal):
             log.warning("request refused", code=match.code, method=request.method, path=request.path)
             return error_response(match.route, match.status, match.message, match.code)
         route = match.route
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            log.warning("request body too large", path=request.path, limit=settings.max_body_bytes)
-            return error_response(
-                route, 413, f"request body exceeds the {settings.max_body_bytes} byte limit", "body_too_large"
-            )
+        body = await request.read()
         query = parse_qsl(request.query_string, keep_blank_values=True)
         headers = {name.lower(): value for name, value in request.headers.items()}
         content_type = request.headers.get("Content-Type", "")
@@ -146,19 +182,24 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
             body=body,
             body_value=body_value,
             canonical=canonical,
+            raw_headers=list(request.headers.items()),
         )
-        return await mode.handle(request, call)
+        return await request.app[PIPELINE].handle(request, call)
 
-    async def on_startup(_: web.Application) -> None:
-        await mode.start()
+    async def pipeline_context(app: web.Application) -> AsyncIterator[None]:
+        await app[PIPELINE].start()
+        yield
+        await app[PIPELINE].close(grace=app[SETTINGS].shutdown_timeout)
 
-    async def on_cleanup(_: web.Application) -> None:
-        await mode.close()
-
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[token_middleware, method_middleware, body_size_middleware],
+    )
+    app[SETTINGS] = settings
+    app[ROUTER] = router
+    app[PIPELINE] = pipeline
     app.router.add_route("*", "/{tail:.*}", handle)
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
+    app.cleanup_ctx.append(pipeline_context)
     return app
 
 
@@ -177,8 +218,8 @@ class ProxyServer:
     def __init__(self, settings: Settings, mode_name: str) -> None:
         self.settings = settings
         self.router = settings.router()
-        self.mode = build_mode(settings, mode_name, self.router)
-        self.app = build_app(settings, self.router, self.mode)
+        self.pipeline = build_pipeline(settings, mode_name)
+        self.app = build_app(settings, self.router, self.pipeline)
         self._runner: web.AppRunner | None = None
         self.port: int = settings.port
 
@@ -191,7 +232,13 @@ class ProxyServer:
                 token_required=self.settings.token is not None,
             )
         self._runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=self.settings.shutdown_timeout
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.settings.shutdown_timeout,
+            # A client that leaves cancels its handler at once, also while the upstream is
+            # silent: the pipeline then closes the upstream call (or reads it on to record it).
+            handler_cancellation=True,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
@@ -201,44 +248,52 @@ class ProxyServer:
             self.port = addresses[0][1]
         log.info(
             "listening",
-            mode=self.mode.name,
+            mode=self.pipeline.name,
             host=self.settings.host,
             port=self.port,
             url=f"http://{self.settings.host}:{self.port}",
         )
         if wait_ready:
-            await self.mode.wait_ready()
+            await self.pipeline.wait_ready()
         return self.port
 
     async def stop(self) -> None:
         if self._runner is not None:
+            # One shutdown_timeout in all: what the handlers use of it is not given again to the
+            # calls still reading their upstream to record it.
+            self.pipeline.stop_by = time.monotonic() + self.settings.shutdown_timeout
             await self._runner.cleanup()
             self._runner = None
         report = self.report()
         if self.settings.report is not None:
             write_report(self.settings.report, report)
+        outcome = self.pipeline.outcome
         log.info(
             "summary",
-            mode=self.mode.name,
+            mode=self.pipeline.name,
             hits=report["hits"],
             misses=len(report["misses"]),
+            recorded_misses=len(report["recorded_misses"]),
             recorded=len(report["recorded"]),
-            forwarded=self.mode.outcome.forwarded,
+            forwarded=outcome.forwarded,
+            shared=outcome.shared,
             unused="-" if report["unused"] is None else len(report["unused"]),
             errors=report["errors"],
+            not_recorded=report["not_recorded"],
             refused=report["refused"],
             report=str(self.settings.report) if self.settings.report else None,
         )
 
+    @property
+    def mode(self) -> Pipeline:
+        """The pipeline (the name tests and the plugin have used for it)."""
+        return self.pipeline
+
     def report(self) -> dict[str, Any]:
-        mode = self.mode
-        replayer = getattr(mode, "replayer", None)
-        recorder = getattr(mode, "recorder", None)
-        unused = None
-        if replayer is not None:
-            unused = [entry.source for entry in replayer.unused() if entry.source is not None]
-        recorded = list(recorder.written) if recorder is not None else []
-        return build_report(mode.name, mode.outcome, self.settings.recordings, recorded, unused)
+        pipeline = self.pipeline
+        return build_report(
+            pipeline.name, pipeline.outcome, self.settings.recordings, pipeline.recorded(), pipeline.unused()
+        )
 
 
 async def serve(settings: Settings, mode_name: str) -> None:

@@ -129,21 +129,38 @@ class CliProxy:
             command, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         self.lines: list[str] = []
+        # One reader thread owns stderr to its end: mixing a buffered readline() with a later
+        # communicate() loses the lines the buffer already held.
+        self._new_line = threading.Condition()
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
         self.port = self._wait_for_port()
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
+        with self._new_line:
+            self._new_line.notify_all()
 
     def _wait_for_port(self, timeout: float = 20) -> int:
         deadline = time.monotonic() + timeout
-        assert self.process.stderr is not None
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line:
-                if self.process.poll() is not None:
+        seen = 0
+        with self._new_line:
+            while time.monotonic() < deadline:
+                for line in self.lines[seen:]:
+                    seen += 1
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    if event.get("event") == "listening":
+                        return int(event["port"])
+                if not self._reader.is_alive() and seen == len(self.lines):
                     raise RuntimeError(f"proxy exited early: {''.join(self.lines)}")
-                continue
-            self.lines.append(line)
-            event = json.loads(line)
-            if event.get("event") == "listening":
-                return int(event["port"])
+                self._new_line.wait(0.1)
         raise TimeoutError("proxy did not report its port")
 
     @property
@@ -153,8 +170,10 @@ class CliProxy:
     def stop(self) -> list[dict[str, Any]]:
         """Stop with SIGTERM (as a user would) and return the log events, parsed."""
         self.process.terminate()
-        _, err = self.process.communicate(timeout=15)
-        self.lines.extend(err.splitlines())
+        self.process.wait(timeout=15)  # stdout stays unread: the proxy logs to stderr only
+        self._reader.join(15)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         events = []
         for line in self.lines:
             try:

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 import structlog
 
 from llmproxy import __version__
-from llmproxy.call import Call, Outcome
+from llmproxy.call import Call, NotRecorded, Outcome
 from llmproxy.canonical import RawBody, public_query
 from llmproxy.headers import recorded_response_headers
 from llmproxy.providers import Provider
@@ -76,25 +76,36 @@ class Recorder:
             route=call.route.name, path=call.path, model=call.model, key=call.canonical.key, sequence=sequence
         )
 
-    async def schedule(self, exchange: Exchange, sequence: int, done: Callable[[], None] | None = None) -> None:
-        """Write the exchange in the writer thread, then call `done` (there, written or not).
+    async def schedule(
+        self, exchange: Exchange, sequence: int, done: Callable[[Path | None], None] | None = None
+    ) -> None:
+        """Write the exchange in the writer thread, then call `done` there with the file written
+        (None when it was not).
 
         When clients outpace the disk for long, this waits (after their response was sent),
         which slows them down instead of letting the queue, and memory, grow."""
         if not exchange.complete and not self.record_errors:
-            self.outcome.truncated += 1
+            self.outcome.note_not_recorded(NotRecorded.TRUNCATED)
+            log.warning(
+                "not recorded: the upstream broke off the response",
+                route=exchange.call.route.name,
+                path=exchange.call.path,
+                hint="record_errors keeps such answers, marked truncated",
+            )
             if done is not None:
-                done()
+                done(None)
             return
         if not self.should_record(exchange.status):
+            self.outcome.note_not_recorded(NotRecorded.UPSTREAM_STATUS)
             log.warning(
                 "not recorded: upstream error status",
                 route=exchange.call.route.name,
                 path=exchange.call.path,
                 status=exchange.status,
+                hint="record_errors keeps 429 and 5xx answers",
             )
             if done is not None:
-                done()
+                done(None)
             return
         if self._room is None:
             self._room = asyncio.Condition()
@@ -119,12 +130,14 @@ class Recorder:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
         self._writer.shutdown(wait=True)
 
-    def _write_then(self, exchange: Exchange, sequence: int, done: Callable[[], None] | None) -> Path | None:
+    def _write_then(self, exchange: Exchange, sequence: int, done: Callable[[Path | None], None] | None) -> Path | None:
+        path = None
         try:
-            return self.write(exchange, sequence)
+            path = self.write(exchange, sequence)
+            return path
         finally:
             if done is not None:
-                done()
+                done(path)
 
     def write(self, exchange: Exchange, sequence: int = 1) -> Path | None:
         call = exchange.call
@@ -132,7 +145,7 @@ class Recorder:
             recording = build_recording(exchange)
             if _truncated(exchange, recording):
                 if not self.record_errors:
-                    self.outcome.truncated += 1
+                    self.outcome.note_not_recorded(NotRecorded.TRUNCATED)
                     log.warning(
                         "not recorded: the response was cut short",
                         route=call.route.name,
@@ -149,7 +162,7 @@ class Recorder:
                 raise SecretFound("; ".join(str(finding) for finding in findings))
             path = self.store.write(self.target(call, sequence), data)
         except SecretFound as exc:
-            self.outcome.refused += 1
+            self.outcome.note_not_recorded(NotRecorded.SECRET)
             log.error(
                 "recording refused: it would hold a credential",
                 route=call.route.name,
@@ -159,7 +172,7 @@ class Recorder:
             )
             return None
         except Exception:
-            self.outcome.errors += 1
+            self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
             log.exception("recording not written", route=call.route.name, path=call.path)
             return None
         self.written.append(str(path))

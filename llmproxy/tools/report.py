@@ -1,7 +1,8 @@
 """The usage report: what a run hit, missed, recorded, and which recordings it never used.
 
-`llmproxy prune --report FILE` trusts a report only when the run had no misses: a run that
-missed may have skipped code paths, so "unused" would not mean "stale".
+`llmproxy prune --report FILE` trusts a report only when the run had no misses left
+unrecorded: a run that missed may have skipped code paths, so "unused" would not mean "stale";
+a miss that `record --missing` recorded ran its code path like a hit.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ def build_report(
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "recordings": str(recordings),
         "hits": outcome.hits,
-        "misses": outcome.missed,
+        # Misses nothing answers yet; those record --missing recorded are listed apart.
+        "misses": outcome.unrecorded_misses,
+        "recorded_misses": outcome.recorded_misses,
         "recorded": [str(path) for path in recorded],
         # None when the mode loaded no recordings (plain record): nothing can be said of use.
         "unused": None if unused is None else sorted({str(path) for path in unused}),
         "errors": outcome.errors,
         "refused": outcome.refused,
+        "not_recorded": outcome.not_recorded,
+        "not_recorded_by": dict(outcome.not_recorded_by),
     }
 
 

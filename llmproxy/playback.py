@@ -1,47 +1,81 @@
-"""Replay mode: answer from recordings only. No network, no API key, a clear error on a miss."""
+"""The replay side of the pipeline: which recording answers a call, at what pace, and the miss
+message when none does. It never writes to a client: the pipeline does."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiohttp import web
 
-from llmproxy.call import Call, Outcome, error_response
+from llmproxy.call import Call, error_response
 from llmproxy.canonical import request_differences
 from llmproxy.store.directory import RecordingStore, StoreError
 from llmproxy.store.document import RecordingError
 from llmproxy.store.index import Entry, RecordingIndex, Rendered
-from llmproxy.upstream.client import Forwarder
 
-log = structlog.get_logger("llmproxy.replay")
+log = structlog.get_logger("llmproxy.playback")
+
+# Realtime pacing trusts the file's timing only this far: a pause is at most this long.
+MAX_PAUSE_MS = 60_000.0
 
 
-class Replayer:
-    """Serves recordings from the index: the Nth identical request gets the Nth recording."""
+@dataclass(frozen=True, slots=True)
+class Found:
+    rendered: Rendered
+    entry: Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Exhausted:
+    """Every recorded repeat was served, and repeats are off."""
+
+    recorded: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    entry: Entry
+    reason: str
+
+
+Lookup = Found | Exhausted | Unreadable | None
+
+
+def _pause_ms(value: Any) -> float:
+    """A pause from a recording's timing: a finite, non-negative number, clamped."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        return 0.0
+    return min(value, MAX_PAUSE_MS)
+
+
+class Playback:
+    """Recordings by key: the Nth identical request gets the Nth recording."""
 
     def __init__(
         self,
         index: RecordingIndex,
-        outcome: Outcome,
         store: RecordingStore | None = None,
         *,
         speed: float | None = None,
         repeat_last: bool = True,
         record_command: str = "llmproxy record --missing",
-        record_exhausted: bool = False,
     ) -> None:
         self.index = index
-        self.outcome = outcome
+        self.store = store
         # None replays as fast as possible; otherwise the recorded pacing divided by speed.
         self.speed = speed
-        # After the last recorded repeat of a request: serve the last one again, or fail.
+        # After the last recorded repeat of a request: serve the last one again, or not.
         self.repeat_last = repeat_last
         self.record_command = record_command
-        # In record --missing, a request asked more often than recorded is recorded again.
-        self.record_exhausted = record_exhausted
-        self.store = store
         self._served: dict[str, int] = {}
         self._loading: asyncio.Future[None] | None = None
 
@@ -78,8 +112,11 @@ class Replayer:
             unused.extend(self.index.get(key)[self._served.get(key, 0) :])
         return unused
 
-    async def serve(self, request: web.Request, call: Call) -> web.StreamResponse | None:
-        """The recorded answer, or None when nothing was recorded for this request."""
+    def recorded(self, key: str) -> int:
+        return len(self.index.get(key))
+
+    async def lookup(self, call: Call) -> Lookup:
+        """The recording that answers this call (None: nothing recorded for it)."""
         key = call.canonical.key
         entries = self.index.get(key)
         while not entries and self._loading is not None and not self._loading.done():
@@ -91,54 +128,55 @@ class Replayer:
         served = self._served.get(key, 0)
         self._served[key] = served + 1
         if served >= len(entries) and not self.repeat_last:
-            if self.record_exhausted:
-                return None  # record --missing: the extra call is a new repeat to record
-            self.outcome.note_miss(call)
-            message = (
-                f"all {len(entries)} recordings of {call.canonical.describe()} (key {key[:16]}) were "
-                "already replayed and repeats are off; record the extra call to replay it"
-            )
-            log.warning("replay exhausted", path=call.path, key=key[:16], recorded=len(entries))
-            return error_response(call.route, 404, message, "recordings_exhausted")
+            return Exhausted(len(entries))
         entry = entries[min(served, len(entries) - 1)]
         rendered = self.index.cache.get(entry)
         if rendered is None:
             try:
                 rendered = await asyncio.get_running_loop().run_in_executor(None, self.index.rendered, entry)
             except (StoreError, RecordingError, ValueError, TypeError) as exc:
-                self.outcome.errors += 1
                 log.error("recording cannot be replayed", file=str(entry.source), reason=str(exc))
-                message = f"the recording {entry.source} cannot be replayed: {exc}"
-                return error_response(call.route, 500, message, "recording_unreadable")
-        self.outcome.hits += 1
-        if self.speed is None or not rendered.streaming:
-            return web.Response(status=rendered.status, body=rendered.body, headers=rendered.headers)
-        return await self._paced(request, rendered, rendered.headers)
+                return Unreadable(entry, str(exc))
+        log.debug("replay hit", path=call.path, key=key[:16], file=str(entry.source) if entry.source else None)
+        return Found(rendered, entry)
 
-    async def _paced(self, request: web.Request, rendered: Rendered, headers: dict[str, str]) -> web.StreamResponse:
-        """Write each chunk at its recorded offset (divided by the speed factor)."""
+    def paced(self, rendered: Rendered) -> bool:
+        return self.speed is not None and rendered.streaming
+
+    async def headers_pause(self, rendered: Rendered) -> None:
         assert self.speed is not None
-        timing = rendered.timing or {}
-        offsets = list(timing.get("chunk_ms") or [])
-        segments = rendered.segments
-        stream = web.StreamResponse(status=rendered.status, headers=headers)
+        await asyncio.sleep(_pause_ms((rendered.timing or {}).get("headers_ms")) / 1000 / self.speed)
+
+    async def segments(self, rendered: Rendered) -> AsyncIterator[bytes]:
+        """Each chunk at its recorded offset (divided by the speed factor), from now."""
+        assert self.speed is not None
+        offsets = (rendered.timing or {}).get("chunk_ms") or []
+        if not isinstance(offsets, list):
+            offsets = []
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        await asyncio.sleep(float(timing.get("headers_ms") or 0) / 1000 / self.speed)
-        await stream.prepare(request)
-        for index, segment in enumerate(segments):
+        started = loop.time() - _pause_ms((rendered.timing or {}).get("headers_ms")) / 1000 / self.speed
+        for index, segment in enumerate(rendered.segments):
             if index < len(offsets):
-                due = started + float(offsets[index]) / 1000 / self.speed
-                delay = due - loop.time()
+                delay = started + _pause_ms(offsets[index]) / 1000 / self.speed - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            await stream.write(segment)
-        await stream.write_eof()
-        return stream
+            yield segment
 
-    def miss(self, call: Call) -> web.Response:
+    def exhausted_response(self, call: Call, recorded: int) -> web.Response:
+        key = call.canonical.key
+        message = (
+            f"all {recorded} recordings of {call.canonical.describe()} (key {key[:16]}) were "
+            "already replayed and repeats are off; record the extra call to replay it"
+        )
+        log.warning("replay exhausted", path=call.path, key=key[:16], recorded=recorded)
+        return error_response(call.route, 404, message, "recordings_exhausted")
+
+    def unreadable_response(self, call: Call, found: Unreadable) -> web.Response:
+        message = f"the recording {found.entry.source} cannot be replayed: {found.reason}"
+        return error_response(call.route, 500, message, "recording_unreadable")
+
+    def miss_response(self, call: Call) -> web.Response:
         """A 404 in the provider's shape naming the request, the nearest recording and the fix."""
-        self.outcome.note_miss(call)
         canonical = call.canonical
         model = call.model or "-"
         message = (
@@ -165,41 +203,3 @@ class Replayer:
             differences=differences,
         )
         return error_response(call.route, 404, message, "recording_not_found")
-
-
-class ReplayMode:
-    """Answer from recordings only; on a miss, fail loudly (default) or forward unrecorded."""
-
-    name = "replay"
-
-    def __init__(self, replayer: Replayer, forwarder: Forwarder | None = None) -> None:
-        self.replayer = replayer
-        self.outcome = replayer.outcome
-        self.index = replayer.index
-        self.forwarder = forwarder
-
-    async def start(self) -> None:
-        await self.replayer.start()
-        if self.forwarder is not None:
-            await self.forwarder.start()
-
-    async def wait_ready(self) -> None:
-        await self.replayer.wait_loaded()
-
-    async def close(self) -> None:
-        await self.replayer.stop()
-        if self.forwarder is not None:
-            await self.forwarder.close()
-
-    async def handle(self, request: web.Request, call: Call) -> web.StreamResponse:
-        response = await self.replayer.serve(request, call)
-        if response is not None:
-            return response
-        if self.forwarder is None:
-            return self.replayer.miss(call)
-        self.outcome.note_miss(call)
-        log.warning(
-            "replay miss forwarded live, not recorded", method=call.method, path=call.path, route=call.route.name
-        )
-        response, _ = await self.forwarder.forward(request, call)
-        return response

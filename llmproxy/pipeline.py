@@ -1,0 +1,406 @@
+"""The request pipeline: one handler decides, per routed call, what answers it.
+
+Two settings decide, as in talkback: what to record (`RecordPolicy`: nothing, what is missing,
+everything) and what a miss gets when nothing is recorded (`MissPolicy`: llmproxy's 404, or the
+live upstream, unrecorded). The CLI modes are points on that grid:
+
+    replay                      OFF     x ERROR
+    replay --on-miss forward    OFF     x FORWARD
+    record --missing            MISSING (a miss is forwarded and recorded)
+    record                      ALL     (every call is forwarded and recorded)
+
+Only this module writes to the client: the playback finds recordings, the upstream hands back a
+response to read, a flight fans it out to every identical call in flight, and the recorder
+writes what the flight received once it ended, whether or not its clients stayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from llmproxy.call import Call, NotRecorded, Outcome, Result, error_response
+from llmproxy.headers import client_response_headers
+from llmproxy.playback import Exhausted, Found, Playback, Unreadable
+from llmproxy.store.directory import RecordingStore, StoreError
+from llmproxy.store.document import RecordingError, from_document
+from llmproxy.store.index import Rendered, render
+from llmproxy.store.writer import Recorder
+from llmproxy.upstream.base import Upstream, UpstreamFailure
+from llmproxy.upstream.client import STREAM_FORMATS, Exchange, body_format
+from llmproxy.upstream.flight import Flight
+from llmproxy.upstream.singleflight import InFlight, Lock
+
+log = structlog.get_logger("llmproxy.pipeline")
+
+# Cross-process locks are held until the recording is written; past this many, calls go
+# unshared across processes rather than hold a file descriptor each.
+MAX_HELD_LOCKS = 256
+# A non-streamed answer up to this size is sent whole, with its length (and a 502 if the upstream
+# breaks off before its end); a bigger one is passed through as it arrives.
+WHOLE_BODY_BYTES = 1024 * 1024
+
+
+class RecordPolicy(StrEnum):
+    OFF = "off"  # replay only
+    MISSING = "missing"  # replay what is recorded, record what is not
+    ALL = "all"  # (re-)record every call
+
+
+class MissPolicy(StrEnum):
+    ERROR = "error"  # llmproxy's 404 naming the nearest recording
+    FORWARD = "forward"  # the live upstream's answer, not recorded
+
+
+MODES: dict[str, RecordPolicy] = {
+    "record": RecordPolicy.ALL,
+    "record-missing": RecordPolicy.MISSING,
+    "replay": RecordPolicy.OFF,
+}
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        name: str,
+        record: RecordPolicy,
+        on_miss: MissPolicy,
+        outcome: Outcome,
+        upstream: Upstream | None,
+        playback: Playback | None = None,
+        recorder: Recorder | None = None,
+        inflight: InFlight | None = None,
+        share_inflight: bool = True,
+        record_after_disconnect: bool = True,
+        max_recording_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        if record is not RecordPolicy.OFF and (upstream is None or recorder is None):
+            raise ValueError("recording needs an upstream and a recorder")
+        if record is not RecordPolicy.ALL and playback is None:
+            raise ValueError("replaying needs a playback")
+        if on_miss is MissPolicy.FORWARD and upstream is None:
+            raise ValueError("forwarding misses needs an upstream")
+        self.name = name
+        self.record = record
+        self.on_miss = on_miss
+        self.outcome = outcome
+        self.upstream = upstream
+        self.playback = playback
+        self.recorder = recorder
+        self.inflight = inflight
+        self.share_inflight = share_inflight
+        # A client that leaves before the end: read the upstream on and record the exchange
+        # whole (True), or close the upstream request at once and record nothing.
+        self.record_after_disconnect = record_after_disconnect
+        self.max_recording_bytes = max_recording_bytes
+        self._flights: dict[str, Flight] = {}  # shareable flights by request key
+        self._flight_misses: dict[Flight, list[dict[str, Any]]] = {}
+        self._landing: set[asyncio.Task[None]] = set()
+        self._locks: dict[str, Lock] = {}  # cross-process locks held, by key
+        self.serving = 0  # clients being fed from a flight right now
+        self.stop_by: float | None = None  # time.monotonic() by which close() must be done
+
+    @property
+    def index(self) -> Any:
+        return self.playback.index if self.playback is not None else None
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.playback is not None:
+            await self.playback.start()
+        if self.upstream is not None:
+            await self.upstream.start()
+
+    async def wait_ready(self) -> None:
+        if self.playback is not None:
+            await self.playback.wait_loaded()
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Let flights end (bounded by `grace`), write what they received, release everything."""
+        if self.playback is not None:
+            await self.playback.stop()
+        if self.stop_by is not None:
+            grace = min(grace, max(0.0, self.stop_by - time.monotonic()))
+        if self._landing:
+            _, pending = await asyncio.wait(list(self._landing), timeout=grace)
+            if pending:
+                log.warning("shutting down: calls still reading their upstream are cut off", calls=len(pending))
+                for flight in list(self._flight_misses):
+                    flight.abandon()
+                await asyncio.wait(pending)
+        if self.recorder is not None:
+            await self.recorder.drain()
+        if self.upstream is not None:
+            await self.upstream.close()
+
+    def unused(self) -> list[Path] | None:
+        """Recordings loaded but never served (None when nothing was loaded)."""
+        if self.playback is None:
+            return None
+        return [entry.source for entry in self.playback.unused() if entry.source is not None]
+
+    def recorded(self) -> list[str]:
+        return list(self.recorder.written) if self.recorder is not None else []
+
+    # -- the handler ------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request, call: Call) -> web.StreamResponse:
+        if self.playback is not None:
+            found = await self.playback.lookup(call)
+            if isinstance(found, Found):
+                self.outcome.count(Result.HIT)
+                return await self._send_rendered(request, found.rendered)
+            if isinstance(found, Unreadable):
+                self.outcome.count(Result.ERROR)
+                return self.playback.unreadable_response(call, found)
+            if isinstance(found, Exhausted) and self.record is not RecordPolicy.MISSING:
+                self.outcome.note_miss(call)
+                return self.playback.exhausted_response(call, found.recorded)
+        if self.record is RecordPolicy.OFF:
+            assert self.playback is not None
+            self.outcome.note_miss(call)
+            if self.on_miss is MissPolicy.ERROR:
+                return self.playback.miss_response(call)
+            log.warning(
+                "replay miss forwarded live, not recorded", method=call.method, path=call.path, route=call.route.name
+            )
+            return await self._forward(request, call, record=False)
+        miss = None
+        if self.record is RecordPolicy.MISSING:
+            miss = self.outcome.note_miss(call)
+            log.info("live call: no recording yet", method=call.method, path=call.path, route=call.route.name)
+        return await self._forward(request, call, record=True, miss=miss)
+
+    async def _forward(
+        self, request: web.Request, call: Call, *, record: bool, miss: dict[str, Any] | None = None
+    ) -> web.StreamResponse:
+        assert self.upstream is not None
+        key = call.canonical.key
+        share = record and self.share_inflight
+        if share:
+            joined = self._join(key, miss)
+            if joined is not None:
+                return await self._serve(request, call, *joined, leader=False)
+        lock: Lock | None = None
+        if share and self.inflight is not None and key not in self._locks and len(self._locks) < MAX_HELD_LOCKS:
+            taken = self.inflight.try_acquire(key)
+            if taken is None:  # another proxy on this directory is making this very call
+                served = await self._wait_for_other_process(call)
+                if served is not None:
+                    rendered, path = served
+                    self.outcome.count(Result.SHARED)
+                    if miss is not None:
+                        miss["recorded"] = str(path)
+                    return await self._send_rendered(request, rendered)
+                joined = self._join(key, miss)  # one of our own may have started it meanwhile
+                if joined is not None:
+                    return await self._serve(request, call, *joined, leader=False)
+                taken = self.inflight.try_acquire(key)
+            if isinstance(taken, Lock):
+                lock = self._locks[key] = taken
+        sequence = 0
+        if record:
+            assert self.recorder is not None
+            sequence = self.recorder.next_sequence(key, self.playback.recorded(key) if self.playback else 0)
+        flight = Flight(
+            call,
+            self.upstream,
+            keep_bytes=self.max_recording_bytes if record else None,
+            persist=record and self.record_after_disconnect,
+        )
+        reader = flight.join()  # before the flight's task first runs: it must see its reader
+        self._flight_misses[flight] = [miss] if miss is not None else []
+        if share:
+            self._flights[key] = flight
+        task = asyncio.create_task(self._land(flight, record, sequence, lock))
+        self._landing.add(task)
+        task.add_done_callback(self._landing.discard)
+        return await self._serve(request, call, flight, reader, leader=True)
+
+    def _join(self, key: str, miss: dict[str, Any] | None) -> tuple[Flight, int] | None:
+        flight = self._flights.get(key)
+        if flight is None or not flight.joinable:
+            return None
+        self.outcome.count(Result.SHARED)
+        if miss is not None:
+            self._flight_misses.setdefault(flight, []).append(miss)
+        log.debug("identical call in flight: fed from it", key=key[:16])
+        return flight, flight.join()
+
+    async def _serve(
+        self, request: web.Request, call: Call, flight: Flight, reader: int, *, leader: bool
+    ) -> web.StreamResponse:
+        """Write the flight's answer to this client as it arrives."""
+        response: web.StreamResponse | None = None
+        self.serving += 1
+        try:
+            head = await flight.headers()
+            if isinstance(head, UpstreamFailure):
+                self.outcome.count(Result.ERROR)
+                return error_response(call.route, head.status, head.message, head.code)
+            headers = client_response_headers(head.headers)
+            content_type = next((value for name, value in head.headers if name.lower() == "content-type"), "")
+            chunks = flight.chunks(reader)
+            if body_format(content_type) not in STREAM_FORMATS:
+                parts: list[bytes] = []
+                size = 0
+                async for data in chunks:
+                    parts.append(data)
+                    size += len(data)
+                    if size > WHOLE_BODY_BYTES:
+                        break
+                else:
+                    if flight.broken is not None:
+                        self.outcome.count(Result.ERROR)
+                        log.error("upstream broke off the response", route=call.route.name, error=flight.broken)
+                        message = f"upstream {call.route.name} broke off: {flight.broken}"
+                        return error_response(call.route, 502, message, "upstream_broken")
+                    if leader:
+                        self.outcome.count(Result.FORWARDED)
+                    return web.Response(status=head.status, body=b"".join(parts), headers=headers)
+                response = web.StreamResponse(status=head.status, headers=headers)
+                await response.prepare(request)
+                for data in parts:
+                    await response.write(data)
+                del parts
+            else:
+                response = web.StreamResponse(status=head.status, headers=headers)
+                await response.prepare(request)
+            async for data in chunks:
+                await response.write(data)  # straight on: the client's time to first byte is the upstream's
+            if flight.broken is not None:
+                self.outcome.count(Result.ERROR)
+                log.error("upstream broke off the response", route=call.route.name, error=flight.broken)
+                _abort(request)  # the client already has part of the answer: cut it off too
+                return response
+            try:
+                await response.write_eof()
+            except ConnectionError:
+                # SDKs stop reading at their end marker ([DONE], message_stop) and may close
+                # before the final empty chunk: the client had everything, the flight has too.
+                pass
+            if leader:
+                self.outcome.count(Result.FORWARDED)
+            return response
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            # With persist the flight reads on and records the exchange whole; else the last
+            # reader to leave closes the upstream call.
+            log.info("client went away before the end", path=call.path, read_on=flight.persist and flight.keeping)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return response if response is not None else web.Response(status=499)
+        finally:
+            self.serving -= 1
+            flight.leave(reader)
+
+    async def _land(self, flight: Flight, record: bool, sequence: int, lock: Lock | None) -> None:
+        """After the flight: write its exchange, or say loudly why not; then free its lock."""
+        call = flight.call
+        key = call.canonical.key
+        written = False
+        try:
+            await flight.finished()
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            if not record:
+                return
+            assert self.recorder is not None
+            reason = None
+            if flight.over_limit:
+                reason = NotRecorded.OVER_LIMIT
+            elif flight.abandoned:
+                reason = NotRecorded.CLIENT_LEFT
+            elif flight.response is None:
+                reason = NotRecorded.UPSTREAM_FAILED
+            if reason is not None:
+                self.outcome.note_not_recorded(reason)
+                log.warning(
+                    "not recorded",
+                    reason=reason.value,
+                    route=call.route.name,
+                    method=call.method,
+                    path=call.path,
+                    received=flight.received,
+                    limit=self.max_recording_bytes if reason is NotRecorded.OVER_LIMIT else None,
+                )
+                self.recorder.give_back(key, sequence)
+                return
+            assert flight.response is not None
+            body = flight.body()
+            assert body is not None
+            exchange = Exchange(
+                call=call,
+                url=flight.response.url,
+                status=flight.response.status,
+                headers=flight.response.headers,
+                body=body,
+                reads=flight.reads,
+                headers_ms=flight.response.headers_ms,
+                complete=flight.broken is None,
+            )
+            loop = asyncio.get_running_loop()
+
+            def done(path: Path | None) -> None:
+                loop.call_soon_threadsafe(self._landed, flight, key, lock, path)
+
+            written = True  # from here `done` releases the lock
+            await self.recorder.schedule(exchange, sequence, done)
+        finally:
+            if not written:
+                self._landed(flight, key, lock, None)
+
+    def _landed(self, flight: Flight, key: str, lock: Lock | None, path: Path | None) -> None:
+        for miss in self._flight_misses.pop(flight, []):
+            if path is not None:
+                miss["recorded"] = str(path)
+        if lock is not None:
+            if self._locks.get(key) is lock:
+                del self._locks[key]
+            InFlight.release(lock)
+
+    async def _send_rendered(self, request: web.Request, rendered: Rendered) -> web.StreamResponse:
+        playback = self.playback
+        if playback is None or not playback.paced(rendered):
+            return web.Response(status=rendered.status, body=rendered.body, headers=rendered.headers)
+        await playback.headers_pause(rendered)
+        stream = web.StreamResponse(status=rendered.status, headers=rendered.headers)
+        await stream.prepare(request)
+        try:
+            async for segment in playback.segments(rendered):
+                await stream.write(segment)
+            await stream.write_eof()
+        except ConnectionError:
+            pass  # the client left: nothing to record in replay
+        return stream
+
+    async def _wait_for_other_process(self, call: Call) -> tuple[Rendered, Path] | None:
+        """Wait for the proxy that holds this call's lock; the recording it wrote, if it did."""
+        assert self.inflight is not None and self.recorder is not None and self.upstream is not None
+        started = time.time()
+        if not await self.inflight.wait(call.canonical.key, self.upstream.read_timeout):
+            return None
+        store = self.recorder.store
+        path = store.newest_recording(call.route.name, call.canonical.key, since=started - 1)
+        if path is None:
+            return None  # the other call recorded nothing (an error, a cut): go upstream ourselves
+        loop = asyncio.get_running_loop()
+        try:
+            document = await loop.run_in_executor(None, RecordingStore.read, path)
+            rendered = render(from_document(document, lambda _method, _path: call.route.provider), call.route)
+        except (StoreError, RecordingError, ValueError, TypeError):
+            return None
+        log.info("identical call in flight in another proxy: served its recording", path=call.path, file=str(path))
+        return rendered, path
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()
