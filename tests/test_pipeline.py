@@ -176,9 +176,9 @@ def _record_with_early_leaver(
     marker = upstream.before[-1]
     try:
         with structlog.testing.capture_logs() as logs:
-            received = _leave_after(
-                loop_thread, proxy.url + url_path, body, marker, {"anthropic-version": "2023-06-01"}
-            )
+            # Each provider's own identity header: an anthropic-version on OpenAI's route is refused.
+            headers = {"anthropic-version": "2023-06-01"} if provider == "anthropic" else {}
+            received = _leave_after(loop_thread, proxy.url + url_path, body, marker, headers)
             # The proxy has seen its client go, and the upstream has not finished yet.
             _wait_until(lambda: proxy.server.pipeline.serving == 0, "the proxy to notice the client left")
             assert upstream.requests == 1 and not files_under(recordings)
