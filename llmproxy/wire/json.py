@@ -58,22 +58,6 @@ def set_style(framing: dict[str, Any], style: JsonStyle) -> None:
         framing["json_style"] = style.value
 
 
-# orjson reads integers past 64 bits as floats: such payloads keep their exact text (verbatim).
-_INT64_LIMIT = 2.0**63
-
-
-def has_lossy_number(value: Any) -> bool:
-    """Whether parsing may have rounded a number (checked on the parsed value: cost follows the
-    number of JSON nodes, not the bytes, so a 1 MB string costs nothing)."""
-    if type(value) is float:
-        return not -_INT64_LIMIT < value < _INT64_LIMIT
-    if type(value) is dict:
-        return any(has_lossy_number(item) for item in value.values())
-    if type(value) is list:
-        return any(has_lossy_number(item) for item in value)
-    return False
-
-
 NOT_JSON = object()
 
 
@@ -97,8 +81,8 @@ class StyleDetector:
 
     def accepts(self, value: Any, text: str) -> bool:
         """Whether rendering `value` in the recording's style gives back `text` exactly."""
-        if has_lossy_number(value):
-            return False
+        # Numbers orjson could not keep (integers past 64 bits read as floats) never render back
+        # to their text, so the comparison alone sends them to verbatim.
         if dumps(value, self.style) == text:
             self._accepted.append((value, text))
             return True
