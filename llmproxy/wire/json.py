@@ -75,9 +75,14 @@ class StyleDetector:
     Starts with orjson's; switches once a text needs another style, if that style also
     reproduces every text accepted before. A text no style reproduces is for verbatim."""
 
+    # After this many texts no style reproduced, the upstream's serialiser is none of ours: stop
+    # trying the others on every text (each try is a full serialisation).
+    GIVE_UP_AFTER = 8
+
     def __init__(self) -> None:
         self.style = JsonStyle.ORJSON
         self._accepted: list[tuple[Any, str]] = []
+        self._misses = 0
 
     def accepts(self, value: Any, text: str) -> bool:
         """Whether rendering `value` in the recording's style gives back `text` exactly."""
@@ -86,6 +91,8 @@ class StyleDetector:
         if dumps(value, self.style) == text:
             self._accepted.append((value, text))
             return True
+        if self._misses >= self.GIVE_UP_AFTER:
+            return False
         for style in JsonStyle:
             if style is self.style or dumps(value, style) != text:
                 continue
@@ -93,6 +100,7 @@ class StyleDetector:
                 self.style = style
                 self._accepted.append((value, text))
                 return True
+        self._misses += 1
         return False
 
 
