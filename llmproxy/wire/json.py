@@ -22,16 +22,22 @@ class JsonStyle(StrEnum):
 
     ORJSON = "orjson"  # compact, UTF-8 as is (the default: files without json_style)
     PYTHON = "python"  # json.dumps defaults: ", " and ": ", non-ASCII as \uXXXX
-    PYTHON_COMPACT = "python-compact"  # separators=(",", ":"), non-ASCII as \uXXXX
     PYTHON_UNICODE = "python-unicode"  # ", " and ": ", ensure_ascii=False
+    PYTHON_COMPACT = "python-compact"  # separators=(",", ":"), non-ASCII as \uXXXX
     PYTHON_COMPACT_UNICODE = "python-compact-unicode"  # separators=(",", ":"), ensure_ascii=False
+    KEY_SPACED = "key-spaced"  # "," and ": ", UTF-8 as is (Gemini and Vertex stream events)
+    INDENT_2 = "indent-2"  # json.dumps(indent=2): pretty-printed bodies
+    INDENT_2_UNICODE = "indent-2-unicode"  # json.dumps(indent=2, ensure_ascii=False)
 
 
 _PYTHON_OPTIONS: dict[JsonStyle, dict[str, Any]] = {
     JsonStyle.PYTHON: {"separators": (", ", ": "), "ensure_ascii": True},
-    JsonStyle.PYTHON_COMPACT: {"separators": (",", ":"), "ensure_ascii": True},
     JsonStyle.PYTHON_UNICODE: {"separators": (", ", ": "), "ensure_ascii": False},
+    JsonStyle.PYTHON_COMPACT: {"separators": (",", ":"), "ensure_ascii": True},
     JsonStyle.PYTHON_COMPACT_UNICODE: {"separators": (",", ":"), "ensure_ascii": False},
+    JsonStyle.KEY_SPACED: {"separators": (",", ": "), "ensure_ascii": False},
+    JsonStyle.INDENT_2: {"indent": 2, "ensure_ascii": True},
+    JsonStyle.INDENT_2_UNICODE: {"indent": 2, "ensure_ascii": False},
 }
 
 
