@@ -119,6 +119,9 @@ class JsonCodec:
     def splitter(self) -> Splitter:
         return WholeBody()
 
+    def default_framing(self) -> dict[str, Any]:
+        return {"format": Format.JSON.value}
+
     def capture(self, raw: bytes, labeler: Labeler) -> CapturedBody:
         from llmproxy.wire.opaque import OPAQUE  # a body that is not JSON after all
 
