@@ -1,9 +1,10 @@
 """JSON: whole-body codec, and how an upstream spells JSON (its style), for every codec.
 
-Upstreams write the same value differently: many compactly as orjson does (Node's
-JSON.stringify differs only for floats of 1e20 and up), Python servers with `json.dumps` defaults (`", "`, `": "`, `\\uXXXX` escapes, `5.978460467304103e-05`). A
-recording stores the parsed value (readable) plus its style, so replay writes the exact bytes;
-texts no style reproduces (exotic spacing, numbers past 64 bits) are kept verbatim.
+Upstreams write the same value differently: many compactly as orjson does (Node's JSON.stringify
+differs only for floats of 1e20 and up), Python servers with `json.dumps` defaults (`", "`,
+`": "`, `\\uXXXX` escapes, `5.978460467304103e-05`). A recording stores the parsed value
+(readable) plus its style, so replay writes the exact bytes; texts no style reproduces (exotic
+spacing, numbers past 64 bits) are kept verbatim.
 """
 
 from __future__ import annotations
