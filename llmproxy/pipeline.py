@@ -33,9 +33,10 @@ from llmproxy.store.document import RecordingError, from_document
 from llmproxy.store.index import Rendered, render
 from llmproxy.store.writer import Recorder
 from llmproxy.upstream.base import Upstream, UpstreamFailure
-from llmproxy.upstream.client import STREAM_FORMATS, Exchange, body_format
+from llmproxy.upstream.client import Exchange
 from llmproxy.upstream.flight import Flight
 from llmproxy.upstream.singleflight import InFlight, Lock
+from llmproxy.wire.registry import codec_for_content_type
 
 log = structlog.get_logger("llmproxy.pipeline")
 
@@ -249,7 +250,7 @@ class Pipeline:
             headers = client_response_headers(head.headers)
             content_type = next((value for name, value in head.headers if name.lower() == "content-type"), "")
             chunks = flight.chunks(reader)
-            if body_format(content_type) not in STREAM_FORMATS:
+            if not codec_for_content_type(content_type).streaming:
                 parts: list[bytes] = []
                 size = 0
                 async for data in chunks:

@@ -21,20 +21,6 @@ from llmproxy.upstream.base import UpstreamBroken, UpstreamFailure
 
 log = structlog.get_logger("llmproxy.upstream")
 
-STREAM_FORMATS = ("sse", "ndjson")
-
-
-def body_format(content_type: str) -> str:
-    """How a response body is framed, from its content type."""
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media == "text/event-stream":
-        return "sse"
-    if media in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
-        return "ndjson"
-    if media == "application/json" or media.endswith("+json"):
-        return "json"
-    return "opaque"
-
 
 @dataclass(slots=True)
 class Exchange:
