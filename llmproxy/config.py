@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llmproxy.errors import ConfigError
 from llmproxy.providers import get_provider
 from llmproxy.routing import Route, Router, default_routes
 
@@ -19,10 +20,6 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 DEFAULT_RECORDINGS = Path("recordings")
 DEFAULT_CONFIG = Path("llmproxy.toml")
-
-
-class ConfigError(ValueError):
-    """A config file or option that cannot be used; the message says which and why."""
 
 
 @dataclass(slots=True)

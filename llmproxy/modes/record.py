@@ -15,10 +15,11 @@ import structlog
 from aiohttp import web
 
 from llmproxy.call import Call, Outcome
+from llmproxy.errors import LlmproxyError
 from llmproxy.headers import client_response_headers
 from llmproxy.modes.replay import Replayer
-from llmproxy.store.directory import RecordingStore, StoreError
-from llmproxy.store.document import RecordingError, from_document
+from llmproxy.store.directory import RecordingStore
+from llmproxy.store.document import from_document
 from llmproxy.store.index import render
 from llmproxy.store.writer import Recorder
 from llmproxy.upstream.client import Exchange, Forwarder
@@ -137,7 +138,7 @@ class RecordMode:
         try:
             document = await loop.run_in_executor(None, RecordingStore.read, path)
             rendered = render(from_document(document, lambda _method, _path: call.route.provider), call.route)
-        except (StoreError, RecordingError, ValueError, TypeError):
+        except LlmproxyError:
             return None
         log.info("identical call in flight in another proxy: served its recording", path=call.path, file=str(path))
         return web.Response(status=rendered.status, body=rendered.body, headers=rendered.headers)

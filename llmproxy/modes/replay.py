@@ -10,8 +10,8 @@ from aiohttp import web
 
 from llmproxy.call import Call, Outcome, error_response
 from llmproxy.canonical import request_differences
-from llmproxy.store.directory import RecordingStore, StoreError
-from llmproxy.store.document import RecordingError
+from llmproxy.errors import LlmproxyError
+from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import Entry, RecordingIndex, Rendered
 from llmproxy.upstream.client import Forwarder
 
@@ -105,7 +105,7 @@ class Replayer:
         if rendered is None:
             try:
                 rendered = await asyncio.get_running_loop().run_in_executor(None, self.index.rendered, entry)
-            except (StoreError, RecordingError, ValueError, TypeError) as exc:
+            except LlmproxyError as exc:
                 self.outcome.errors += 1
                 log.error("recording cannot be replayed", file=str(entry.source), reason=str(exc))
                 message = f"the recording {entry.source} cannot be replayed: {exc}"

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from llmproxy.canonical import RawBody
+from llmproxy.errors import LlmproxyError
 from llmproxy.providers import Provider, provider_for_label
 from llmproxy.providers.base import JSON_CONTENT_TYPE
 from llmproxy.wire.framing import (
@@ -34,7 +35,7 @@ from llmproxy.wire.framing import (
 TOOL_NAME = "llmproxy"
 
 
-class RecordingError(ValueError):
+class RecordingError(LlmproxyError, ValueError):
     """A document that is not a usable recording; the message says what is wrong."""
 
 

@@ -21,11 +21,12 @@ from typing import Any
 import structlog
 
 from llmproxy.canonical import CanonicalRequest, canonical_request, similarity
+from llmproxy.errors import LlmproxyError
 from llmproxy.headers import replay_headers
 from llmproxy.providers import Provider
 from llmproxy.providers.base import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
 from llmproxy.routing import Route, Router
-from llmproxy.store.directory import RecordingStore, StoreError
+from llmproxy.store.directory import RecordingStore
 from llmproxy.store.document import Recording, RecordingError, from_document
 from llmproxy.wire.framing import render_segments
 
@@ -79,7 +80,10 @@ class Rendered:
 def render(recording: Recording, route: Route) -> Rendered:
     """A recording's response framed for the wire, with the headers replay sends."""
     response = recording.response
-    segments = render_segments(response.body, response.framing, route.provider.json_value)
+    try:
+        segments = render_segments(response.body, response.framing, route.provider.json_value)
+    except (ValueError, TypeError) as exc:  # hostile or hand-edited bodies: one error type for callers
+        raise RecordingError(f"response.body cannot be framed: {exc}") from exc
     fmt = str(response.framing.get("format", "json"))
     headers = replay_headers(response.headers)
     if not any(name.lower() == "content-type" for name in headers):
@@ -217,7 +221,7 @@ class RecordingIndex:
                     break
                 try:
                     self.load_document(store.read(path), path)
-                except (StoreError, RecordingError, ValueError, TypeError) as exc:
+                except LlmproxyError as exc:
                     self.problems.append(LoadProblem(path, str(exc)))
                     log.warning("recording skipped", path=str(path), reason=str(exc))
         finally:
