@@ -128,6 +128,7 @@ class RecordMode:
         assert self.inflight is not None
         self.outcome.shared += 1
         started = time.time()
+        log.info("identical call in flight in another proxy: waiting", path=call.path, key=call.canonical.key[:16])
         if not await self.inflight.wait(call.canonical.key, self.forwarder.read_timeout):
             return None
         store = self.recorder.store
