@@ -34,6 +34,8 @@ log = structlog.get_logger("llmproxy.server")
 
 def record_command(settings: Settings) -> str:
     """The command that records what a replay missed, with this run's directory and config."""
+    if settings.record_hint is not None:  # set by `run` and the pytest plugin
+        return settings.record_hint
     parts = ["llmproxy record --missing", f"--recordings {settings.recordings}"]
     if settings.config_path is not None:
         parts.append(f"--config {settings.config_path}")
