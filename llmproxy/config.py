@@ -332,8 +332,34 @@ def _checked(option: Option, value: Any, where: str) -> Any:
     return value
 
 
-def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Settings:
-    """Settings from an optional config file plus explicit overrides (None means unset)."""
+def _from_environment(option: Option, environ: Mapping[str, str]) -> Any:
+    """An option's LLMPROXY_* variable, converted to the option's type (None when unset)."""
+    text = environ.get(option.env) if option.env else None
+    if text is None or text == "":
+        return None
+    kinds = option.kind if isinstance(option.kind, tuple) else (option.kind,)
+    try:
+        if bool in kinds:
+            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes", "on")
+        if int in kinds:
+            return int(text)
+        if float in kinds:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{option.env}: not a valid value: {text!r}") from None
+    return text
+
+
+def load_settings(
+    config_path: Path | None, overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from an optional config file, LLMPROXY_* variables of `environ` (default: this
+    process's) and explicit overrides (None means unset), in rising precedence."""
+    environ = os.environ if environ is None else environ
+    if config_path is None and environ.get("LLMPROXY_CONFIG"):
+        config_path = Path(environ["LLMPROXY_CONFIG"])
     file_data: dict[str, Any] = {}
     if config_path is not None:
         file_data = read_config_file(config_path)
@@ -351,6 +377,8 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
     def pick(key: str) -> Any:
         option = BY_KEY[key]
         value = overrides.get(key)
+        if value is None:
+            value = _from_environment(option, environ)
         if value is not None:
             return _checked(option, value, option.flag or key)
         return proxy.get(key, option.default)

@@ -246,11 +246,12 @@ class ProxyServer:
 async def serve(settings: Settings, mode_name: str) -> None:
     """Run until SIGINT/SIGTERM, then finish in-flight writes and print the summary."""
     server = ProxyServer(settings, mode_name)
-    await server.start(wait_ready=False)  # serve while the recordings load
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before listening: a signal right after the `listening` line must still stop cleanly.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await server.start(wait_ready=False)  # serve while the recordings load
     try:
         await stop.wait()
     finally:
