@@ -65,6 +65,7 @@ def llmock() -> Iterator[Llmock]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
     def accepting() -> bool:
         if process.poll() is not None:
             pytest.fail(f"llmock exited with {process.returncode}")
