@@ -232,3 +232,20 @@ def test_block_network_can_be_turned_off_and_allows_listed_hosts(tmp_path: Path)
     (project / "recordings").mkdir()
     opened = run_pytest(project, "--llmproxy-mode", "replay", "--llmproxy-no-block-network")
     assert opened.returncode == 0, opened.stdout + opened.stderr
+
+
+def test_the_ini_mode_also_starts_the_proxy_before_collection(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\nllmproxy_mode = replay\n")
+    (project / "recordings").mkdir()
+    (project / "test_env.py").write_text(
+        "import os\n\n"
+        "AT_IMPORT = os.environ.get('OPENAI_BASE_URL', '')  # read while the module is collected\n\n\n"
+        "def test_the_proxy_was_there_at_import():\n"
+        "    assert AT_IMPORT.startswith('http://127.0.0.1:') and AT_IMPORT.endswith('/v1'), AT_IMPORT\n"
+        "    assert AT_IMPORT == os.environ['OPENAI_BASE_URL']\n"
+    )
+    result = run_pytest(project, "-p", "no:xdist", env={"OPENAI_BASE_URL": "https://api.openai.com/v1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "mode replay: 0 hit(s), 0 miss(es)" in result.stdout
