@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Any
 import click
 
 from llmproxy import __version__
-from llmproxy.config import DEFAULT_PORT, ConfigError, Settings, load_settings
+from llmproxy.config import OPTIONS, Mode, Option, Settings, check_startup, load_settings
+from llmproxy.errors import ConfigError, StartupError
 from llmproxy.logs import configure_logging
 
 
@@ -23,62 +25,70 @@ def _install_event_loop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option(
-            "--recordings",
-            type=click.Path(file_okay=False, path_type=Path),
-            envvar="LLMPROXY_RECORDINGS",
-            help="Directory of recording files (default: ./recordings).",
-        ),
-        click.option("--host", envvar="LLMPROXY_HOST", help="Address to bind (default: 127.0.0.1)."),
-        click.option(
-            "--port",
-            type=click.IntRange(0, 65535),
-            envvar="LLMPROXY_PORT",
-            help=f"Port to listen on (default: {DEFAULT_PORT}; 0 picks a free one).",
-        ),
-        click.option(
-            "--config",
-            "config_path",
-            type=click.Path(dir_okay=False, exists=True, path_type=Path),
-            envvar="LLMPROXY_CONFIG",
-            help="TOML config file with routes (default: ./llmproxy.toml if present).",
-        ),
-        click.option(
-            "--log-json/--no-log-json",
-            default=None,
-            envvar="LLMPROXY_LOG_JSON",
-            help="Log one JSON object per line instead of key=value.",
-        ),
-        click.option("--log-level", envvar="LLMPROXY_LOG_LEVEL", help="debug, info, warning or error (default: info)."),
-        click.option(
-            "--token",
-            envvar="LLMPROXY_TOKEN",
-            help="Require clients to send this in an x-llmproxy-token header (for a non-loopback --host).",
-        ),
-        click.option(
-            "--report",
-            type=click.Path(dir_okay=False, path_type=Path),
-            envvar="LLMPROXY_REPORT",
-            help="Write a JSON usage report here on exit (hits, misses, recorded, unused).",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+_PATH_TYPES: dict[str, click.ParamType] = {
+    "recordings": click.Path(file_okay=False, path_type=Path),
+    "config": click.Path(dir_okay=False, exists=True, path_type=Path),
+    "report": click.Path(dir_okay=False, path_type=Path),
+}
+
+
+def _click_option(option: Option, command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One row of the settings table as a click option: flag, type, env, help, all from the row."""
+    assert option.flag is not None
+    name = "config_path" if option.key == "config" else option.key
+    shown = option.default if option.default not in (None, False, ()) else option.readme_default
+    if command == "run" and option.key == "port":
+        shown = "a free port"
+    help_text = f"{option.help} [default: {shown}]".replace("`", "")
+    kwargs: dict[str, Any] = {"envvar": option.env, "help": help_text, "default": None}
+    if option.kind is bool:
+        if option.negatable:
+            flag = f"{option.flag}/--no-{option.flag[2:]}"
+        else:
+            flag, kwargs["is_flag"], kwargs["flag_value"] = option.flag, True, True
+        return click.option(flag, name, **kwargs)
+    if option.choices:
+        kwargs["type"] = click.Choice(option.choices)
+    elif option.key == "port":
+        kwargs["type"] = click.IntRange(0, 65535)
+    elif option.key in _PATH_TYPES:
+        kwargs["type"] = _PATH_TYPES[option.key]
+    if option.metavar:
+        kwargs["metavar"] = option.metavar
+    return click.option(option.flag, name, **kwargs)
+
+
+def serving_options(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options of a command that starts a proxy, generated from the settings table."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed([o for o in OPTIONS if o.flag and command in o.commands]):
+            func = _click_option(option, command)(func)
+        return func
+
+    return decorate
 
 
 def _settings(config_path: Path | None, **overrides: Any) -> Settings:
     try:
         settings = load_settings(config_path, overrides)
         configure_logging(json=settings.log_json, level=settings.log_level)
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     return settings
 
 
-def _run(settings: Settings, mode: str) -> None:
+def _serving_settings(mode: Mode, config_path: Path | None, **overrides: Any) -> Settings:
+    """Settings for a command that serves, refusing at once what cannot work."""
+    settings = _settings(config_path, **overrides)
+    try:
+        check_startup(settings, mode)
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
+    return settings
+
+
+def _run(settings: Settings, mode: Mode) -> None:
     from llmproxy.server import serve
 
     _install_event_loop()
@@ -88,7 +98,23 @@ def _run(settings: Settings, mode: str) -> None:
         raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """Errors are one line on stderr (`Error: ...`), never a usage dump or a traceback."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="llmproxy")
 def main() -> None:
     """A recording proxy for LLM APIs.
@@ -104,44 +130,8 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "--upstream",
-    envvar="LLMPROXY_UPSTREAM",
-    help="Base URL of the OpenAI-compatible upstream (default: https://api.openai.com).",
-)
-@click.option(
-    "--missing",
-    is_flag=True,
-    envvar="LLMPROXY_MISSING",
-    help="Replay what is recorded; forward and record only what is not (each live call is logged).",
-)
-@click.option(
-    "--after-last",
-    type=click.Choice(["repeat", "error"]),
-    envvar="LLMPROXY_AFTER_LAST",
-    help="With --missing: a request asked more often than recorded replays the last (repeat, default) "
-    "or is recorded as a new repeat (error).",
-)
-@click.option(
-    "--record-errors/--no-record-errors",
-    default=None,
-    help="Also record upstream 429 and 5xx answers (off: they would poison replay).",
-)
-@click.option(
-    "--share-inflight/--no-share-inflight",
-    default=None,
-    envvar="LLMPROXY_SHARE_INFLIGHT",
-    help="Identical calls in flight at once go upstream once and share the answer (default), "
-    "or each goes upstream and is recorded as its own repeat.",
-)
-@click.option(
-    "--max-recording-mb",
-    type=click.FloatRange(min=0, min_open=True),
-    envvar="LLMPROXY_MAX_RECORDING_MB",
-    help="Largest response kept for a recording (default: 64); bigger ones pass through unrecorded.",
-)
-@common_options
-def record(upstream: str | None, missing: bool, config_path: Path | None, **options: Any) -> None:
+@serving_options("record")
+def record(config_path: Path | None, missing: bool | None, **options: Any) -> None:
     """Forward every call to the real API and record each exchange.
 
     Streams are passed through chunk by chunk as they arrive; each exchange is written to
@@ -152,29 +142,13 @@ def record(upstream: str | None, missing: bool, config_path: Path | None, **opti
       llmproxy record --upstream https://api.openai.com
       OPENAI_BASE_URL=http://127.0.0.1:8765/v1 python my_script.py
     """
-    _run(_settings(config_path, upstream=upstream, **options), "record-missing" if missing else "record")
+    mode = Mode.RECORD_MISSING if missing else Mode.RECORD
+    _run(_serving_settings(mode, config_path, **options), mode)
 
 
 @main.command()
-@click.option(
-    "--timing",
-    envvar="LLMPROXY_TIMING",
-    help="Stream pacing: fast (default), realtime, or xN (N times faster than recorded).",
-)
-@click.option(
-    "--on-miss",
-    type=click.Choice(["error", "forward"]),
-    envvar="LLMPROXY_ON_MISS",
-    help="error (default): a 404 naming the closest recording; forward: call the real API, unrecorded.",
-)
-@click.option(
-    "--after-last",
-    type=click.Choice(["repeat", "error"]),
-    envvar="LLMPROXY_AFTER_LAST",
-    help="When a request was recorded N times and asked an N+1th: repeat the last (default) or error.",
-)
-@common_options
-def replay(timing: str | None, config_path: Path | None, **options: Any) -> None:
+@serving_options("replay")
+def replay(config_path: Path | None, **options: Any) -> None:
     """Serve recorded exchanges; never touch the network.
 
     A request with no recording gets a 404 in the provider's error shape naming what was
@@ -185,7 +159,7 @@ def replay(timing: str | None, config_path: Path | None, **options: Any) -> None
       llmproxy replay
       OPENAI_BASE_URL=http://127.0.0.1:8765/v1 OPENAI_API_KEY=any python my_script.py
     """
-    _run(_settings(config_path, timing=timing, **options), "replay")
+    _run(_serving_settings(Mode.REPLAY, config_path, **options), Mode.REPLAY)
 
 
 @main.command()
@@ -362,24 +336,25 @@ def show(recording_file: Path, config_path: Path | None) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("mode", type=click.Choice(["record", "record-missing", "replay"]))
+@click.argument("mode", type=click.Choice([m.value for m in Mode]))
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("--upstream", envvar="LLMPROXY_UPSTREAM", help="Upstream of the OpenAI route (record).")
-@common_options
-def run(mode: str, command: tuple[str, ...], upstream: str | None, config_path: Path | None, **options: Any) -> None:
+@serving_options("run")
+def run(mode: str, command: tuple[str, ...], config_path: Path | None, port: int | None, **options: Any) -> None:
     """Run COMMAND with a proxy in MODE around it, then exit with its status.
 
-    The proxy listens on a free port; the command gets OPENAI_BASE_URL, ANTHROPIC_BASE_URL,
-    OLLAMA_HOST, GOOGLE_GEMINI_BASE_URL, AZURE_OPENAI_ENDPOINT and LLMPROXY_URL pointing at
-    it, and placeholder API keys in replay so SDKs that insist on one start.
+    The proxy listens on --port (default: a free port); the command gets OPENAI_BASE_URL,
+    ANTHROPIC_BASE_URL, OLLAMA_HOST, GOOGLE_GEMINI_BASE_URL, AZURE_OPENAI_ENDPOINT and
+    LLMPROXY_URL pointing at it, and placeholder API keys in replay so SDKs that insist on
+    one start.
 
     \b
     Example:
       llmproxy run replay -- pytest tests/
     """
-    from llmproxy.tools.run import run_command
+    from llmproxy.tools.run import run_command, run_hint
 
-    options.pop("port", None)
-    settings = _settings(config_path, upstream=upstream, **options)
+    chosen = Mode(mode)
+    settings = _serving_settings(chosen, config_path, port=port if port is not None else 0, **options)
+    settings.record_hint = run_hint(settings, list(command))
     _install_event_loop()
-    raise SystemExit(asyncio.run(run_command(settings, mode, list(command))))
+    raise SystemExit(asyncio.run(run_command(settings, chosen, list(command))))

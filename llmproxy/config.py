@@ -1,88 +1,268 @@
 """Settings: built-in defaults < TOML config file < LLMPROXY_* environment < command line.
 
-The command line and environment are merged by click (each option names its LLMPROXY_*
-variable); this module fills whatever they left unset from the config file, then defaults.
+Every option is one row of `OPTIONS`: its default, its type, its choices, its flag, its
+environment variable and its help are written there once. The command line (`cli.py`) is
+generated from that table; `config.example.toml` and the README's options table are checked
+against it by tests. The command line and environment are merged by click (each flag names its
+LLMPROXY_* variable); `load_settings` fills whatever they left unset from the config file, then
+from the table's defaults, and validates every value the same way wherever it came from.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
+from llmproxy.errors import ConfigError, StartupError
 from llmproxy.providers import get_provider
 from llmproxy.routing import Route, Router, default_routes
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8765
-DEFAULT_RECORDINGS = Path("recordings")
+__all__ = ["ConfigError", "Mode", "OPTIONS", "Option", "Settings", "check_startup", "load_settings"]
+
+
+class Mode(StrEnum):
+    """What the proxy does with a call."""
+
+    RECORD = "record"  # forward every call and record it
+    RECORD_MISSING = "record-missing"  # replay what is recorded, forward and record the rest
+    REPLAY = "replay"  # answer from recordings only
+
+
+OnMiss = Literal["error", "forward"]
+AfterLast = Literal["repeat", "error"]
+ClientDisconnect = Literal["discard", "drain"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+# Timing is "fast", "realtime" or "xN"; validated by validate_timing.
+
+SERVING = ("record", "replay", "run")  # the commands that start a proxy
 DEFAULT_CONFIG = Path("llmproxy.toml")
 
 
-class ConfigError(ValueError):
-    """A config file or option that cannot be used; the message says which and why."""
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: the single place its default, type, flag, environment variable and help live."""
+
+    key: str  # the [proxy] key in the TOML file, the Settings field and the override name
+    default: Any
+    kind: type | tuple[type, ...]  # what the TOML file may hold
+    help: str
+    flag: str | None = None  # the command-line flag; None: config file only
+    commands: tuple[str, ...] = SERVING  # the commands that take the flag
+    choices: tuple[str, ...] | None = None
+    negatable: bool = False  # a boolean flag with a --no- form (so it can override the file)
+    in_file: bool = True  # False: command line and environment only
+    readme_default: str | None = None  # how the README's options table words the default
+    metavar: str | None = None  # the value's name in --help and the README
+
+    @property
+    def env(self) -> str | None:
+        """Every flag can also be set as LLMPROXY_<KEY>."""
+        return f"LLMPROXY_{self.key.upper()}" if self.flag else None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "upstream",
+        None,
+        str,
+        "Base URL of the OpenAI route's upstream, with scheme and host.",
+        flag="--upstream",
+        metavar="URL",
+        readme_default="`https://api.openai.com` for the OpenAI route",
+    ),
+    Option("recordings", "recordings", str, "Directory of recording files.", flag="--recordings", metavar="DIR"),
+    Option(
+        "host", "127.0.0.1", str, "Address to bind (anything but loopback: set a token).", flag="--host", metavar="HOST"
+    ),
+    Option(
+        "port",
+        8765,
+        int,
+        "Port to listen on; 0 picks a free one (named in the `listening` log line).",
+        flag="--port",
+        metavar="N",
+        readme_default="`8765` (`0`: any free port, named in the `listening` log line)",
+    ),
+    Option(
+        "config",
+        None,
+        str,
+        "TOML config file with settings and routes.",
+        flag="--config",
+        metavar="FILE",
+        in_file=False,
+        readme_default="`./llmproxy.toml` if present",
+    ),
+    Option(
+        "timing",
+        "fast",
+        str,
+        "Replayed stream pacing: fast, realtime, or xN (N times faster than recorded).",
+        flag="--timing",
+        metavar="fast|realtime|xN",
+    ),
+    Option(
+        "on_miss",
+        "error",
+        str,
+        "Replay, a request with no recording: error (a 404 naming the closest recording) or forward "
+        "(call the real API, record nothing).",
+        flag="--on-miss",
+        commands=("replay", "run"),
+        choices=get_args(OnMiss),
+    ),
+    Option(
+        "after_last",
+        "repeat",
+        str,
+        "A request recorded N times and asked an N+1th time: repeat the last recording, or error "
+        "(in record --missing: record it as a new repeat).",
+        flag="--after-last",
+        choices=get_args(AfterLast),
+    ),
+    Option(
+        "missing",
+        False,
+        bool,
+        "Replay what is recorded; forward and record only what is not (each live call is logged).",
+        flag="--missing",
+        commands=("record",),
+        in_file=False,
+        readme_default="off",
+    ),
+    Option(
+        "record_errors",
+        False,
+        bool,
+        "Also record upstream 429 and 5xx answers and cut-short streams (marked truncated).",
+        flag="--record-errors",
+        commands=("record", "run"),
+        negatable=True,
+        readme_default="off",
+    ),
+    Option(
+        "allow_empty",
+        False,
+        bool,
+        "Replay even when the recordings directory is missing (every request is then a miss).",
+        flag="--allow-empty",
+        readme_default="off: replay refuses a missing or unreadable directory",
+    ),
+    Option(
+        "report",
+        None,
+        str,
+        "Write a JSON usage report here on exit (hits, misses, recorded, unused).",
+        flag="--report",
+        metavar="FILE",
+        readme_default="none",
+    ),
+    Option(
+        "token",
+        None,
+        str,
+        "Require clients to send this in an x-llmproxy-token header.",
+        flag="--token",
+        metavar="TOKEN",
+        readme_default="none",
+    ),
+    Option(
+        "log_json",
+        False,
+        bool,
+        "Log one JSON object per line instead of key=value.",
+        flag="--log-json",
+        negatable=True,
+        readme_default="key=value lines on stderr",
+    ),
+    Option("log_level", "info", str, "Log level.", flag="--log-level", choices=get_args(LogLevel)),
+    Option("max_body_mb", 64, (int, float), "Larger request bodies are refused with 413."),
+    Option("connect_timeout", 10.0, (int, float), "Seconds to connect to an upstream; then 502."),
+    Option("read_timeout", 600.0, (int, float), "Seconds between two reads from an upstream; then 504."),
+    Option(
+        "client_disconnect",
+        "drain",
+        str,
+        "A client leaving before the end: drain (read the upstream on and record the exchange whole) or "
+        "discard (close the upstream at once, record nothing).",
+        choices=get_args(ClientDisconnect),
+    ),
+    Option(
+        "share_inflight",
+        True,
+        bool,
+        "Identical calls in flight at once go upstream once and each client gets the chunks as they "
+        "arrive (true), or each goes upstream and is recorded as its own repeat (false).",
+        flag="--share-inflight",
+        commands=("record", "run"),
+        negatable=True,
+        readme_default="on",
+    ),
+    Option(
+        "max_recording_mb",
+        64,
+        (int, float),
+        "What is kept of one response for its recording; past it the client still gets everything, "
+        "but the exchange is not recorded (counted and warned).",
+        flag="--max-recording-mb",
+        commands=("record", "run"),
+        metavar="MB",
+    ),
+    Option("shutdown_timeout", 10.0, (int, float), "Seconds in-flight requests get to finish on SIGTERM/SIGINT."),
+    Option("durable_writes", False, bool, "fsync every recording before renaming it into place."),
+    Option("secret_patterns", (), list, "Extra regexes the secret scanner refuses to write."),
+)
+BY_KEY: dict[str, Option] = {option.key: option for option in OPTIONS}
+FILE_KEYS: dict[str, Option] = {option.key: option for option in OPTIONS if option.in_file}
+
+
+def default(key: str) -> Any:
+    return BY_KEY[key].default
 
 
 @dataclass(slots=True)
 class Settings:
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    recordings: Path = DEFAULT_RECORDINGS
+    host: str = default("host")
+    port: int = default("port")
+    recordings: Path = Path(default("recordings"))
     routes: list[Route] = field(default_factory=default_routes)
-    log_json: bool = False
-    log_level: str = "info"
-    timing: str = "fast"
-    max_body_bytes: int = 64 * 1024 * 1024
-    connect_timeout: float = 10.0
-    read_timeout: float = 600.0
-    on_miss: str = "error"  # replay: "error" (strict, the CI default) or "forward" (live, unrecorded)
-    after_last: str = "repeat"  # replay: after the last recorded repeat, "repeat" it or "error"
-    record_errors: bool = False  # record: keep 429 and 5xx answers too
-    secret_patterns: list[str] = field(default_factory=list)  # extra regexes the scanner refuses
-    report: Path | None = None  # usage report (JSON) written on exit
+    log_json: bool = default("log_json")
+    log_level: LogLevel = default("log_level")
+    timing: str = default("timing")
+    max_body_bytes: int = int(default("max_body_mb") * 1024 * 1024)
+    connect_timeout: float = default("connect_timeout")
+    read_timeout: float = default("read_timeout")
+    on_miss: OnMiss = default("on_miss")
+    after_last: AfterLast = default("after_last")
+    record_errors: bool = default("record_errors")
+    secret_patterns: list[str] = field(default_factory=list)
+    report: Path | None = None
     config_path: Path | None = None
-    token: str | None = None  # when set, clients must send it in the x-llmproxy-token header
-    # record: a client that leaves early: "drain" reads the upstream on and records the exchange
-    # whole; "discard" closes the upstream request at once and records nothing.
-    client_disconnect: str = "drain"
-    # record: identical calls in flight at once go upstream once and share the answer (true), or
-    # each goes upstream and is recorded as its own repeat (false: sampling twice, two answers).
-    share_inflight: bool = True
-    # record: what is kept of one response for its recording; past it the client still gets
-    # everything, but the exchange is not recorded (counted, warned).
-    max_recording_bytes: int = 64 * 1024 * 1024
-    shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM/SIGINT
-    durable_writes: bool = False  # fsync each recording before its rename (survives power loss)
+    token: str | None = None
+    client_disconnect: ClientDisconnect = default("client_disconnect")
+    share_inflight: bool = default("share_inflight")
+    max_recording_bytes: int = int(default("max_recording_mb") * 1024 * 1024)
+    shutdown_timeout: float = default("shutdown_timeout")
+    durable_writes: bool = default("durable_writes")
+    allow_empty: bool = default("allow_empty")
+    # What a replay miss tells the user to run; None: the CLI command (pytest and `run` set theirs).
+    record_hint: str | None = None
 
     def router(self) -> Router:
         return Router(self.routes)
 
 
-_PROXY_KEYS = {
-    "host": str,
-    "port": int,
-    "recordings": str,
-    "upstream": str,
-    "log_json": bool,
-    "log_level": str,
-    "timing": str,
-    "max_body_mb": (int, float),
-    "connect_timeout": (int, float),
-    "read_timeout": (int, float),
-    "on_miss": str,
-    "after_last": str,
-    "record_errors": bool,
-    "secret_patterns": list,
-    "report": str,
-    "token": str,
-    "client_disconnect": str,
-    "share_inflight": bool,
-    "max_recording_mb": (int, float),
-    "shutdown_timeout": (int, float),
-    "durable_writes": bool,
-}
+# Kept for callers that imported them; the values come from the table.
+DEFAULT_HOST: str = default("host")
+DEFAULT_PORT: int = default("port")
+DEFAULT_RECORDINGS = Path(default("recordings"))
+
 _ROUTE_KEYS = {
     "name",
     "provider",
@@ -101,12 +281,26 @@ def read_config_file(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file is a directory: {path}") from None
+    except PermissionError:
+        raise ConfigError(f"config file cannot be read: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def validate_upstream(url: str, where: str = "--upstream") -> str:
+    """An upstream base URL must name its scheme and host: 'api.openai.com' alone cannot work."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where} must be a URL with scheme and host, like https://api.openai.com, not {url!r}")
+    return url
+
+
 def _route_from_table(table: Mapping[str, Any], index: int) -> Route:
     where = f"routes[{index}]"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table")
     unknown = set(table) - _ROUTE_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(_ROUTE_KEYS)})")
@@ -132,11 +326,16 @@ def _route_from_table(table: Mapping[str, Any], index: int) -> Route:
         not isinstance(round_floats, int) or isinstance(round_floats, bool) or round_floats < 0
     ):
         raise ConfigError(f"{where} ({name}): 'round_floats' must be a whole number of decimals")
+    upstream = table.get("upstream")
+    if upstream is not None:
+        if not isinstance(upstream, str):
+            raise ConfigError(f"{where} ({name}): 'upstream' must be a URL")
+        validate_upstream(upstream, f"{where} ({name}): 'upstream'")
     return Route(
         round_floats=round_floats,
         name=name,
         provider=provider,
-        upstream=table.get("upstream") or provider.default_upstream,
+        upstream=upstream or provider.default_upstream,
         prefix=prefix.rstrip("/") if prefix else None,
         key_headers=tuple(h.lower() for h in strings("key_headers")),
         ignore_body=strings("ignore_body"),
@@ -144,8 +343,47 @@ def _route_from_table(table: Mapping[str, Any], index: int) -> Route:
     )
 
 
-def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Settings:
-    """Settings from an optional config file plus explicit overrides (None means unset)."""
+def _checked(option: Option, value: Any, where: str) -> Any:
+    """One value of one option, from whichever source, checked against the table."""
+    kinds = option.kind if isinstance(option.kind, tuple) else (option.kind,)
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+        if isinstance(value, Path) and str in kinds:
+            return value
+        expected = "/".join(k.__name__ for k in kinds)
+        raise ConfigError(f"{where}: wrong type {type(value).__name__} (expected {expected})")
+    if option.choices is not None and value not in option.choices:
+        raise ConfigError(f"{where} must be one of {', '.join(option.choices)}, not {value!r}")
+    return value
+
+
+def _from_environment(option: Option, environ: Mapping[str, str]) -> Any:
+    """An option's LLMPROXY_* variable, converted to the option's type (None when unset)."""
+    text = environ.get(option.env) if option.env else None
+    if text is None or text == "":
+        return None
+    kinds = option.kind if isinstance(option.kind, tuple) else (option.kind,)
+    try:
+        if bool in kinds:
+            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes", "on")
+        if int in kinds:
+            return int(text)
+        if float in kinds:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{option.env}: not a valid value: {text!r}") from None
+    return text
+
+
+def load_settings(
+    config_path: Path | None, overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from an optional config file, LLMPROXY_* variables of `environ` (default: this
+    process's) and explicit overrides (None means unset), in rising precedence."""
+    environ = os.environ if environ is None else environ
+    if config_path is None and environ.get("LLMPROXY_CONFIG"):
+        config_path = Path(environ["LLMPROXY_CONFIG"])
     file_data: dict[str, Any] = {}
     if config_path is not None:
         file_data = read_config_file(config_path)
@@ -155,23 +393,27 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
     if not isinstance(proxy, dict):
         raise ConfigError("[proxy] must be a table")
     for key, value in proxy.items():
-        expected = _PROXY_KEYS.get(key)
-        if expected is None:
-            raise ConfigError(f"[proxy]: unknown key {key!r} (known: {sorted(_PROXY_KEYS)})")
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ConfigError(f"[proxy].{key}: wrong type {type(value).__name__}")
+        option = FILE_KEYS.get(key)
+        if option is None:
+            raise ConfigError(f"[proxy]: unknown key {key!r} (known: {sorted(FILE_KEYS)})")
+        _checked(option, value, f"[proxy].{key}")
 
-    def pick(key: str, default: Any) -> Any:
+    def pick(key: str) -> Any:
+        option = BY_KEY[key]
         value = overrides.get(key)
+        if value is None:
+            value = _from_environment(option, environ)
         if value is not None:
-            return value
-        return proxy.get(key, default)
+            return _checked(option, value, option.flag or key)
+        return proxy.get(key, option.default)
 
     tables = file_data.get("routes", [])
     if not isinstance(tables, list):
         raise ConfigError("routes must be an array of tables ([[routes]])")
     routes = [_route_from_table(table, i) for i, table in enumerate(tables)]
-    upstream = pick("upstream", None)
+    upstream = pick("upstream")
+    if upstream is not None:
+        validate_upstream(str(upstream))
     if not routes:
         routes = default_routes(upstream)
     elif upstream:
@@ -180,62 +422,68 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
         Router(routes)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    timing = str(pick("timing", "fast"))
+    timing = str(pick("timing"))
     validate_timing(timing)
-    on_miss = str(pick("on_miss", "error"))
-    if on_miss not in ("error", "forward"):
-        raise ConfigError(f"on_miss must be 'error' or 'forward', not {on_miss!r}")
-    after_last = str(pick("after_last", "repeat"))
-    if after_last not in ("repeat", "error"):
-        raise ConfigError(f"after_last must be 'repeat' or 'error', not {after_last!r}")
-    patterns = pick("secret_patterns", [])
+    patterns = pick("secret_patterns")
     if not all(isinstance(p, str) for p in patterns):
         raise ConfigError("secret_patterns must be a list of regular expressions")
-    report = pick("report", None)
-    client_disconnect = str(pick("client_disconnect", "drain"))
-    if client_disconnect not in ("discard", "drain"):
-        raise ConfigError(f"client_disconnect must be 'discard' or 'drain', not {client_disconnect!r}")
-    port = int(pick("port", DEFAULT_PORT))
+    report = pick("report")
+    port = int(pick("port"))
     if not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range")
     return Settings(
-        host=str(pick("host", DEFAULT_HOST)),
+        host=str(pick("host")),
         port=port,
-        recordings=Path(pick("recordings", DEFAULT_RECORDINGS)),
+        recordings=Path(pick("recordings")),
         routes=routes,
-        log_json=bool(pick("log_json", False)),
-        log_level=str(pick("log_level", "info")),
+        log_json=bool(pick("log_json")),
+        log_level=pick("log_level"),
         timing=timing,
-        max_body_bytes=int(float(pick("max_body_mb", 64)) * 1024 * 1024),
-        connect_timeout=float(pick("connect_timeout", 10.0)),
-        read_timeout=float(pick("read_timeout", 600.0)),
-        on_miss=on_miss,
-        after_last=after_last,
-        record_errors=bool(pick("record_errors", False)),
+        max_body_bytes=int(float(pick("max_body_mb")) * 1024 * 1024),
+        connect_timeout=float(pick("connect_timeout")),
+        read_timeout=float(pick("read_timeout")),
+        on_miss=pick("on_miss"),
+        after_last=pick("after_last"),
+        record_errors=bool(pick("record_errors")),
         secret_patterns=list(patterns),
         report=Path(report) if report else None,
         config_path=config_path or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None),
-        token=pick("token", None) or None,
-        client_disconnect=client_disconnect,
-        share_inflight=bool(pick("share_inflight", True)),
-        max_recording_bytes=_megabytes("max_recording_mb", pick("max_recording_mb", 64)),
-        shutdown_timeout=float(pick("shutdown_timeout", 10.0)),
-        durable_writes=bool(pick("durable_writes", False)),
+        token=pick("token") or None,
+        client_disconnect=pick("client_disconnect"),
+        share_inflight=bool(pick("share_inflight")),
+        max_recording_bytes=_megabytes("max_recording_mb", pick("max_recording_mb")),
+        shutdown_timeout=float(pick("shutdown_timeout")),
+        durable_writes=bool(pick("durable_writes")),
+        allow_empty=bool(pick("allow_empty")),
+        record_hint=overrides.get("record_hint"),
     )
 
 
 def _megabytes(name: str, value: Any) -> int:
-    try:
-        size = int(float(value) * 1024 * 1024)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number of megabytes, not {value!r}") from None
+    size = int(float(value) * 1024 * 1024)
     if size <= 0:
         raise ConfigError(f"{name} must be more than 0")
     return size
 
 
+def check_startup(settings: Settings, mode: Mode | str) -> None:
+    """Refuse, before listening, what cannot work: replay of a directory that is not there."""
+    if mode != Mode.REPLAY or settings.allow_empty:
+        return
+    root = settings.recordings
+    if not root.exists():
+        raise StartupError(
+            f"recordings directory {root} does not exist: nothing to replay "
+            "(record first, check --recordings, or pass --allow-empty)"
+        )
+    if not root.is_dir():
+        raise StartupError(f"recordings directory {root} is not a directory")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise StartupError(f"recordings directory {root} cannot be read (permissions)")
+
+
 def _with_openai_upstream(routes: list[Route], upstream: str) -> list[Route]:
-    """--upstream points the catch-all OpenAI route (no prefix) somewhere else."""
+    """--upstream points the OpenAI route (the one without a configured prefix) somewhere else."""
     for index, route in enumerate(routes):
         if route.provider.name == "openai" and not route.prefix:
             updated = list(routes)
@@ -258,3 +506,20 @@ def validate_timing(timing: str) -> float | None:
         if factor > 0:
             return factor
     raise ConfigError(f"timing must be 'fast', 'realtime' or 'xN' (e.g. x2), not {timing!r}")
+
+
+def options_markdown() -> str:
+    """The README's options table, generated from OPTIONS (tests/test_settings.py keeps it in sync)."""
+    rows = ["| option | env | commands | default |", "|---|---|---|---|"]
+    for option in OPTIONS:
+        if option.flag is None:
+            continue
+        flag = option.flag
+        if option.choices:
+            flag += " " + "\\|".join(option.choices)
+        elif option.metavar:
+            flag += " " + option.metavar.replace("|", "\\|")
+        shown = option.readme_default or ("none" if option.default is None else f"`{option.default}`")
+        commands = ", ".join(option.commands)
+        rows.append(f"| `{flag}` | {f'`{option.env}`' if option.env else ''} | {commands} | {shown} |")
+    return "\n".join(rows) + "\n"

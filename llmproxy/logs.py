@@ -1,5 +1,8 @@
 """Logging for people: one event per line, key=value on a terminal, JSON with --log-json.
 
+Each event names its logger (`llmproxy.server`, `llmproxy.replay`, ...), so a line says which
+part of the proxy wrote it.
+
 aiohttp logs through the standard library; those records go through the same renderer, and a
 client's malformed request (bad header, bad request line) is one warning line, not a traceback.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import orjson
 import structlog
@@ -16,6 +20,26 @@ from aiohttp import http_exceptions
 
 def _orjson_dumps(value: object, **_: object) -> str:
     return orjson.dumps(value, default=str).decode()
+
+
+class _NamedPrintLogger(structlog.PrintLogger):
+    """A PrintLogger that remembers the name it was asked for (structlog.get_logger(name))."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+def _named_logger_factory(*args: object) -> _NamedPrintLogger:
+    return _NamedPrintLogger(sys.stderr, str(args[0]) if args else "llmproxy")
+
+
+def add_logger_name(logger: object, _method: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """Put the logger's name into the event (structlog's own processor needs stdlib loggers)."""
+    name = getattr(logger, "name", None)
+    if name and "logger" not in event_dict:
+        event_dict["logger"] = name
+    return event_dict
 
 
 class _ClientProtocolErrors(logging.Filter):
@@ -38,6 +62,7 @@ def configure_logging(*, json: bool = False, level: str = "info") -> None:
         raise ValueError(f"unknown log level {level!r}")
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_logger_name,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -50,7 +75,7 @@ def configure_logging(*, json: bool = False, level: str = "info") -> None:
     structlog.configure(
         processors=[*shared, *shared_tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_named_logger_factory,
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)

@@ -26,10 +26,11 @@ import structlog
 from aiohttp import web
 
 from llmproxy.call import Call, NotRecorded, Outcome, Result, error_response
+from llmproxy.errors import LlmproxyError
 from llmproxy.headers import client_response_headers
 from llmproxy.playback import Exhausted, Found, Playback, Unreadable
-from llmproxy.store.directory import RecordingStore, StoreError
-from llmproxy.store.document import RecordingError, from_document
+from llmproxy.store.directory import RecordingStore
+from llmproxy.store.document import from_document
 from llmproxy.store.index import Rendered, render
 from llmproxy.store.writer import Recorder
 from llmproxy.upstream.base import Upstream, UpstreamFailure
@@ -386,6 +387,7 @@ class Pipeline:
         """Wait for the proxy that holds this call's lock; the recording it wrote, if it did."""
         assert self.inflight is not None and self.recorder is not None and self.upstream is not None
         started = time.time()
+        log.info("identical call in flight in another proxy: waiting", path=call.path, key=call.canonical.key[:16])
         if not await self.inflight.wait(call.canonical.key, self.upstream.read_timeout):
             return None
         store = self.recorder.store
@@ -396,7 +398,7 @@ class Pipeline:
         try:
             document = await loop.run_in_executor(None, RecordingStore.read, path)
             rendered = render(from_document(document, lambda _method, _path: call.route.provider), call.route)
-        except (StoreError, RecordingError, ValueError, TypeError):
+        except LlmproxyError:
             return None
         log.info("identical call in flight in another proxy: served its recording", path=call.path, file=str(path))
         return rendered, path

@@ -15,8 +15,8 @@ from aiohttp import web
 
 from llmproxy.call import Call, error_response
 from llmproxy.canonical import request_differences
-from llmproxy.store.directory import RecordingStore, StoreError
-from llmproxy.store.document import RecordingError
+from llmproxy.errors import LlmproxyError
+from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import Entry, RecordingIndex, Rendered
 
 log = structlog.get_logger("llmproxy.playback")
@@ -134,7 +134,7 @@ class Playback:
         if rendered is None:
             try:
                 rendered = await asyncio.get_running_loop().run_in_executor(None, self.index.rendered, entry)
-            except (StoreError, RecordingError, ValueError, TypeError) as exc:
+            except LlmproxyError as exc:
                 log.error("recording cannot be replayed", file=str(entry.source), reason=str(exc))
                 return Unreadable(entry, str(exc))
         log.debug("replay hit", path=call.path, key=key[:16], file=str(entry.source) if entry.source else None)

@@ -1,15 +1,21 @@
-"""pytest plugin (enabled by installing llmproxy): a session-wide proxy for a test suite.
+"""pytest plugin (enabled by installing llmproxy): the test process talks to LLM APIs only
+through a proxy.
 
     pytest --llmproxy-mode replay              # CI: strict, offline
     pytest --llmproxy-mode record-missing      # a developer adding a test
     pytest --llmproxy-mode record              # re-record everything
 
-Tests ask for the `llmproxy` fixture (or use `@pytest.mark.usefixtures("llmproxy")`, or set
-`llmproxy_autouse = true` in the ini file); SDKs then find the proxy through the variables each
-registered provider names (OPENAI_BASE_URL, ANTHROPIC_BASE_URL, OLLAMA_HOST, GOOGLE_GEMINI_BASE_URL,
-...), each pointing at its provider's prefix (http://127.0.0.1:PORT/anthropic). A replay miss is an HTTP 404 the
-SDK raises, so the test fails at once with the miss message (never a hang). The plugin does
-nothing for a session that does not use the fixture.
+When a mode is set (on the command line, or `llmproxy_mode` in the ini file), the proxy starts
+in `pytest_configure`, before any test module is imported, and OPENAI_BASE_URL,
+ANTHROPIC_BASE_URL, OLLAMA_HOST, GOOGLE_GEMINI_BASE_URL (and placeholder keys in replay) point
+at it: an SDK client created at import time uses it too. `--llmproxy-block-network` (on by
+default in replay) makes any other outbound connection fail at once with the host named;
+loopback and `--llmproxy-allow-host` hosts stay open. Under pytest-xdist each worker runs its
+own proxy on the shared recordings directory; the controller sums their reports.
+
+Without a mode, the `llmproxy` fixture (or `llmproxy_autouse = true`) starts a replay proxy the
+first time a test asks for it, as before. A replay miss is an HTTP 404 the SDK raises, so the
+test fails at once with the miss message (never a hang).
 """
 
 from __future__ import annotations
@@ -20,59 +26,111 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
-from llmproxy.config import load_settings
+from llmproxy.config import Mode, load_settings
+from llmproxy.errors import LlmproxyError
+from llmproxy.netblock import NetworkGuard
 from llmproxy.server import ProxyServer
+from llmproxy.tools.report import write_report
 from llmproxy.tools.run import client_environment
 
-MODES = ("record", "record-missing", "replay")
-_STASH_KEY = pytest.StashKey["SessionProxy"]()
+MODES = tuple(mode.value for mode in Mode)
+_PROXY = pytest.StashKey["SessionProxy"]()
+_GUARD = pytest.StashKey[NetworkGuard]()
+_WORKER_REPORTS = pytest.StashKey[list[dict[str, Any]]]()
+_REPORT_KEY = "llmproxy_report"  # in xdist's workeroutput
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("llmproxy", "record and replay LLM API calls")
-    group.addoption("--llmproxy-mode", choices=MODES, default=None, help="record, record-missing or replay (default)")
+    group.addoption("--llmproxy-mode", choices=MODES, default=None, help="record, record-missing or replay")
     group.addoption("--llmproxy-recordings", default=None, help="recordings directory (default: recordings)")
     group.addoption("--llmproxy-config", default=None, help="llmproxy TOML config file")
     group.addoption("--llmproxy-upstream", default=None, help="upstream of the OpenAI route when recording")
     group.addoption("--llmproxy-report", default=None, help="write the session's usage report (JSON) here")
-    parser.addini("llmproxy_mode", "default --llmproxy-mode", default="replay")
+    group.addoption(
+        "--llmproxy-block-network",
+        action="store_true",
+        dest="llmproxy_block_network",
+        default=None,
+        help="fail any outbound connection but to loopback and allowed hosts (default: on in replay)",
+    )
+    group.addoption(
+        "--llmproxy-no-block-network",
+        action="store_false",
+        dest="llmproxy_block_network",
+        help="leave the network open, also in replay",
+    )
+    group.addoption(
+        "--llmproxy-allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a host that stays reachable with --llmproxy-block-network (repeatable)",
+    )
+    parser.addini("llmproxy_mode", "the mode; set it to start the proxy before collection", default="")
     parser.addini("llmproxy_recordings", "default --llmproxy-recordings", default="recordings")
     parser.addini("llmproxy_autouse", "use the llmproxy fixture in every test", type="bool", default=False)
+    parser.addini("llmproxy_block_network", "true/false: --llmproxy-block-network (default: on in replay)", default="")
+    parser.addini("llmproxy_allow_hosts", "hosts that stay reachable when the network is blocked", type="linelist")
+
+
+def _chosen_mode(config: pytest.Config) -> str | None:
+    return config.getoption("--llmproxy-mode") or config.getini("llmproxy_mode") or None
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    """The xdist process that only hands tests to workers: it imports no test module."""
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
 
 
 class SessionProxy:
     """A proxy on its own event loop thread, serving the whole test session."""
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, mode: str) -> None:
         option = config.getoption
-        self.mode: str = option("--llmproxy-mode") or config.getini("llmproxy_mode")
-        if self.mode not in MODES:
-            raise pytest.UsageError(f"llmproxy mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if mode not in MODES:
+            raise pytest.UsageError(f"llmproxy mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = Mode(mode)
         recordings = option("--llmproxy-recordings") or config.getini("llmproxy_recordings")
         config_file = option("--llmproxy-config")
         report = option("--llmproxy-report")
-        self.settings = load_settings(
-            Path(config_file) if config_file else None,
-            {
-                "host": "127.0.0.1",
-                "port": 0,
-                "recordings": Path(config.rootpath, recordings),
-                "upstream": option("--llmproxy-upstream"),
-                "report": Path(report) if report else None,
-            },
-        )
+        hint = ["pytest --llmproxy-mode record-missing"]
+        if recordings != "recordings":
+            hint.append(f"--llmproxy-recordings {recordings}")
+        if config_file:
+            hint.append(f"--llmproxy-config {config_file}")
+        try:
+            self.settings = load_settings(
+                Path(config_file) if config_file else None,
+                {
+                    "host": "127.0.0.1",
+                    "port": 0,
+                    "recordings": Path(config.rootpath, recordings),
+                    "upstream": option("--llmproxy-upstream"),
+                    # xdist workers report to the controller, which writes the one file.
+                    "report": Path(report) if report and not hasattr(config, "workerinput") else None,
+                    "record_hint": " ".join(hint),
+                },
+            )
+        except LlmproxyError as exc:
+            raise pytest.UsageError(f"llmproxy: {exc}") from None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="llmproxy", daemon=True)
         self.server: ProxyServer | None = None
+        self.final_report: dict[str, Any] | None = None
         self._saved_env: dict[str, str | None] = {}
 
     @property
     def url(self) -> str:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.port}"
+
+    def upstream_hosts(self) -> set[str]:
+        return {urlsplit(route.upstream).hostname or "" for route in self.settings.routes if route.upstream}
 
     def start(self) -> None:
         self._thread.start()
@@ -87,28 +145,116 @@ class SessionProxy:
             self._saved_env[name] = os.environ.get(name)
             os.environ[name] = value
 
-    def stop(self) -> None:
+    def report(self) -> dict[str, Any]:
+        if self.final_report is not None:
+            return self.final_report
         assert self.server is not None
+        return self.server.report()
+
+    def stop(self) -> None:
+        """Stop serving (writes finish, the report is written); the environment stays until restore()."""
+        if self.server is None or self.final_report is not None:
+            return
         asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(60)
+        self.final_report = self.server.report()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+    def restore(self) -> None:
         for name, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        self._saved_env.clear()
+
+
+def _block_network(config: pytest.Config, proxy: SessionProxy) -> bool:
+    chosen = config.getoption("llmproxy_block_network")
+    if chosen is None:
+        ini = str(config.getini("llmproxy_block_network")).strip().lower()
+        chosen = ini in ("1", "true", "yes", "on") if ini else proxy.mode == Mode.REPLAY
+    return bool(chosen)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    mode = _chosen_mode(config)
+    if mode is None:
+        return
+    if _is_xdist_controller(config):
+        config.stash[_WORKER_REPORTS] = []
+        return
+    proxy = SessionProxy(config, mode)
+    proxy.start()
+    config.stash[_PROXY] = proxy
+    if _block_network(config, proxy):
+        allowed = [*config.getoption("--llmproxy-allow-host"), *config.getini("llmproxy_allow_hosts")]
+        if proxy.mode != Mode.REPLAY:
+            allowed.extend(proxy.upstream_hosts())  # the proxy's own upstream calls
+        guard = NetworkGuard(allowed, hint=" (--llmproxy-block-network; allow a host with --llmproxy-allow-host)")
+        guard.install()
+        config.stash[_GUARD] = guard
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    proxy = session.config.stash.get(_PROXY, None)
+    if proxy is None:
+        return
+    proxy.stop()
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None and proxy.final_report is not None:
+        workeroutput[_REPORT_KEY] = proxy.final_report
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    guard = config.stash.get(_GUARD, None)
+    if guard is not None:
+        guard.uninstall()
+    proxy = config.stash.get(_PROXY, None)
+    if proxy is not None:
+        proxy.stop()
+        proxy.restore()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist controller: keep each worker's report for the summary."""
+    reports = node.config.stash.get(_WORKER_REPORTS, None)
+    report = getattr(node, "workeroutput", {}).get(_REPORT_KEY)
+    if reports is not None and report is not None:
+        reports.append(report)
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report for several workers: counts add up; a recording is unused if no worker used it."""
+    merged = dict(reports[0])
+    merged["hits"] = sum(r["hits"] for r in reports)
+    merged["errors"] = sum(r["errors"] for r in reports)
+    merged["refused"] = sum(r["refused"] for r in reports)
+    merged["misses"] = [miss for r in reports for miss in r["misses"]]
+    merged["recorded"] = sorted({path for r in reports for path in r["recorded"]})
+    unused = [set(r["unused"]) for r in reports if r["unused"] is not None]
+    merged["unused"] = sorted(set.intersection(*unused)) if unused else None
+    return merged
 
 
 @pytest.fixture(scope="session")
 def llmproxy(request: pytest.FixtureRequest) -> Iterator[SessionProxy]:
     """The session's proxy; SDK base URLs point at it while the session runs."""
-    proxy = SessionProxy(request.config)
+    proxy = request.config.stash.get(_PROXY, None)
+    if proxy is not None:
+        yield proxy
+        return
+    # No mode was set: start a replay proxy now, for the tests that ask for it.
+    proxy = SessionProxy(request.config, "replay")
     proxy.start()
-    request.config.stash[_STASH_KEY] = proxy
+    request.config.stash[_PROXY] = proxy
     try:
         yield proxy
     finally:
         proxy.stop()
+        proxy.restore()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -118,19 +264,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    proxy = config.stash.get(_STASH_KEY, None)
-    if proxy is None or proxy.server is None:
+    proxy = config.stash.get(_PROXY, None)
+    workers = config.stash.get(_WORKER_REPORTS, None)
+    if proxy is not None and proxy.server is not None:
+        report, mode, path = proxy.report(), proxy.mode.value, proxy.settings.report
+    elif workers:
+        report, mode = merge_reports(workers), workers[0]["mode"]
+        chosen = config.getoption("--llmproxy-report")
+        path = Path(chosen) if chosen else None
+        if path is not None:
+            write_report(path, report)
+    else:
         return
-    report = proxy.server.report()
     unused = report["unused"]
     terminalreporter.write_sep("-", "llmproxy")
     terminalreporter.write_line(
-        f"mode {proxy.mode}: {report['hits']} hit(s), {len(report['misses'])} miss(es), "
+        f"mode {mode}: {report['hits']} hit(s), {len(report['misses'])} miss(es), "
         f"{len(report['recorded'])} recorded, {'-' if unused is None else len(unused)} unused recording(s)"
     )
     for miss in report["misses"]:
         terminalreporter.write_line(
             f"  missed {miss['method']} {miss['path']} (model {miss['model']}, key {miss['key'][:16]})"
         )
-    if proxy.settings.report is not None:
-        terminalreporter.write_line(f"usage report: {proxy.settings.report}")
+    if path is not None:
+        terminalreporter.write_line(f"usage report: {path}")

@@ -35,6 +35,8 @@ log = structlog.get_logger("llmproxy.server")
 
 def record_command(settings: Settings) -> str:
     """The command that records what a replay missed, with this run's directory and config."""
+    if settings.record_hint is not None:  # set by `run` and the pytest plugin
+        return settings.record_hint
     parts = ["llmproxy record --missing", f"--recordings {settings.recordings}"]
     if settings.config_path is not None:
         parts.append(f"--config {settings.config_path}")
@@ -299,11 +301,12 @@ class ProxyServer:
 async def serve(settings: Settings, mode_name: str) -> None:
     """Run until SIGINT/SIGTERM, then finish in-flight writes and print the summary."""
     server = ProxyServer(settings, mode_name)
-    await server.start(wait_ready=False)  # serve while the recordings load
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before listening: a signal right after the `listening` line must still stop cleanly.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await server.start(wait_ready=False)  # serve while the recordings load
     try:
         await stop.wait()
     finally:

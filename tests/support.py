@@ -11,8 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -99,6 +98,30 @@ class RunningApp:
         self.loop.run(self.runner.cleanup())
 
 
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
+    """Block until `condition()` holds. The timeout only turns a hang into a failure: the test
+    never depends on how fast anything is."""
+    changed = threading.Event()
+    deadline = threading.Timer(timeout, changed.set)
+    deadline.start()
+    try:
+        while not condition():
+            if changed.wait(0.01):
+                raise TimeoutError(f"still waiting for {what} after {timeout} s")
+    finally:
+        deadline.cancel()
+
+
+async def async_wait_until(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
+    """`wait_until` for code on the event loop."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise TimeoutError(f"still waiting for {what} after {timeout} s") from None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -117,7 +140,11 @@ def assert_no_secret(directory: Path, *secrets: str) -> None:
 
 
 class CliProxy:
-    """`python -m llmproxy ...` as a child process; the port is read from its JSON log."""
+    """`python -m llmproxy ...` as a child process; the port is read from its JSON log.
+
+    One thread reads stderr to its end and keeps every line: nothing else touches the pipe, so
+    no line is lost between a buffered reader and `communicate()`.
+    """
 
     def __init__(
         self, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, netguard: str | None = None
@@ -126,42 +153,51 @@ class CliProxy:
         command = [sys.executable, *launcher, *args, "--log-json"]
         full_env = {**os.environ, **(env or {})}
         self.process = subprocess.Popen(
-            command, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command, cwd=cwd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         self.lines: list[str] = []
-        # One reader thread owns stderr to its end: mixing a buffered readline() with a later
-        # communicate() loses the lines the buffer already held.
-        self._new_line = threading.Condition()
+        self._changed = threading.Condition()
+        self._ended = False
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
-        self.port = self._wait_for_port()
+        listening = self.wait_for_event("listening")
+        self.port = int(listening["port"])
 
     def _read_stderr(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
-            with self._new_line:
+            with self._changed:
                 self.lines.append(line)
-                self._new_line.notify_all()
-        with self._new_line:
-            self._new_line.notify_all()
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
 
-    def _wait_for_port(self, timeout: float = 20) -> int:
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._new_line:
-            while time.monotonic() < deadline:
-                for line in self.lines[seen:]:
-                    seen += 1
-                    try:
-                        event = json.loads(line)
-                    except ValueError:
-                        continue
-                    if event.get("event") == "listening":
-                        return int(event["port"])
-                if not self._reader.is_alive() and seen == len(self.lines):
-                    raise RuntimeError(f"proxy exited early: {''.join(self.lines)}")
-                self._new_line.wait(0.1)
-        raise TimeoutError("proxy did not report its port")
+    def events(self) -> list[dict[str, Any]]:
+        with self._changed:
+            lines = list(self.lines)
+        parsed = []
+        for line in lines:
+            try:
+                parsed.append(json.loads(line))
+            except ValueError:
+                continue  # not ours (e.g. a test tripwire); kept in self.lines
+        return parsed
+
+    def wait_for_event(self, name: str, count: int = 1, timeout: float = 30) -> dict[str, Any]:
+        """The `count`th log event called `name`, once it was logged (the timeout only guards a hang)."""
+
+        def found() -> dict[str, Any] | None:
+            matching = [e for e in self.events() if e.get("event") == name]
+            return matching[count - 1] if len(matching) >= count else None
+
+        with self._changed:
+            if not self._changed.wait_for(lambda: found() is not None or self._ended, timeout):
+                raise TimeoutError(f"the proxy did not log {name!r}: {''.join(self.lines)}")
+        event = found()
+        if event is None:
+            raise RuntimeError(f"proxy exited before logging {name!r}: {''.join(self.lines)}")
+        return event
 
     @property
     def url(self) -> str:
@@ -170,17 +206,9 @@ class CliProxy:
     def stop(self) -> list[dict[str, Any]]:
         """Stop with SIGTERM (as a user would) and return the log events, parsed."""
         self.process.terminate()
-        self.process.wait(timeout=15)  # stdout stays unread: the proxy logs to stderr only
+        self.process.wait(timeout=15)
         self._reader.join(15)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        events = []
-        for line in self.lines:
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue  # not ours (e.g. a test tripwire); kept in self.lines
-        return events
+        return self.events()
 
 
 def sse_data(raw: bytes) -> list[Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import aiohttp
@@ -15,7 +14,7 @@ from llmproxy.config import load_settings
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex
 from tests.providers_support import write_config
-from tests.support import CliProxy, LoopThread, RunningApp, files_under, sse_data, start_proxy
+from tests.support import CliProxy, LoopThread, RunningApp, async_wait_until, files_under, sse_data, start_proxy
 from tests.upstreams.openai_wire import OpenAIWire
 
 
@@ -74,9 +73,7 @@ def test_identical_calls_in_flight_go_upstream_once(loop_thread: LoopThread, tmp
         async with aiohttp.ClientSession() as session:
             first = asyncio.create_task(_stream(session, proxy.url, "same"))
             second = asyncio.create_task(_stream(session, proxy.url, "same"))
-            deadline = time.monotonic() + 10
-            while outcome.shared < 1 and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await async_wait_until(lambda: outcome.shared >= 1, "the second call to join the first")
             wire.gate.set()
             return await asyncio.gather(first, second)
 
@@ -107,10 +104,10 @@ def test_identical_calls_in_two_proxies_on_one_directory_go_upstream_once(
     async def drive() -> tuple[list[dict], list[dict], int]:
         async with aiohttp.ClientSession() as session:
             via_first = asyncio.create_task(_stream(session, first.url, "across processes"))
-            while not wire.requests:
-                await asyncio.sleep(0.01)
+            await async_wait_until(lambda: wire.requests, "proxy A's upstream call")
             via_second = asyncio.create_task(_stream(session, second.url, "across processes"))
-            await asyncio.sleep(1.0)  # B has long arrived: it must be waiting, not calling upstream
+            # B logs when it starts waiting for A's lock; from then on it must not call upstream.
+            await asyncio.to_thread(second.wait_for_event, "identical call in flight in another proxy: waiting")
             upstream_calls_while_held = len(wire.requests)
             wire.gate.set()
             return await via_first, await via_second, upstream_calls_while_held

@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from google import genai
 from google.genai import types as genai_types
 
 from tests.providers_support import write_config
-from tests.support import REPO, LoopThread, files_under, free_port, start_proxy
+from tests.support import REPO, LoopThread, files_under, free_port, start_proxy, wait_until
 from tests.test_providers import dump
 
 pytestmark = pytest.mark.llmock
@@ -66,18 +65,21 @@ def llmock() -> Iterator[Llmock]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def accepting() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"llmock exited with {process.returncode}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
         except OSError:
-            if process.poll() is not None:
-                pytest.fail(f"llmock exited with {process.returncode}")
-            time.sleep(0.1)
-    else:
+            return False
+        return True
+
+    try:
+        wait_until(accepting, "llmock to accept connections", timeout=60)
+    except TimeoutError:
         process.kill()
-        pytest.fail("llmock did not start within 30 s")
+        raise
     server = Llmock(process, f"http://127.0.0.1:{port}")
     try:
         yield server

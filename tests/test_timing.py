@@ -12,6 +12,7 @@ from tests.support import LoopThread, RunningApp, files_under, start_proxy
 from tests.upstreams.openai_wire import OpenAIWire
 
 GAP = 0.12  # seconds between upstream chunks
+# Bounds below allow 1 ms: offsets are stored rounded to 0.1 ms, and the loop's clock has a resolution.
 
 
 async def _arrivals(url: str) -> tuple[list[float], list[bytes], aiohttp.typedefs.LooseHeaders]:
@@ -44,7 +45,8 @@ def test_realtime_replay_keeps_order_and_spacing_and_fast_replay_does_not_sleep(
     [path] = files_under(tmp_path)
     chunk_ms = json.loads(path.read_text())["response"]["timing"]["chunk_ms"]
     assert len(chunk_ms) == len(recorded_events) - 1  # every chunk but [DONE] has its arrival time
-    assert all(later - earlier >= GAP * 1000 * 0.8 for earlier, later in zip(chunk_ms, chunk_ms[1:]))
+    # The upstream waits GAP between chunks, so chunk i cannot arrive before i * GAP.
+    assert all(ms >= i * GAP * 1000 - 1 for i, ms in enumerate(chunk_ms)), chunk_ms
 
     realtime = start_proxy(loop_thread, "replay", tmp_path, timing="realtime")
     try:
@@ -52,8 +54,9 @@ def test_realtime_replay_keeps_order_and_spacing_and_fast_replay_does_not_sleep(
     finally:
         realtime.stop()
     assert events == recorded_events  # same chunks, same order
-    gaps = [later - earlier for earlier, later in zip(times, times[1:-1])]
-    assert all(gap >= GAP * 0.6 for gap in gaps), gaps  # the recorded spacing, approximately
+    # Replay never sends a chunk before its recorded offset (lower bounds only: a busy machine
+    # can make replay later, never earlier).
+    assert all(t * 1000 >= ms - 1 for t, ms in zip(times, chunk_ms)), (times, chunk_ms)
     assert headers.get("Transfer-Encoding") == "chunked"
 
     doubled = start_proxy(loop_thread, "replay", tmp_path, timing="x4")
@@ -62,7 +65,23 @@ def test_realtime_replay_keeps_order_and_spacing_and_fast_replay_does_not_sleep(
     finally:
         doubled.stop()
     assert events_x4 == recorded_events
-    assert times_x4[-1] < times[-1] * 0.6  # four times faster than realtime, give or take
+    assert all(t * 1000 >= ms / 4 - 1 for t, ms in zip(times_x4, chunk_ms)), (times_x4, chunk_ms)
+
+    # Faster than recorded: stretch the recorded offsets to a minute apart, replay at x1000. The
+    # stream must end long before the minute realtime would take (a bound 1000 times too loose
+    # to flake), and still no chunk comes before its scaled offset.
+    document = json.loads(path.read_text())
+    stretched = [60_000.0 * (i + 1) / len(chunk_ms) for i in range(len(chunk_ms))]
+    document["response"]["timing"]["chunk_ms"] = stretched
+    path.write_text(json.dumps(document))
+    sped_up = start_proxy(loop_thread, "replay", tmp_path, timing="x1000")
+    try:
+        times_fast, events_fast, _ = loop_thread.run(_arrivals(sped_up.url))
+    finally:
+        sped_up.stop()
+    assert events_fast == recorded_events
+    assert all(t * 1000 >= ms / 1000 - 1 for t, ms in zip(times_fast, stretched)), (times_fast, stretched)
+    assert times_fast[-1] < 60
 
     fast = start_proxy(loop_thread, "replay", tmp_path)  # the default
     try:

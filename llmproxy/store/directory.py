@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from llmproxy.errors import LlmproxyError
+
 TEMP_SUFFIX = ".tmp"
 # Files that live beside recordings but are not recordings.
 NOT_RECORDINGS = (TEMP_SUFFIX, ".md", ".gitignore", ".gitattributes")
@@ -27,7 +29,7 @@ _VERSION_SEGMENT = re.compile(r"^v\d+[a-z0-9]*$")
 _temp_numbers = itertools.count()
 
 
-class StoreError(Exception):
+class StoreError(LlmproxyError):
     """A file in the store that cannot be read as JSON; the message says why."""
 
 

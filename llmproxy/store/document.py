@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from llmproxy.canonical import RawBody
+from llmproxy.errors import LlmproxyError
 from llmproxy.providers import Provider, provider_for_label
 from llmproxy.wire.framing import BYTES_LABEL, DATA_KEY, TYPE_KEY, Format, typed
 from llmproxy.wire.registry import capture, default_content_type, is_streaming_format
@@ -28,7 +29,7 @@ from llmproxy.wire.registry import capture, default_content_type, is_streaming_f
 TOOL_NAME = "llmproxy"
 
 
-class RecordingError(ValueError):
+class RecordingError(LlmproxyError, ValueError):
     """A document that is not a usable recording; the message says what is wrong."""
 
 

@@ -21,10 +21,11 @@ from typing import Any
 import structlog
 
 from llmproxy.canonical import CanonicalRequest, canonical_request, similarity
+from llmproxy.errors import LlmproxyError
 from llmproxy.headers import replay_headers
 from llmproxy.providers import Provider
 from llmproxy.routing import Route, Router
-from llmproxy.store.directory import RecordingStore, StoreError
+from llmproxy.store.directory import RecordingStore
 from llmproxy.store.document import Recording, RecordingError, from_document
 from llmproxy.wire.registry import default_content_type, render_segments
 
@@ -76,7 +77,10 @@ class Rendered:
 def render(recording: Recording, route: Route) -> Rendered:
     """A recording's response framed for the wire, with the headers replay sends."""
     response = recording.response
-    segments = render_segments(response.body, response.framing, route.provider.json_value)
+    try:
+        segments = render_segments(response.body, response.framing, route.provider.json_value)
+    except (ValueError, TypeError) as exc:  # hostile or hand-edited bodies: one error type for callers
+        raise RecordingError(f"response.body cannot be framed: {exc}") from exc
     headers = replay_headers(response.headers)
     if not any(name.lower() == "content-type" for name in headers):
         # Recordings that did not keep their content type (other recorders' files).
@@ -214,7 +218,7 @@ class RecordingIndex:
                     break
                 try:
                     self.load_document(store.read(path), path)
-                except (StoreError, RecordingError, ValueError, TypeError) as exc:
+                except LlmproxyError as exc:
                     self.problems.append(LoadProblem(path, str(exc)))
                     log.warning("recording skipped", path=str(path), reason=str(exc))
         finally:

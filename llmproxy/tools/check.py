@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmproxy.errors import LlmproxyError
 from llmproxy.routing import Router
-from llmproxy.store.directory import TEMP_SUFFIX, RecordingStore, StoreError
-from llmproxy.store.document import RecordingError
+from llmproxy.store.directory import TEMP_SUFFIX, RecordingStore
 from llmproxy.store.index import RecordingIndex
 from llmproxy.store.secrets import SecretScanner
 
@@ -55,7 +55,7 @@ def check_directory(
             document = store.read(path)
             entry = index.load_document(document, path)
             index.rendered(entry)  # lint renders every file: a file that cannot replay fails here
-        except (StoreError, RecordingError, ValueError, TypeError) as exc:
+        except LlmproxyError as exc:
             problems.append(Problem(path, "invalid", str(exc)))
             continue
         for finding in scanner.scan(document):

@@ -15,6 +15,7 @@ import orjson
 
 from llmproxy import __version__
 from llmproxy.call import Outcome
+from llmproxy.errors import LlmproxyError
 
 REPORT_KIND = "llmproxy-usage-report"
 
@@ -47,7 +48,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
 
 
-class ReportError(ValueError):
+class ReportError(LlmproxyError, ValueError):
     """A usage report that cannot be used for pruning; the message says why."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
 
 import structlog
@@ -28,9 +29,17 @@ def client_environment(base_url: str, mode: str, environ: dict[str, str]) -> dic
     return env
 
 
+def run_hint(settings: Settings, command: list[str]) -> str:
+    """What a replay miss under `run` tells the user: the same command, recording what is missing."""
+    parts = ["llmproxy run record-missing", f"--recordings {shlex.quote(str(settings.recordings))}"]
+    if settings.config_path is not None:
+        parts.append(f"--config {shlex.quote(str(settings.config_path))}")
+    return " ".join([*parts, "--", shlex.join(command)])
+
+
 async def run_command(settings: Settings, mode: str, command: list[str]) -> int:
-    """Start the proxy on a free port, run the command against it, stop, return its status."""
-    settings.port = 0
+    """Start the proxy (settings.port; 0 for a free one), run the command against it, stop,
+    return its status."""
     server = ProxyServer(settings, mode)
     await server.start()
     base_url = f"http://{settings.host}:{server.port}"

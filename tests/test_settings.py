@@ -1,0 +1,206 @@
+"""Settings have one table (llmproxy/config.py OPTIONS): the command line, config.example.toml and
+the README are checked against it; start-up refuses what cannot work, in one line; logs name
+their logger."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import openai
+import pytest
+
+from llmproxy.config import FILE_KEYS, OPTIONS, Mode, Settings, options_markdown
+from llmproxy.errors import ConfigError, LlmproxyError, StartupError
+from llmproxy.store.directory import StoreError
+from llmproxy.store.document import RecordingError
+from llmproxy.tools.report import ReportError
+from tests.support import REPO, CliProxy, free_port
+
+
+def llmproxy(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmproxy", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+def test_the_readme_options_table_is_the_settings_table() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert options_markdown() in readme, "regenerate the README table with llmproxy.config.options_markdown()"
+
+
+def test_config_example_lists_every_file_setting_with_its_default() -> None:
+    text = (REPO / "config.example.toml").read_text()
+    proxy = tomllib.loads(text)["proxy"]
+    commented = set(re.findall(r"^# (\w+) = ", text, re.MULTILINE))
+    assert set(proxy) <= set(FILE_KEYS), set(proxy) - set(FILE_KEYS)
+    assert set(FILE_KEYS) <= set(proxy) | commented, set(FILE_KEYS) - set(proxy) - commented
+    for key, value in proxy.items():
+        default = FILE_KEYS[key].default
+        assert value == (list(default) if isinstance(default, tuple) else default), key
+    for key, option in FILE_KEYS.items():
+        if option.env:
+            line = next(line for line in text.splitlines() if re.match(rf"^(# )?{key} = ", line))
+            assert option.env in line, f"config.example.toml: {key} should name {option.env}"
+
+
+def test_settings_defaults_come_from_the_table() -> None:
+    settings = Settings()
+    for option in OPTIONS:
+        if option.key in ("max_body_mb", "secret_patterns", "recordings") or not hasattr(settings, option.key):
+            continue
+        assert getattr(settings, option.key) == option.default, option.key
+    assert settings.max_body_bytes == FILE_KEYS["max_body_mb"].default * 1024 * 1024
+    assert str(settings.recordings) == FILE_KEYS["recordings"].default
+
+
+@pytest.mark.parametrize("command", ["record", "replay", "run"])
+def test_help_lists_every_option_of_the_table(command: str) -> None:
+    result = llmproxy(command, "--help", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    for option in OPTIONS:
+        if option.flag and command in option.commands:
+            assert option.flag in result.stdout, option.flag
+            assert option.help.replace("`", "")[:40] in result.stdout, option.key
+
+
+def test_one_exception_tree() -> None:
+    for error in (ConfigError, StartupError, StoreError, RecordingError, ReportError):
+        assert issubclass(error, LlmproxyError)
+    assert issubclass(ConfigError, ValueError) and issubclass(RecordingError, ValueError)  # older callers
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_replay_refuses_a_missing_recordings_directory_unless_allowed(tmp_path: Path) -> None:
+    missing = tmp_path / "recrodings"  # a typo
+    result = llmproxy("replay", "--recordings", str(missing), "--port", "0")
+    assert result.returncode == 1
+    assert f"recordings directory {missing} does not exist" in _one_line(result)
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    result = llmproxy("replay", "--recordings", str(a_file), "--port", "0")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+
+    proxy = CliProxy("replay", "--recordings", str(missing), "--port", "0", "--allow-empty")
+    try:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.NotFoundError, match="llmproxy has no recording"):
+            client.models.list()
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any directory: unreadable cannot be set up")
+def test_replay_refuses_an_unreadable_recordings_directory(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0)
+    try:
+        result = llmproxy("replay", "--recordings", str(locked), "--port", "0")
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 1 and "cannot be read" in _one_line(result)
+
+
+def test_record_missing_creates_its_directory_and_is_not_refused(tmp_path: Path) -> None:
+    proxy = CliProxy("record", "--missing", "--recordings", str(tmp_path / "new"), "--port", "0")
+    assert proxy.stop()[-1]["event"] == "summary"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "config", "expected"),
+    [
+        (["record", "--upstream", "api.openai.com"], {}, None, "--upstream must be a URL with scheme and host"),
+        (["record"], {"LLMPROXY_UPSTREAM": "api.openai.com"}, None, "--upstream must be a URL with scheme and host"),
+        (["record"], {}, '[[routes]]\nname = "x"\nupstream = "localhost:11434"\n', "must be a URL with scheme"),
+        (["replay", "--on-miss", "sometimes"], {}, None, "'sometimes' is not one of 'error', 'forward'"),
+        (["replay"], {"LLMPROXY_ON_MISS": "sometimes"}, None, "'sometimes' is not one of 'error', 'forward'"),
+        (["replay"], {}, '[proxy]\non_miss = "sometimes"\n', "on_miss must be one of error, forward"),
+        (["replay"], {}, '[proxy]\nclient_disconnect = "keep"\n', "client_disconnect must be one of discard, drain"),
+        (["replay", "--log-level", "loud"], {}, None, "'loud' is not one of"),
+        (["replay", "--timing", "x0"], {}, None, "timing must be"),
+        (["run", "replay", "--after-last", "never", "--", "true"], {}, None, "'never' is not one of"),
+    ],
+)
+def test_start_up_refuses_what_cannot_work_in_one_line(
+    tmp_path: Path, args: list[str], env: dict[str, str], config: str | None, expected: str
+) -> None:
+    (tmp_path / "recordings").mkdir()
+    if config is not None:
+        (tmp_path / "llmproxy.toml").write_text(config)
+    result = (
+        llmproxy(*args, "--port", "0", cwd=tmp_path, env=env) if "--" not in args else llmproxy(*args, cwd=tmp_path)
+    )
+    assert result.returncode == 2
+    assert expected in _one_line(result)
+
+
+def test_run_takes_the_serving_options_honours_port_and_names_itself_in_a_miss(tmp_path: Path) -> None:
+    port = free_port()
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import os, openai\n"
+        "print(os.environ['OPENAI_BASE_URL'])\n"
+        "try:\n"
+        "    openai.OpenAI(max_retries=0).models.list()\n"
+        "except openai.NotFoundError as exc:\n"
+        "    print(exc.message)\n"
+    )
+    (tmp_path / "recordings").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmproxy",
+            "run",
+            "replay",
+            "--port",
+            str(port),
+            "--on-miss",
+            "error",
+            "--timing",
+            "realtime",
+            "--after-last",
+            "error",
+            "--recordings",
+            "recordings",
+            "--",
+            sys.executable,
+            str(child),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    base_url, message = result.stdout.splitlines()[:2]
+    assert base_url == f"http://127.0.0.1:{port}/v1"
+    assert f"llmproxy run record-missing --recordings recordings -- {sys.executable} {child}" in message
+
+
+def test_logs_name_their_logger(tmp_path: Path) -> None:
+    proxy = CliProxy("replay", "--recordings", str(tmp_path), "--port", "0")
+    events = proxy.stop()
+    by_name = {event["event"]: event.get("logger") for event in events}
+    assert by_name["listening"] == "llmproxy.server"
+    assert by_name["recordings loaded"] == "llmproxy.replay"
+
+
+def test_modes_are_an_enum() -> None:
+    assert [mode.value for mode in Mode] == ["record", "record-missing", "replay"]
