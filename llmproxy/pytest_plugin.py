@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 import pytest
 
 from llmproxy.config import Mode, load_settings
@@ -204,7 +205,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     proxy.stop()
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None and proxy.final_report is not None:
-        workeroutput[_REPORT_KEY] = proxy.final_report
+        # execnet carries only plain values: the report as its JSON text would be read back.
+        workeroutput[_REPORT_KEY] = orjson.loads(orjson.dumps(proxy.final_report, default=str))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

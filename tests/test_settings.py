@@ -190,7 +190,7 @@ def test_run_takes_the_serving_options_honours_port_and_names_itself_in_a_miss(t
     )
     assert result.returncode == 0, result.stderr
     base_url, message = result.stdout.splitlines()[:2]
-    assert base_url == f"http://127.0.0.1:{port}/v1"
+    assert base_url == f"http://127.0.0.1:{port}/openai/v1"
     assert f"llmproxy run record-missing --recordings recordings -- {sys.executable} {child}" in message
 
 
@@ -199,7 +199,7 @@ def test_logs_name_their_logger(tmp_path: Path) -> None:
     events = proxy.stop()
     by_name = {event["event"]: event.get("logger") for event in events}
     assert by_name["listening"] == "llmproxy.server"
-    assert by_name["recordings loaded"] == "llmproxy.replay"
+    assert by_name["recordings loaded"] == "llmproxy.playback"
 
 
 def test_modes_are_an_enum() -> None:
