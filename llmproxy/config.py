@@ -47,6 +47,10 @@ class Settings:
     client_disconnect: str = "discard"  # record: "discard" the exchange or "drain" and record it
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM/SIGINT
     durable_writes: bool = False  # fsync each recording before its rename (survives power loss)
+    secrets: str = "refuse"  # record: a credential found is "refuse"d (not written) or "redact"ed
+    secret_allow: list[str] = field(default_factory=list)  # values/regexes the scanner lets through
+    max_file_bytes: int = 256 * 1024 * 1024  # replay/check: larger recording files are skipped
+    max_pause: float = 60.0  # --timing realtime/xN: no single recorded pause is longer (seconds)
 
     def router(self) -> Router:
         return Router(self.routes)
@@ -72,6 +76,10 @@ _PROXY_KEYS = {
     "client_disconnect": str,
     "shutdown_timeout": (int, float),
     "durable_writes": bool,
+    "secrets": str,
+    "secret_allow": list,
+    "max_file_mb": (int, float),
+    "max_pause": (int, float),
 }
 _ROUTE_KEYS = {
     "name",
@@ -185,6 +193,16 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
     client_disconnect = str(pick("client_disconnect", "discard"))
     if client_disconnect not in ("discard", "drain"):
         raise ConfigError(f"client_disconnect must be 'discard' or 'drain', not {client_disconnect!r}")
+    secrets = str(pick("secrets", "refuse"))
+    if secrets not in ("refuse", "redact"):
+        raise ConfigError(f"secrets must be 'refuse' or 'redact', not {secrets!r}")
+    secret_allow = pick("secret_allow", [])
+    if not isinstance(secret_allow, list) or not all(isinstance(p, str) for p in secret_allow):
+        raise ConfigError("secret_allow must be a list of values or regular expressions")
+    max_file_mb = float(pick("max_file_mb", 256))
+    max_pause = float(pick("max_pause", 60.0))
+    if max_file_mb <= 0 or max_pause < 0:
+        raise ConfigError("max_file_mb must be positive and max_pause not negative")
     port = int(pick("port", DEFAULT_PORT))
     if not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range")
@@ -209,6 +227,10 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
         client_disconnect=client_disconnect,
         shutdown_timeout=float(pick("shutdown_timeout", 10.0)),
         durable_writes=bool(pick("durable_writes", False)),
+        secrets=secrets,
+        secret_allow=list(secret_allow),
+        max_file_bytes=int(max_file_mb * 1024 * 1024),
+        max_pause=max_pause,
     )
 
 

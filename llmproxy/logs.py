@@ -32,6 +32,16 @@ class _ClientProtocolErrors(logging.Filter):
         return True
 
 
+def _traceback_formatter() -> structlog.typing.ExceptionRenderer:
+    """Tracebacks without local variables: a frame's locals hold request headers and keys.
+    (structlog's defaults, rich and better-exceptions, both print them when installed.)"""
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return structlog.dev.plain_traceback
+    return structlog.dev.RichTracebackFormatter(show_locals=False)
+
+
 def configure_logging(*, json: bool = False, level: str = "info") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
@@ -45,7 +55,7 @@ def configure_logging(*, json: bool = False, level: str = "info") -> None:
         renderer: structlog.typing.Processor = structlog.processors.JSONRenderer(_orjson_dumps)
         shared_tail: list[structlog.typing.Processor] = [structlog.processors.format_exc_info]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), exception_formatter=_traceback_formatter())
         shared_tail = []
     structlog.configure(
         processors=[*shared, *shared_tail, renderer],

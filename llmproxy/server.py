@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import signal
-from collections import OrderedDict
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -14,15 +12,16 @@ import structlog
 from aiohttp import web
 
 from llmproxy.call import Call, Outcome, error_response
-from llmproxy.canonical import CanonicalRequest, RawBody, parse_body
+from llmproxy.canonical import BadRequest, KeyMemo, RawBody, header_bytes, parse_body
 from llmproxy.config import Settings, validate_timing
+from llmproxy.intake import read_body, token_matches
 from llmproxy.modes.base import Mode
 from llmproxy.modes.record import RecordMode
 from llmproxy.modes.replay import Replayer, ReplayMode
 from llmproxy.routing import Router
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex, canonical_for_route
-from llmproxy.store.secrets import SecretScanner
+from llmproxy.store.secrets import SecretScanner, request_credentials
 from llmproxy.store.writer import Recorder
 from llmproxy.tools.report import build_report, write_report
 from llmproxy.upstream.client import Forwarder
@@ -41,7 +40,7 @@ def record_command(settings: Settings) -> str:
 
 
 def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
-    store = RecordingStore(settings.recordings, durable=settings.durable_writes)
+    store = RecordingStore(settings.recordings, durable=settings.durable_writes, max_file_bytes=settings.max_file_bytes)
     outcome = Outcome()
 
     def forwarder() -> Forwarder:
@@ -61,11 +60,16 @@ def build_mode(settings: Settings, mode_name: str, router: Router) -> Mode:
             repeat_last=settings.after_last == "repeat",
             record_command=record_command(settings),
             record_exhausted=recording,
+            max_pause=settings.max_pause,
         )
 
     if mode_name in ("record", "record-missing"):
         recorder = Recorder(
-            store, outcome, scanner=SecretScanner(settings.secret_patterns), record_errors=settings.record_errors
+            store,
+            outcome,
+            scanner=SecretScanner(settings.secret_patterns, allow=settings.secret_allow),
+            record_errors=settings.record_errors,
+            redact=settings.secrets == "redact",
         )
         return RecordMode(
             forwarder(),
@@ -82,19 +86,14 @@ ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "O
 TOKEN_HEADER = "x-llmproxy-token"
 
 
-# Test suites send the same requests again and again: their keys are remembered (by exact
-# bytes), so parsing and hashing happen once per distinct request, not once per request.
-KEY_MEMO_SIZE = 4096
-KEY_MEMO_MAX_BODY = 64 * 1024
-
-
 def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application:
-    keys: OrderedDict[tuple[object, ...], tuple[object, CanonicalRequest]] = OrderedDict()
+    # Parsing and hashing happen once per distinct request (by exact bytes), bounded in bytes.
+    keys = KeyMemo()
+    redact = settings.secrets == "redact"
+    scanner = SecretScanner(settings.secret_patterns, allow=settings.secret_allow)
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if settings.token is not None and not hmac.compare_digest(
-            request.headers.get(TOKEN_HEADER, "").encode(), settings.token.encode()
-        ):
+        if settings.token is not None and not token_matches(request.headers.get(TOKEN_HEADER), settings.token):
             log.warning("client refused: missing or wrong token", path=request.path, peer=request.remote)
             return error_response(None, 401, f"this llmproxy needs the {TOKEN_HEADER} header", "proxy_token_required")
         if request.method not in ALLOWED_METHODS:
@@ -106,22 +105,27 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
             return error_response(None, 404, f"no route for {request.method} {request.path}", "no_route")
         route = match.route
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            log.warning("request body too large", path=request.path, limit=settings.max_body_bytes)
-            return error_response(
-                route, 413, f"request body exceeds the {settings.max_body_bytes} byte limit", "body_too_large"
-            )
+            body = await read_body(request, settings.max_body_bytes)
+        except BadRequest as exc:
+            log.warning("request refused", path=request.path, reason=exc.message, code=exc.code)
+            return error_response(route, exc.status, exc.message, exc.code)
         query = parse_qsl(request.query_string, keep_blank_values=True)
         headers = {name.lower(): value for name, value in request.headers.items()}
         content_type = request.headers.get("Content-Type", "")
         memo_key = (route.name, request.method, match.path, request.query_string, content_type, body)
         memo_key += tuple(headers.get(name) for name in route.key_headers)  # type: ignore[assignment]
-        known = keys.get(memo_key) if len(body) <= KEY_MEMO_MAX_BODY else None
+        # secrets = "redact": the key is computed from the body as it will be recorded.
+        credentials = request_credentials(headers, query) if redact else {}
+        memo_key += tuple(value for value in credentials if header_bytes(value) in body)  # type: ignore[assignment]
+        known = keys.get(memo_key)
         if known is not None:
             body_value, canonical = known
         else:
-            body_value = parse_body(body, content_type)
+            try:
+                body_value = parse_body(body, content_type)
+            except BadRequest as exc:
+                log.warning("request refused", path=request.path, reason=exc.message, code=exc.code)
+                return error_response(route, exc.status, exc.message, exc.code)
             if isinstance(body_value, RawBody) and content_type.lower().startswith("application/json"):
                 # Forwarding it would only record the upstream's complaint about our client's bug.
                 log.warning("request body is not valid JSON", method=request.method, path=request.path, size=len(body))
@@ -131,11 +135,10 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
                     "the request body is not valid JSON (UTF-8) though its content type says so",
                     "invalid_json",
                 )
+            if redact:
+                body_value = scanner.redact_body(body_value, body, credentials)
             canonical = canonical_for_route(route, request.method, match.path, query, headers, body_value)
-            if len(body) <= KEY_MEMO_MAX_BODY:
-                keys[memo_key] = (body_value, canonical)
-                if len(keys) > KEY_MEMO_SIZE:
-                    keys.popitem(last=False)
+            keys.put(memo_key, (body_value, canonical), len(body))
         call = Call(
             route=route,
             method=request.method.upper(),
@@ -156,6 +159,7 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
         await mode.close()
 
     app = web.Application(client_max_size=settings.max_body_bytes)
+    app["key_memo"] = keys
     app.router.add_route("*", "/{tail:.*}", handle)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)

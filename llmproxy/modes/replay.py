@@ -31,6 +31,7 @@ class Replayer:
         repeat_last: bool = True,
         record_command: str = "llmproxy record --missing",
         record_exhausted: bool = False,
+        max_pause: float = 60.0,
     ) -> None:
         self.index = index
         self.outcome = outcome
@@ -42,6 +43,8 @@ class Replayer:
         # In record --missing, a request asked more often than recorded is recorded again.
         self.record_exhausted = record_exhausted
         self.store = store
+        # Paced replay never waits longer than this at once (seconds), whatever a file says.
+        self.max_pause = max_pause
         self._served: dict[str, int] = {}
         self._loading: asyncio.Future[None] | None = None
 
@@ -124,19 +127,19 @@ class Replayer:
         stream = web.StreamResponse(status=rendered.status, headers=headers)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await asyncio.sleep(float(timing.get("headers_ms") or 0) / 1000 / self.speed)
+        await asyncio.sleep(min(float(timing.get("headers_ms") or 0) / 1000 / self.speed, self.max_pause))
         await stream.prepare(request)
         for index, segment in enumerate(segments):
             if index < len(offsets):
                 due = started + float(offsets[index]) / 1000 / self.speed
-                delay = due - loop.time()
+                delay = min(due - loop.time(), self.max_pause)
                 if delay > 0:
                     await asyncio.sleep(delay)
             await stream.write(segment)
         await stream.write_eof()
         return stream
 
-    def miss(self, call: Call) -> web.Response:
+    async def miss(self, call: Call) -> web.Response:
         """A 404 in the provider's shape naming the request, the nearest recording and the fix."""
         self.outcome.note_miss(call)
         canonical = call.canonical
@@ -145,7 +148,8 @@ class Replayer:
             f"llmproxy has no recording for {canonical.describe()} "
             f"(route {call.route.name}, model {model}, key {canonical.key[:16]})."
         )
-        nearest = self.index.nearest(canonical, 1)
+        # Comparing with many recordings is CPU work: off the loop, so other clients go on.
+        nearest = await asyncio.get_running_loop().run_in_executor(None, self.index.nearest, canonical, 1, call.model)
         closest_file = None
         differences: list[str] = []
         if nearest:
@@ -163,6 +167,7 @@ class Replayer:
             key=canonical.key[:16],
             closest=closest_file,
             differences=differences,
+            compared=self.index.compared,
         )
         return error_response(call.route, 404, message, "recording_not_found")
 
@@ -196,7 +201,7 @@ class ReplayMode:
         if response is not None:
             return response
         if self.forwarder is None:
-            return self.replayer.miss(call)
+            return await self.replayer.miss(call)
         self.outcome.note_miss(call)
         log.warning(
             "replay miss forwarded live, not recorded", method=call.method, path=call.path, route=call.route.name
