@@ -48,11 +48,12 @@ class BadRequest(Exception):
     """A request the proxy refuses before routing it anywhere: answered with `status` and
     `code` in the provider's error shape, logged as one line."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, event: str = "request refused") -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.event = event  # the log line's event
 
 
 def parse_body(data: bytes, content_type: str = "", *, max_depth: int = MAX_REQUEST_DEPTH) -> Any:

@@ -9,6 +9,7 @@ import hmac
 
 import structlog
 from aiohttp import ClientPayloadError, http_exceptions, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from llmproxy.canonical import BadRequest, header_bytes
 
@@ -19,7 +20,12 @@ class ClientGone(BadRequest):
     """The client closed the connection before its request body arrived: nobody to answer."""
 
     def __init__(self) -> None:
-        super().__init__(400, "client_closed_request", "the client closed the connection during the request body")
+        super().__init__(
+            400,
+            "client_closed_request",
+            "the client closed the connection during the request body",
+            "client left during the request body",
+        )
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -27,17 +33,27 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise BadRequest(413, "body_too_large", f"request body exceeds the {limit} byte limit") from None
-    except http_exceptions.ContentEncodingError:
+        raise BadRequest(
+            413, "body_too_large", f"request body exceeds the {limit} byte limit", "request body too large"
+        ) from None
+    except (http_exceptions.ContentEncodingError, RequestPayloadError) as exc:
+        if not isinstance(exc, http_exceptions.ContentEncodingError) and not isinstance(
+            exc.__cause__, http_exceptions.ContentEncodingError
+        ):
+            raise _unreadable(request) from None
         encoding = request.headers.get("Content-Encoding", "")
         raise BadRequest(
             400, "bad_content_encoding", f"the request body is not valid {encoding or 'encoded'} data"
         ) from None
     except (ConnectionError, ClientPayloadError, asyncio.IncompleteReadError, http_exceptions.HttpProcessingError):
-        # aiohttp reports a body cut short by the client's leaving as one of these.
-        if request.transport is None or request.transport.is_closing():
-            raise ClientGone() from None
-        raise BadRequest(400, "bad_request_body", "the request body could not be read") from None
+        raise _unreadable(request) from None
+
+
+def _unreadable(request: web.Request) -> BadRequest:
+    # aiohttp reports a body cut short by the client's leaving as one of several errors.
+    if request.transport is None or request.transport.is_closing():
+        return ClientGone()
+    return BadRequest(400, "bad_request_body", "the request body could not be read")
 
 
 def token_matches(sent: str | None, token: str) -> bool:

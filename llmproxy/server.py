@@ -86,6 +86,9 @@ ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "O
 TOKEN_HEADER = "x-llmproxy-token"
 
 
+KEY_MEMO = web.AppKey("key_memo", KeyMemo)
+
+
 def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application:
     # Parsing and hashing happen once per distinct request (by exact bytes), bounded in bytes.
     keys = KeyMemo()
@@ -107,7 +110,7 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
         try:
             body = await read_body(request, settings.max_body_bytes)
         except BadRequest as exc:
-            log.warning("request refused", path=request.path, reason=exc.message, code=exc.code)
+            log.warning(exc.event, path=request.path, reason=exc.message, code=exc.code)
             return error_response(route, exc.status, exc.message, exc.code)
         query = parse_qsl(request.query_string, keep_blank_values=True)
         headers = {name.lower(): value for name, value in request.headers.items()}
@@ -124,7 +127,7 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
             try:
                 body_value = parse_body(body, content_type)
             except BadRequest as exc:
-                log.warning("request refused", path=request.path, reason=exc.message, code=exc.code)
+                log.warning(exc.event, path=request.path, reason=exc.message, code=exc.code)
                 return error_response(route, exc.status, exc.message, exc.code)
             if isinstance(body_value, RawBody) and content_type.lower().startswith("application/json"):
                 # Forwarding it would only record the upstream's complaint about our client's bug.
@@ -159,7 +162,7 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
         await mode.close()
 
     app = web.Application(client_max_size=settings.max_body_bytes)
-    app["key_memo"] = keys
+    app[KEY_MEMO] = keys
     app.router.add_route("*", "/{tail:.*}", handle)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
