@@ -153,8 +153,14 @@ class CliProxy:
     def stop(self) -> list[dict[str, Any]]:
         """Stop with SIGTERM (as a user would) and return the log events, parsed."""
         self.process.terminate()
-        _, err = self.process.communicate(timeout=15)
-        self.lines.extend(err.splitlines())
+        # Read the rest through the same buffered reader readline used: communicate() reads the
+        # raw pipe and would lose lines already buffered (a load logged right after "listening").
+        stderr = self.process.stderr
+        assert stderr is not None
+        reader = threading.Thread(target=lambda: self.lines.extend(stderr), daemon=True)
+        reader.start()
+        self.process.wait(15)
+        reader.join(15)
         events = []
         for line in self.lines:
             try:

@@ -175,13 +175,12 @@ def read_bounded(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES, root: P
     (no race with a file swapped between a check and the open); reads stop at the limit, so a
     symlink to /dev/zero or a sparse 2 GB file costs nothing.
     """
-    target = Path(path)
+    # Resolved first, so O_NOFOLLOW below only guards against a swap between the two steps.
+    target = Path(os.path.realpath(path))
     if root is not None:
-        resolved = Path(os.path.realpath(target))
         base = Path(os.path.realpath(root))
-        if resolved != base and base not in resolved.parents:
+        if target != base and base not in target.parents:
             raise StoreError("a symlink to a file outside the recordings directory (not read)")
-        target = resolved
     try:
         fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
