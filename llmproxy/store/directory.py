@@ -13,6 +13,7 @@ floods the loader).
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
@@ -175,18 +176,15 @@ def read_bounded(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES, root: P
     (no race with a file swapped between a check and the open); reads stop at the limit, so a
     symlink to /dev/zero or a sparse 2 GB file costs nothing.
     """
-    # Resolved first, so O_NOFOLLOW below only guards against a swap between the two steps.
-    target = Path(os.path.realpath(path))
-    if root is not None:
-        base = Path(os.path.realpath(root))
-        if target != base and base not in target.parents:
-            raise StoreError("a symlink to a file outside the recordings directory (not read)")
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        # The walk never enters symlinked directories, so only the file itself can be a link:
+        # O_NOFOLLOW opens plain files at once and refuses links, which are then resolved.
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
-        if exc.errno == getattr(os, "ELOOP", -1):
-            raise StoreError("a symlink (not read)") from None
-        raise StoreError(f"cannot read: {exc.strerror}") from None
+        if exc.errno != errno.ELOOP:
+            raise StoreError(f"cannot read: {exc.strerror}") from None
+        fd = _open_link(Path(path), flags, root)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -208,6 +206,19 @@ def read_bounded(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES, root: P
         raise StoreError(f"cannot read: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _open_link(path: Path, flags: int, root: Path | None) -> int:
+    """Open what a symlink points to, if it stays inside `root` (when given)."""
+    target = Path(os.path.realpath(path))
+    if root is not None:
+        base = Path(os.path.realpath(root))
+        if target != base and base not in target.parents:
+            raise StoreError("a symlink to a file outside the recordings directory (not read)")
+    try:
+        return os.open(target, flags)
+    except OSError as exc:
+        raise StoreError(f"cannot read: {exc.strerror}") from None
 
 
 def parse_document(data: bytes) -> Any:
