@@ -138,9 +138,11 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
                     "the request body is not valid JSON (UTF-8) though its content type says so",
                     "invalid_json",
                 )
-            if redact:
+            key_query = query
+            if redact:  # as the recorder will write them, so a replay finds the recording
                 body_value = scanner.redact_body(body_value, body, credentials)
-            canonical = canonical_for_route(route, request.method, match.path, query, headers, body_value)
+                key_query = [(name, scanner.redact_text(value, credentials)) for name, value in query]
+            canonical = canonical_for_route(route, request.method, match.path, key_query, headers, body_value)
             keys.put(memo_key, (body_value, canonical), len(body))
         call = Call(
             route=route,

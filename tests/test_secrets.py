@@ -202,23 +202,25 @@ def test_redact_records_placeholders_names_fields_and_still_replays(
     form = b"model=gpt-4o&api_key=" + OPENAI_KEY.encode()
     auth = {"Authorization": f"Bearer {GROQ_KEY}"}
     proxy = _proxy("record", recordings, app.url, config)
-    first = loop_thread.run(_post(proxy.url, body, "application/json", auth))
+    # A credential-named query parameter stays in the URL (only known ones are dropped): redacted too.
+    params = {"session_token": QUERY_KEY}
+    first = loop_thread.run(_post(proxy.url, body, "application/json", auth, params))
     second = loop_thread.run(_post(proxy.url, form, "application/x-www-form-urlencoded", auth))
     events = proxy.stop()
     assert first[0] == second[0] == 200 and OPENAI_KEY in first[1]["choices"][0]["message"]["content"]
     files = _recordings(recordings)
     assert len(files) == 2
-    assert_no_secret(recordings, OPENAI_KEY, GROQ_KEY)
+    assert_no_secret(recordings, OPENAI_KEY, GROQ_KEY, QUERY_KEY)
     text = " ".join(path.read_text() for path in files)
     assert "[redacted openai key]" in text and "[redacted credential from request header authorization]" in text
     redactions = [e for e in events if e["event"] == "credentials redacted from the recording"]
     assert len(redactions) == 2
     assert any("response.body" in field for e in redactions for field in e["fields"])
-    _no_secret_in_logs(events, OPENAI_KEY, GROQ_KEY)
+    _no_secret_in_logs(events, OPENAI_KEY, GROQ_KEY, QUERY_KEY)
     # Replay (same config) matches the same requests, secrets and all, and serves the redacted answer.
     replay = _proxy("replay", recordings, None, config)
     try:
-        replayed = loop_thread.run(_post(replay.url, body, "application/json", auth))
+        replayed = loop_thread.run(_post(replay.url, body, "application/json", auth, params))
         replayed_form = loop_thread.run(_post(replay.url, form, "application/x-www-form-urlencoded", auth))
     finally:
         replay_events = replay.stop()

@@ -163,10 +163,25 @@ class RecordingStore:
             if replace:
                 os.replace(temp, target)
             else:
-                os.link(temp, target)
+                _link_new(temp, target)
         finally:
             temp.unlink(missing_ok=True)
         return target
+
+
+def _link_new(temp: Path, target: Path) -> None:
+    """Give `temp` the name `target` only if nobody has it (FileExistsError otherwise)."""
+    try:
+        os.link(temp, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # No hard links on this filesystem: claim the name create-only, then fill it (a reader
+        # may see it empty for a moment, and reports it as such; nothing is ever replaced).
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.replace(temp, target)
 
 
 def read_bounded(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES, root: Path | None = None) -> bytes:
