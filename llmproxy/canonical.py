@@ -366,28 +366,3 @@ def request_differences(recorded: CanonicalRequest, wanted: CanonicalRequest) ->
         differences.append(f"headers: {dict(wanted.headers)} != {dict(recorded.headers)} recorded")
     differences += json_diff(recorded.body, wanted.body)
     return differences or ["nothing (same key)"]
-
-
-def similarity(a: CanonicalRequest, b: CanonicalRequest) -> float:
-    """A rough closeness score for choosing the nearest recording on a miss (higher is closer)."""
-    score = 0.0
-    if a.route == b.route:
-        score += 4
-    if a.path == b.path:
-        score += 8
-    if a.method == b.method:
-        score += 2
-    if a.query == b.query:
-        score += 1
-    if a.body_json == b.body_json:
-        return score + 4
-    common = _common_tokens(a.body_json, b.body_json)
-    return score + 3 * common
-
-
-def _common_tokens(left: bytes, right: bytes) -> float:
-    tokens_left = set(left.split(b'"'))
-    tokens_right = set(right.split(b'"'))
-    if not tokens_left or not tokens_right:
-        return 0.0
-    return len(tokens_left & tokens_right) / len(tokens_left | tokens_right)

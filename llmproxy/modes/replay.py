@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 
 from llmproxy.call import Call, Outcome, error_response
-from llmproxy.canonical import request_differences
+from llmproxy.canonical import CanonicalRequest, request_differences
 from llmproxy.store.directory import RecordingStore, StoreError
 from llmproxy.store.document import RecordingError
 from llmproxy.store.index import Entry, RecordingIndex, Rendered
@@ -139,6 +139,12 @@ class Replayer:
         await stream.write_eof()
         return stream
 
+    def _closest(self, canonical: CanonicalRequest, model: str | None) -> tuple[Entry | None, list[str]]:
+        nearest = self.index.nearest(canonical, 1, model)
+        if not nearest:
+            return None, []
+        return nearest[0], request_differences(nearest[0].canonical, canonical)
+
     async def miss(self, call: Call) -> web.Response:
         """A 404 in the provider's shape naming the request, the nearest recording and the fix."""
         self.outcome.note_miss(call)
@@ -148,14 +154,14 @@ class Replayer:
             f"llmproxy has no recording for {canonical.describe()} "
             f"(route {call.route.name}, model {model}, key {canonical.key[:16]})."
         )
-        # Comparing with many recordings is CPU work: off the loop, so other clients go on.
-        nearest = await asyncio.get_running_loop().run_in_executor(None, self.index.nearest, canonical, 1, call.model)
+        # Comparing with many recordings (and diffing large bodies) is CPU work: off the loop,
+        # so other clients go on.
+        closest, differences = await asyncio.get_running_loop().run_in_executor(
+            None, self._closest, canonical, call.model
+        )
         closest_file = None
-        differences: list[str] = []
-        if nearest:
-            closest = nearest[0]
+        if closest is not None:
             closest_file = str(closest.source) if closest.source else None
-            differences = request_differences(closest.canonical, canonical)
             message += f" Closest recording: {closest_file or '(in memory)'}; it differs in: {'; '.join(differences)}."
         message += f" To record it, run `{self.record_command}` and repeat this request through it."
         log.warning(

@@ -106,7 +106,7 @@ def render(recording: Recording, route: Route) -> Rendered:
         body=b"".join(segments),
         ends=tuple(itertools.accumulate(len(segment) for segment in segments)),
         streaming=response.is_streaming,
-        timing=_timing(response.timing, len(segments)),
+        timing=_timing(response.timing),
     )
 
 
@@ -128,7 +128,7 @@ def _milliseconds(value: Any, where: str) -> float:
     return float(value)
 
 
-def _timing(timing: dict[str, Any] | None, segments: int) -> dict[str, Any] | None:
+def _timing(timing: dict[str, Any] | None) -> dict[str, Any] | None:
     """Recorded pacing, checked: numbers only (huge ones are clamped when replaying)."""
     if timing is None:
         return None
@@ -151,6 +151,8 @@ class Entry:
     model: str | None = None
     # Kept for recordings that have no file (built in memory) or when the index keeps them all.
     held: Recording | None = field(default=None, repr=False)
+    # The size limit of the store it was loaded from: it is read again when first replayed.
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES
 
     def recording(self, provider_for: Any) -> Recording:
         """The full recording: held, or read again from its file."""
@@ -158,9 +160,6 @@ class Entry:
             return self.held
         assert self.source is not None
         return from_document(RecordingStore.read(self.source, max_bytes=self.max_bytes), provider_for)
-
-    # Set by the index that loaded the entry (its store's max_file_bytes).
-    max_bytes: int = DEFAULT_MAX_FILE_BYTES
 
 
 class RenderCache:
@@ -257,8 +256,7 @@ class RecordingIndex:
         if check:
             render(recording, route)
         held = recording if (source is None or self.keep_recordings) else None
-        entry = Entry(canonical, route, request.sequence, source, request.model, held)
-        entry.max_bytes = self.max_file_bytes
+        entry = Entry(canonical, route, request.sequence, source, request.model, held, self.max_file_bytes)
         # A new list, swapped in whole: the event loop may read this key while a loader thread adds.
         previous = self._entries.get(canonical.key, ())
         entries = [*previous, entry]
