@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email import policy as email_policy
@@ -48,13 +49,30 @@ class RawBody:
 
 MULTIPART_LABEL = "llmproxy.multipart"
 
+# How deep a request body's JSON may nest. A recording holds the body a few levels down, and
+# orjson writes at most 254 levels: deeper bodies could be forwarded but never recorded.
+MAX_REQUEST_DEPTH = 128
 
-def parse_body(data: bytes, content_type: str = "") -> Any:
+
+class BadRequest(Exception):
+    """A request the proxy refuses before routing it anywhere: answered with `status` and
+    `code` in the provider's error shape, logged as one line."""
+
+    def __init__(self, status: int, code: str, message: str, event: str = "request refused") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.event = event  # the log line's event
+
+
+def parse_body(data: bytes, content_type: str = "", *, max_depth: int = MAX_REQUEST_DEPTH) -> Any:
     """The request body as it takes part in the key.
 
     JSON gives its parsed value; a multipart form gives its fields, with files by digest (the
     boundary is random per request, so the bytes themselves would never match twice); any other
-    body gives a RawBody (its digest); an empty body gives None.
+    body gives a RawBody (its digest); an empty body gives None. Raises BadRequest for a body
+    nested deeper than `max_depth`.
     """
     if not data.strip():
         return None
@@ -63,14 +81,70 @@ def parse_body(data: bytes, content_type: str = "") -> Any:
         if form is not None:
             return {"__type__": MULTIPART_LABEL, "__data__": form}
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if "depth" in str(exc) or "recursion" in str(exc).lower():
+            raise _too_deep(max_depth) from None
         return RawBody.of(data)
+    # Nesting cannot exceed the count of opening brackets: most bodies need no walk.
+    if data.count(b"[") + data.count(b"{") > max_depth and nesting(value, max_depth) > max_depth:
+        raise _too_deep(max_depth)
+    return value
+
+
+def _too_deep(limit: int) -> BadRequest:
+    return BadRequest(400, "request_too_deep", f"the request body nests more than {limit} levels deep")
+
+
+def nesting(value: Any, limit: int) -> int:
+    """How deep containers nest in a JSON value (a scalar: 0), counting no further than limit + 1.
+    Iterative, so any depth is safe to measure."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        stack.extend((child, depth) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def header_bytes(value: str) -> bytes:
+    """A header value as the client sent it: aiohttp decodes UTF-8 with surrogateescape."""
+    return value.encode("utf-8", "surrogateescape")
+
+
+_NESTED_MULTIPART = re.compile(rb"(?i)content-type:[ \t]*multipart/")
+MAX_NESTED_PARTS = 32
+MAX_NESTED_PARTS_SCAN = 64 * 1024 * 1024
 
 
 def parse_multipart(data: bytes, content_type: str) -> list[dict[str, Any]] | None:
+    """A form's fields; None when the body is not a form the email parser can read (it is then
+    keyed by digest). A form nested so deep that the parser recurses out is refused."""
+    # RFC 7578 forbids nested forms; the email parser would recurse (slowly) into each one.
+    if len(_NESTED_MULTIPART.findall(data, 0, MAX_NESTED_PARTS_SCAN)) > MAX_NESTED_PARTS:
+        raise BadRequest(400, "request_too_deep", "the multipart request body nests too many multipart parts")
+    try:
+        return _parse_multipart(data, content_type)
+    except RecursionError:
+        raise BadRequest(400, "request_too_deep", "the multipart request body nests too deep") from None
+    except Exception:  # noqa: BLE001 - hostile input to a lenient parser: any failure means "not a form"
+        return None
+
+
+def _parse_multipart(data: bytes, content_type: str) -> list[dict[str, Any]] | None:
     message = BytesParser(policy=email_policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + data
+        b"Content-Type: " + header_bytes(content_type) + b"\r\n\r\n" + data
     )
     if not message.is_multipart():
         return None
@@ -95,6 +169,38 @@ def parse_multipart(data: bytes, content_type: str) -> list[dict[str, Any]] | No
             }
         )
     return fields
+
+
+class KeyMemo:
+    """Parsed bodies and keys of requests seen before, by their exact bytes: test suites send
+    the same requests again and again. Bounded by the bytes it holds (oldest out first), so
+    distinct large requests never grow it past `max_bytes`."""
+
+    # A parsed body takes a few times its JSON size in Python objects.
+    OVERHEAD = 3
+
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024, max_entry_bytes: int = 64 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_entry_bytes
+        self.bytes = 0
+        self._items: dict[Any, tuple[Any, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Any) -> Any:
+        found = self._items.get(key)
+        return None if found is None else found[0]
+
+    def put(self, key: Any, value: Any, size: int) -> None:
+        cost = size * self.OVERHEAD + 512
+        if size > self.max_entry_bytes or cost > self.max_bytes or key in self._items:
+            return
+        self._items[key] = (value, cost)
+        self.bytes += cost
+        while self.bytes > self.max_bytes:
+            oldest = next(iter(self._items))
+            self.bytes -= self._items.pop(oldest)[1]
 
 
 def public_query(pairs: Iterable[tuple[str, str]], ignore: Iterable[str] = ()) -> list[tuple[str, str]]:
@@ -270,28 +376,3 @@ def request_differences(recorded: CanonicalRequest, wanted: CanonicalRequest) ->
         differences.append(f"headers: {dict(wanted.headers)} != {dict(recorded.headers)} recorded")
     differences += json_diff(recorded.body, wanted.body)
     return differences or ["nothing (same key)"]
-
-
-def similarity(a: CanonicalRequest, b: CanonicalRequest) -> float:
-    """A rough closeness score for choosing the nearest recording on a miss (higher is closer)."""
-    score = 0.0
-    if a.route == b.route:
-        score += 4
-    if a.path == b.path:
-        score += 8
-    if a.method == b.method:
-        score += 2
-    if a.query == b.query:
-        score += 1
-    if a.body_json == b.body_json:
-        return score + 4
-    common = _common_tokens(a.body_json, b.body_json)
-    return score + 3 * common
-
-
-def _common_tokens(left: bytes, right: bytes) -> float:
-    tokens_left = set(left.split(b'"'))
-    tokens_right = set(right.split(b'"'))
-    if not tokens_left or not tokens_right:
-        return 0.0
-    return len(tokens_left & tokens_right) / len(tokens_left | tokens_right)

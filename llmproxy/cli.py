@@ -244,7 +244,12 @@ def check(directory: Path | None, fix: bool, config_path: Path | None) -> None:
 
     try:
         problems = check_directory(
-            root, settings.router(), SecretScanner(settings.secret_patterns), fix=fix, progress=progress
+            root,
+            settings.router(),
+            SecretScanner(settings.secret_patterns, allow=settings.secret_allow),
+            fix=fix,
+            progress=progress,
+            max_file_bytes=settings.max_file_bytes,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

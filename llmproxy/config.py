@@ -38,6 +38,7 @@ OnMiss = Literal["error", "forward"]
 AfterLast = Literal["repeat", "error"]
 ClientDisconnect = Literal["discard", "drain"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+Secrets = Literal["refuse", "redact"]
 # Timing is "fast", "realtime" or "xN"; validated by validate_timing.
 
 SERVING = ("record", "replay", "run")  # the commands that start a proxy
@@ -217,6 +218,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown_timeout", 10.0, (int, float), "Seconds in-flight requests get to finish on SIGTERM/SIGINT."),
     Option("durable_writes", False, bool, "fsync every recording before renaming it into place."),
     Option("secret_patterns", (), list, "Extra regexes the secret scanner refuses to write."),
+    Option(
+        "secrets",
+        "refuse",
+        str,
+        "A credential found in what would be written: refuse (the exchange is not recorded) or redact "
+        "(replaced by a placeholder, recorded; the key is computed so that replay still matches).",
+        choices=get_args(Secrets),
+    ),
+    Option("secret_allow", (), list, "Values or regexes the secret scanner lets through (test keys)."),
+    Option("max_file_mb", 256, (int, float), "Replay and check: larger recording files are reported and skipped."),
+    Option(
+        "max_pause", 60.0, (int, float), "Paced replay (realtime, xN): no single recorded pause is longer (seconds)."
+    ),
 )
 BY_KEY: dict[str, Option] = {option.key: option for option in OPTIONS}
 FILE_KEYS: dict[str, Option] = {option.key: option for option in OPTIONS if option.in_file}
@@ -251,6 +265,10 @@ class Settings:
     shutdown_timeout: float = default("shutdown_timeout")
     durable_writes: bool = default("durable_writes")
     allow_empty: bool = default("allow_empty")
+    secrets: Secrets = default("secrets")
+    secret_allow: list[str] = field(default_factory=list)
+    max_file_bytes: int = int(default("max_file_mb") * 1024 * 1024)
+    max_pause: float = default("max_pause")
     # What a replay miss tells the user to run; None: the CLI command (pytest and `run` set theirs).
     record_hint: str | None = None
 
@@ -428,6 +446,12 @@ def load_settings(
     if not all(isinstance(p, str) for p in patterns):
         raise ConfigError("secret_patterns must be a list of regular expressions")
     report = pick("report")
+    secret_allow = pick("secret_allow")
+    if not all(isinstance(p, str) for p in secret_allow):
+        raise ConfigError("secret_allow must be a list of values or regular expressions")
+    max_pause = float(pick("max_pause"))
+    if max_pause < 0:
+        raise ConfigError("max_pause must not be negative")
     port = int(pick("port"))
     if not 0 <= port <= 65535:
         raise ConfigError(f"port {port} is out of range")
@@ -455,6 +479,10 @@ def load_settings(
         shutdown_timeout=float(pick("shutdown_timeout")),
         durable_writes=bool(pick("durable_writes")),
         allow_empty=bool(pick("allow_empty")),
+        secrets=pick("secrets"),
+        secret_allow=list(secret_allow),
+        max_file_bytes=_megabytes("max_file_mb", pick("max_file_mb")),
+        max_pause=max_pause,
         record_hint=overrides.get("record_hint"),
     )
 

@@ -35,8 +35,9 @@ def credential_headers() -> frozenset[str]:
     return GENERIC_CREDENTIAL_HEADERS | CREDENTIAL_HEADERS
 
 
-# Set by aiohttp for the upstream leg (it decompresses, so the client's encodings do not apply).
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "x-llmproxy-token"}
+# Set by aiohttp for the upstream leg (it decompresses, so the client's encodings do not apply:
+# the request body is forwarded decoded, so its content-encoding would lie about it too).
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "content-encoding", "x-llmproxy-token"}
 
 # Response headers worth keeping in a recording: the SDKs read these. Everything else
 # (dates, rate-limit counters, cf-ray) changes on every call and would only make noisy diffs.

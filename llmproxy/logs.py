@@ -16,6 +16,7 @@ from typing import TextIO
 import orjson
 import structlog
 from aiohttp import http_exceptions
+from aiohttp.web_protocol import RequestPayloadError
 
 
 def _orjson_dumps(value: object, **_: object) -> str:
@@ -46,8 +47,12 @@ class _ClientProtocolErrors(logging.Filter):
     """aiohttp reports a client's malformed HTTP with a traceback; it is the client's fault."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], http_exceptions.HttpProcessingError):
-            error = record.exc_info[1]
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, RequestPayloadError) and isinstance(error.__cause__, http_exceptions.HttpProcessingError):
+            # A body aiohttp could not decode (bad Content-Encoding), seen again as it drains it
+            # after the handler answered 400.
+            error = error.__cause__
+        if record.exc_info and isinstance(error, http_exceptions.HttpProcessingError):
             record.msg = "bad HTTP request from client: %s"
             record.args = (getattr(error, "message", str(error)),)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -70,7 +75,11 @@ def configure_logging(*, json: bool = False, level: str = "info") -> None:
         renderer: structlog.typing.Processor = structlog.processors.JSONRenderer(_orjson_dumps)
         shared_tail: list[structlog.typing.Processor] = [structlog.processors.format_exc_info]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # Plain tracebacks: structlog's defaults when rich or better-exceptions is installed
+        # print every frame's local variables (request headers, keys) and are slow to render.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
         shared_tail = []
     structlog.configure(
         processors=[*shared, *shared_tail, renderer],

@@ -170,7 +170,7 @@ class Pipeline:
             assert self.playback is not None
             self.outcome.note_miss(call)
             if self.on_miss is MissPolicy.ERROR:
-                return self.playback.miss_response(call)
+                return await self.playback.miss_response(call)
             log.warning(
                 "replay miss forwarded live, not recorded", method=call.method, path=call.path, route=call.route.name
             )

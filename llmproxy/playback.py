@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 
 from llmproxy.call import Call, error_response
-from llmproxy.canonical import request_differences
+from llmproxy.canonical import CanonicalRequest, request_differences
 from llmproxy.errors import LlmproxyError
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import Entry, RecordingIndex, Rendered
@@ -47,16 +47,6 @@ class Unreadable:
 Lookup = Found | Exhausted | Unreadable | None
 
 
-def _pause_ms(value: Any) -> float:
-    """A pause from a recording's timing: a finite, non-negative number, clamped."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0.0
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        return 0.0
-    return min(value, MAX_PAUSE_MS)
-
-
 class Playback:
     """Recordings by key: the Nth identical request gets the Nth recording."""
 
@@ -68,6 +58,7 @@ class Playback:
         speed: float | None = None,
         repeat_last: bool = True,
         record_command: str = "llmproxy record --missing",
+        max_pause: float = MAX_PAUSE_MS / 1000,
     ) -> None:
         self.index = index
         self.store = store
@@ -76,6 +67,8 @@ class Playback:
         # After the last recorded repeat of a request: serve the last one again, or not.
         self.repeat_last = repeat_last
         self.record_command = record_command
+        # Paced replay never waits longer than this at once (seconds), whatever a file says.
+        self.max_pause = max_pause
         self._served: dict[str, int] = {}
         self._loading: asyncio.Future[None] | None = None
 
@@ -140,12 +133,21 @@ class Playback:
         log.debug("replay hit", path=call.path, key=key[:16], file=str(entry.source) if entry.source else None)
         return Found(rendered, entry)
 
+    def _pause_ms(self, value: Any) -> float:
+        """A pause from a recording's timing: a finite, non-negative number, clamped to max_pause."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return 0.0
+        value = float(value)
+        if not math.isfinite(value) or value <= 0:
+            return 0.0
+        return min(value, self.max_pause * 1000)
+
     def paced(self, rendered: Rendered) -> bool:
         return self.speed is not None and rendered.streaming
 
     async def headers_pause(self, rendered: Rendered) -> None:
         assert self.speed is not None
-        await asyncio.sleep(_pause_ms((rendered.timing or {}).get("headers_ms")) / 1000 / self.speed)
+        await asyncio.sleep(self._pause_ms((rendered.timing or {}).get("headers_ms")) / 1000 / self.speed)
 
     async def segments(self, rendered: Rendered) -> AsyncIterator[bytes]:
         """Each chunk at its recorded offset (divided by the speed factor), from now."""
@@ -154,10 +156,10 @@ class Playback:
         if not isinstance(offsets, list):
             offsets = []
         loop = asyncio.get_running_loop()
-        started = loop.time() - _pause_ms((rendered.timing or {}).get("headers_ms")) / 1000 / self.speed
+        started = loop.time() - self._pause_ms((rendered.timing or {}).get("headers_ms")) / 1000 / self.speed
         for index, segment in enumerate(rendered.segments):
             if index < len(offsets):
-                delay = started + _pause_ms(offsets[index]) / 1000 / self.speed - loop.time()
+                delay = started + self._pause_ms(offsets[index]) / 1000 / self.speed - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
             yield segment
@@ -175,7 +177,13 @@ class Playback:
         message = f"the recording {found.entry.source} cannot be replayed: {found.reason}"
         return error_response(call.route, 500, message, "recording_unreadable")
 
-    def miss_response(self, call: Call) -> web.Response:
+    def _closest(self, canonical: CanonicalRequest, model: str | None) -> tuple[Entry | None, list[str]]:
+        nearest = self.index.nearest(canonical, 1, model)
+        if not nearest:
+            return None, []
+        return nearest[0], request_differences(nearest[0].canonical, canonical)
+
+    async def miss_response(self, call: Call) -> web.Response:
         """A 404 in the provider's shape naming the request, the nearest recording and the fix."""
         canonical = call.canonical
         model = call.model or "-"
@@ -183,13 +191,14 @@ class Playback:
             f"llmproxy has no recording for {canonical.describe()} "
             f"(route {call.route.name}, model {model}, key {canonical.key[:16]})."
         )
-        nearest = self.index.nearest(canonical, 1)
+        # Comparing with many recordings (and diffing large bodies) is CPU work: off the loop,
+        # so other clients go on.
+        closest, differences = await asyncio.get_running_loop().run_in_executor(
+            None, self._closest, canonical, call.model
+        )
         closest_file = None
-        differences: list[str] = []
-        if nearest:
-            closest = nearest[0]
+        if closest is not None:
             closest_file = str(closest.source) if closest.source else None
-            differences = request_differences(closest.canonical, canonical)
             message += f" Closest recording: {closest_file or '(in memory)'}; it differs in: {'; '.join(differences)}."
         message += f" To record it, run `{self.record_command}` and repeat this request through it."
         log.warning(
@@ -201,5 +210,6 @@ class Playback:
             key=canonical.key[:16],
             closest=closest_file,
             differences=differences,
+            compared=self.index.compared,
         )
         return error_response(call.route, 404, message, "recording_not_found")

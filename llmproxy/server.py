@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import signal
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
@@ -16,14 +14,15 @@ import structlog
 from aiohttp import web
 
 from llmproxy.call import Call, Outcome, error_response
-from llmproxy.canonical import CanonicalRequest, RawBody, parse_body
+from llmproxy.canonical import BadRequest, KeyMemo, RawBody, header_bytes, parse_body
 from llmproxy.config import Settings, validate_timing
+from llmproxy.intake import read_body, token_matches
 from llmproxy.pipeline import MODES, MissPolicy, Pipeline, RecordPolicy
 from llmproxy.playback import Playback
 from llmproxy.routing import Refusal, Router
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex, canonical_for_route
-from llmproxy.store.secrets import SecretScanner
+from llmproxy.store.secrets import SecretScanner, request_credentials
 from llmproxy.store.writer import Recorder
 from llmproxy.tools.report import build_report, write_report
 from llmproxy.upstream.client import AiohttpUpstream
@@ -50,7 +49,7 @@ def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
     except KeyError:
         raise ValueError(f"unknown mode {mode_name!r}") from None
     on_miss = MissPolicy(settings.on_miss) if record is RecordPolicy.OFF else MissPolicy.ERROR
-    store = RecordingStore(settings.recordings, durable=settings.durable_writes)
+    store = RecordingStore(settings.recordings, durable=settings.durable_writes, max_file_bytes=settings.max_file_bytes)
     outcome = Outcome()
     upstream = None
     if record is not RecordPolicy.OFF or on_miss is MissPolicy.FORWARD:
@@ -65,11 +64,16 @@ def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
             # is recorded as a new repeat.
             repeat_last=settings.after_last == "repeat",
             record_command=record_command(settings),
+            max_pause=settings.max_pause,
         )
     recorder = None
     if record is not RecordPolicy.OFF:
         recorder = Recorder(
-            store, outcome, scanner=SecretScanner(settings.secret_patterns), record_errors=settings.record_errors
+            store,
+            outcome,
+            scanner=SecretScanner(settings.secret_patterns, allow=settings.secret_allow),
+            record_errors=settings.record_errors,
+            redact=settings.secrets == "redact",
         )
     return Pipeline(
         name=mode_name,
@@ -94,10 +98,7 @@ ROUTER = web.AppKey("router", Router)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 
 
-# Test suites send the same requests again and again: their keys are remembered (by exact
-# bytes), so parsing and hashing happen once per distinct request, not once per request.
-KEY_MEMO_SIZE = 4096
-KEY_MEMO_MAX_BODY = 64 * 1024
+KEY_MEMO = web.AppKey("key_memo", KeyMemo)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -105,9 +106,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app[SETTINGS].token
-    if token is not None and not hmac.compare_digest(
-        request.headers.get(TOKEN_HEADER, "").encode("utf-8", "surrogateescape"), token.encode()
-    ):
+    if token is not None and not token_matches(request.headers.get(TOKEN_HEADER), token):
         log.warning("client refused: missing or wrong token", path=request.path, peer=request.remote)
         return error_response(None, 401, f"this llmproxy needs the {TOKEN_HEADER} header", "proxy_token_required")
     return await handler(request)
@@ -122,26 +121,32 @@ async def method_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 @web.middleware
-async def body_size_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse a body over max_body_mb (by its announced length, or while reading it)."""
+async def body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read the body once (kept by aiohttp for the handler): over max_body_mb, undecodable or cut
+    short by a client leaving, it is answered here in the route's error shape."""
     limit = request.app[SETTINGS].max_body_bytes
-    too_large = request.content_length is not None and request.content_length > limit
-    if not too_large:
-        try:
-            await request.read()  # kept by aiohttp: the handler reads it again for free
-        except web.HTTPRequestEntityTooLarge:
-            too_large = True
-    if too_large:
-        log.warning("request body too large", path=request.path, limit=limit)
-        match = request.app[ROUTER].resolve(request.method, request.path, request.headers)
-        return error_response(
-            match.route if match else None, 413, f"request body exceeds the {limit} byte limit", "body_too_large"
+    problem: BadRequest | None = None
+    if request.content_length is not None and request.content_length > limit:
+        problem = BadRequest(
+            413, "body_too_large", f"request body exceeds the {limit} byte limit", "request body too large"
         )
+    else:
+        try:
+            await read_body(request, limit)
+        except BadRequest as exc:
+            problem = exc
+    if problem is not None:
+        log.warning(problem.event, path=request.path, reason=problem.message, code=problem.code, limit=limit)
+        match = request.app[ROUTER].resolve(request.method, request.path, request.headers)
+        return error_response(match.route if match else None, problem.status, problem.message, problem.code)
     return await handler(request)
 
 
 def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.Application:
-    keys: OrderedDict[tuple[object, ...], tuple[object, CanonicalRequest]] = OrderedDict()
+    # Parsing and hashing happen once per distinct request (by exact bytes), bounded in bytes.
+    keys = KeyMemo()
+    redact = settings.secrets == "redact"
+    scanner = SecretScanner(settings.secret_patterns, allow=settings.secret_allow)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         match = router.route(request.method, request.path, request.headers, request.query_string, request.host)
@@ -155,11 +160,18 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
         content_type = request.headers.get("Content-Type", "")
         memo_key = (route.name, request.method, match.path, request.query_string, content_type, body)
         memo_key += tuple(headers.get(name) for name in route.key_headers)  # type: ignore[assignment]
-        known = keys.get(memo_key) if len(body) <= KEY_MEMO_MAX_BODY else None
+        # secrets = "redact": the key is computed from the body as it will be recorded.
+        credentials = request_credentials(headers, query) if redact else {}
+        memo_key += tuple(value for value in credentials if header_bytes(value) in body)  # type: ignore[assignment]
+        known = keys.get(memo_key)
         if known is not None:
             body_value, canonical = known
         else:
-            body_value = parse_body(body, content_type)
+            try:
+                body_value = parse_body(body, content_type)
+            except BadRequest as exc:
+                log.warning(exc.event, path=request.path, reason=exc.message, code=exc.code)
+                return error_response(route, exc.status, exc.message, exc.code)
             if isinstance(body_value, RawBody) and content_type.lower().startswith("application/json"):
                 # Forwarding it would only record the upstream's complaint about our client's bug.
                 log.warning("request body is not valid JSON", method=request.method, path=request.path, size=len(body))
@@ -169,11 +181,12 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
                     "the request body is not valid JSON (UTF-8) though its content type says so",
                     "invalid_json",
                 )
-            canonical = canonical_for_route(route, request.method, match.path, query, headers, body_value)
-            if len(body) <= KEY_MEMO_MAX_BODY:
-                keys[memo_key] = (body_value, canonical)
-                if len(keys) > KEY_MEMO_SIZE:
-                    keys.popitem(last=False)
+            key_query = query
+            if redact:  # as the recorder will write them, so a replay finds the recording
+                body_value = scanner.redact_body(body_value, body, credentials)
+                key_query = [(name, scanner.redact_text(value, credentials)) for name, value in query]
+            canonical = canonical_for_route(route, request.method, match.path, key_query, headers, body_value)
+            keys.put(memo_key, (body_value, canonical), len(body))
         call = Call(
             route=route,
             method=request.method.upper(),
@@ -195,11 +208,12 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[token_middleware, method_middleware, body_size_middleware],
+        middlewares=[token_middleware, method_middleware, body_middleware],
     )
     app[SETTINGS] = settings
     app[ROUTER] = router
     app[PIPELINE] = pipeline
+    app[KEY_MEMO] = keys
     app.router.add_route("*", "/{tail:.*}", handle)
     app.cleanup_ctx.append(pipeline_context)
     return app

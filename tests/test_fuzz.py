@@ -177,3 +177,204 @@ def test_loader_on_recording_shaped_garbage(request: dict, response: dict, own: 
         render_segments(recording.response.body, recording.response.framing, provider.json_value)
     except (RecordingError, ValueError, TypeError):
         pass  # the documented errors: the index reports such a file and skips it
+
+
+# -- Recording files: wrong types at every field, deep nesting, odd framing/timing/headers ------
+# Each example is written as a file, loaded by a running replay proxy's own loader, and requested
+# through the proxy: never a 500 without a provider-shaped body, never a hang, never a crash of
+# the loader or of `check`.
+
+_FIELD_PATHS = [
+    ("request", "method"),
+    ("request", "url"),
+    ("request", "endpoint"),
+    ("request", "headers"),
+    ("request", "body"),
+    ("request", "route"),
+    ("request", "sequence"),
+    ("request", "model"),
+    ("response", "status"),
+    ("response", "headers"),
+    ("response", "body"),
+    ("response", "is_streaming"),
+    ("response", "framing"),
+    ("response", "timing"),
+    ("response", "truncated"),
+    ("provenance",),
+]
+
+
+def _deep(depth: int, leaf: Any = 1.25) -> Any:
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+odd_strings = st.sampled_from(["", "a\r\nSet-Cookie: x", "\u20ac", "\x00", "bad name:", "é" * 3, "sk-", "1e308"])
+odd_numbers = st.sampled_from([0, -1, 101, 99, 600, 2**63, -(2**63), 1e308, -1e308, 0.5, 1e-320])
+odd_values = (
+    json_values
+    | odd_strings
+    | odd_numbers
+    | st.integers(120, 1100).map(_deep)
+    | st.dictionaries(odd_strings, odd_strings | odd_numbers, max_size=3)
+)
+framings = st.fixed_dictionaries(
+    {},
+    optional={
+        "format": st.sampled_from(["json", "sse", "ndjson", "text", "binary", "opaque", "x"]) | odd_values,
+        "line_ending": st.sampled_from(["\n", "\r\n", "\r", "", "x"]) | odd_values,
+        "event_field": st.sampled_from([None, "type", "event"]) | odd_values,
+        "end": st.sampled_from(["", "data: [DONE]\n\n"]) | odd_values,
+        "inserts": st.dictionaries(st.sampled_from(["0", "1", "x"]), odd_values, max_size=2) | odd_values,
+        "verbatim": st.dictionaries(st.sampled_from(["0", "1"]), odd_values, max_size=2) | odd_values,
+    },
+)
+timings = st.fixed_dictionaries({}, optional={"headers_ms": odd_values, "chunk_ms": st.lists(odd_values, max_size=3)})
+
+
+def _base_document(number: int, streaming: bool) -> dict[str, Any]:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o", "choices": []}
+    body: Any = (
+        [{"__type__": "x.Chunk", "__data__": chunk}] if streaming else {"__type__": "x.Completion", "__data__": chunk}
+    )
+    return {
+        "request": {
+            "method": "POST",
+            "url": "https://api.openai.com/v1/chat/completions",
+            "headers": {},
+            "body": {
+                "model": "gpt-4o",
+                "messages": [{"role": "user", "content": f"fuzz {number}"}],
+                "stream": streaming,
+            },
+            "endpoint": "/v1/chat/completions",
+            "model": "gpt-4o",
+            "route": "openai",
+        },
+        "response": {
+            "status": 200,
+            "headers": {"content-type": "text/event-stream" if streaming else "application/json"},
+            "body": body,
+            "is_streaming": streaming,
+            "framing": {"format": "sse", "line_ending": "\n", "event_field": None, "end": "data: [DONE]\n\n"}
+            if streaming
+            else {"format": "json"},
+            "timing": {"headers_ms": 1.0, "chunk_ms": [2.0]},
+        },
+        "provenance": {"tool": "llmproxy"},
+    }
+
+
+@st.composite
+def recording_files(draw: Any, number: int = 0) -> tuple[dict[str, Any], bool]:
+    streaming = draw(st.booleans())
+    document = _base_document(number, streaming)
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(_FIELD_PATHS))
+        if path == ("response", "framing"):
+            value = draw(framings)
+        elif path == ("response", "timing"):
+            value = draw(timings)
+        elif path in (("request", "headers"), ("response", "headers")):
+            value = draw(st.dictionaries(odd_strings | st.text(max_size=6), odd_values, max_size=3) | odd_values)
+        else:
+            value = draw(odd_values)
+        target = document
+        for step in path[:-1]:
+            target = target[step]
+        target[path[-1]] = value
+    return document, streaming
+
+
+class _FuzzReplay:
+    """One replay proxy (realtime pacing, tiny max pause) for every example of a test."""
+
+    def __init__(self, directory: Any) -> None:
+        from tests.support import LoopThread, start_proxy
+
+        self.directory = directory
+        self.loop = LoopThread()
+        config = directory / "llmproxy.toml"
+        config.write_text("[proxy]\nmax_pause = 0.001\n")
+        self.proxy = start_proxy(self.loop, "replay", directory / "rec", config, timing="realtime")
+        self.index = self.proxy.server.mode.index  # type: ignore[attr-defined]
+        self.store = self.proxy.server.mode.replayer.store  # type: ignore[attr-defined]
+        self.count = 0
+
+    def close(self) -> None:
+        self.proxy.stop()
+        self.loop.close()
+
+
+def test_recording_files_never_crash_load_check_or_serve(tmp_path_factory: Any) -> None:
+    import aiohttp
+
+    from llmproxy.store.directory import StoreError
+    from llmproxy.tools.check import check_directory
+
+    directory = tmp_path_factory.mktemp("fuzzfiles")
+    (directory / "rec" / "openai").mkdir(parents=True)
+    replay = _FuzzReplay(directory)
+
+    async def ask(number: int, streaming: bool) -> tuple[int, bytes]:
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": f"fuzz {number}"}], "stream": streaming}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            async with session.post(replay.proxy.url + "/v1/chat/completions", json=body) as response:
+                return response.status, await response.read()
+
+    @settings(FUZZ, max_examples=max(1, FUZZ.max_examples // 2))  # each example is a real request
+    @given(data=st.data())
+    def one(data: Any) -> None:
+        replay.count += 1
+        number = replay.count
+        document, streaming = data.draw(recording_files(number))
+        path = directory / "rec" / "openai" / f"fuzz-{number}.json"
+        path.write_bytes(orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS) if _dumpable(document) else b"[")
+        try:
+            replay.index.load_file(replay.store, path)
+        except (StoreError, RecordingError):
+            pass  # reported and skipped, as the loader does; anything else would kill the loader
+        status, payload = replay.loop.run(ask(number, streaming), timeout=30)  # never a hang
+        if status >= 500 or status == 404:
+            error = orjson.loads(payload)["error"]  # provider-shaped, never a bare 500
+            assert isinstance(error["message"], str) and error["code"]
+
+    try:
+        one()
+    finally:
+        replay.close()
+    problems = check_directory(directory / "rec", Router(default_routes()), _scanner())  # never raises
+    assert all(problem.kind in ("invalid", "secret", "duplicate", "misnamed") for problem in problems)
+
+
+def _dumpable(document: Any) -> bool:
+    try:
+        orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return False  # deeper than orjson writes: the file is then plain garbage
+    return True
+
+
+def _scanner() -> Any:
+    from llmproxy.store.secrets import SecretScanner
+
+    return SecretScanner()
+
+
+@FUZZ
+@given(depth=st.integers(1, 3000), kind=st.sampled_from(["[", "{", "mixed"]))
+def test_request_depth_is_measured_without_recursion_and_refused_past_the_limit(depth: int, kind: str) -> None:
+    from llmproxy.canonical import MAX_REQUEST_DEPTH, BadRequest
+
+    opening = {"[": "[" * depth, "{": '{"a":' * depth, "mixed": '[{"a":' * (depth // 2) + "["}[kind]
+    closing = {"[": "]" * depth, "{": "}" * depth, "mixed": "]" + "}]" * (depth // 2)}[kind]
+    levels = {"[": depth, "{": depth, "mixed": 2 * (depth // 2) + 1}[kind]
+    text = (opening + "1" + closing).encode()
+    try:
+        value = parse_body(text, "application/json")
+    except BadRequest as exc:
+        assert levels > MAX_REQUEST_DEPTH and exc.code == "request_too_deep"
+    else:
+        assert levels <= MAX_REQUEST_DEPTH and value is not None

@@ -2,21 +2,29 @@
 
 Files are one exchange each, pretty-printed, named `<route>/<endpoint>-<model>-<key16>.json`.
 There is no index file: the directory is the database, so teammates' recordings merge in git
-without conflicts. Writes go to a temp file in the same directory and are renamed into place,
-so a reader (or a crash) never sees a torn file.
+without conflicts. Writes go to a temp file in the same directory and are linked into place
+(create-only: an existing file is never replaced), so a reader (or a crash) never sees a torn
+file and two processes writing the same name never overwrite each other.
+
+Reading is bounded: only regular files inside the directory, at most `max_file_bytes` each,
+nested at most MAX_DOCUMENT_DEPTH levels (a FIFO, a device or a huge file never blocks or
+floods the loader).
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from llmproxy.canonical import nesting
 from llmproxy.errors import LlmproxyError
 
 TEMP_SUFFIX = ".tmp"
@@ -27,6 +35,11 @@ _VERSION_SEGMENT = re.compile(r"^v\d+[a-z0-9]*$")
 
 
 _temp_numbers = itertools.count()
+
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
+# JSON nesting a recording may have: orjson serialises at most 254 levels, and a request body
+# (MAX_REQUEST_DEPTH in canonical.py) sits a few levels down in its document.
+MAX_DOCUMENT_DEPTH = 200
 
 
 class StoreError(LlmproxyError):
@@ -41,9 +54,10 @@ def slug(text: str, limit: int = 48) -> str:
 
 
 class RecordingStore:
-    def __init__(self, root: Path, *, durable: bool = False) -> None:
+    def __init__(self, root: Path, *, durable: bool = False, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
         self.root = Path(root)
         self.durable = durable
+        self.max_file_bytes = max_file_bytes
         self._made_dirs: set[Path] = set()
 
     def paths(self) -> Iterator[Path]:
@@ -63,17 +77,15 @@ class RecordingStore:
             yield Path(name)
 
     @staticmethod
-    def read(path: Path) -> Any:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise StoreError(f"cannot read: {exc.strerror}") from None
-        if not data.strip():
-            raise StoreError("empty file")
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise StoreError(f"not valid JSON: {exc}") from None
+    def read(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES, root: Path | None = None) -> Any:
+        """A recording file's JSON. Raises StoreError for anything that is not a regular file
+        (inside `root`, when given) of at most `max_bytes`, valid JSON nested at most
+        MAX_DOCUMENT_DEPTH levels."""
+        return parse_document(read_bounded(path, max_bytes=max_bytes, root=root))
+
+    def load(self, path: Path) -> Any:
+        """`read` with this store's limits: the file must be inside the recordings directory."""
+        return self.read(path, max_bytes=self.max_file_bytes, root=self.root)
 
     def name_for(self, *, route: str, path: str, model: str | None, key: str, sequence: int = 1) -> Path:
         segments = [s for s in path.split("/") if s and not _VERSION_SEGMENT.match(s)]
@@ -84,6 +96,20 @@ class RecordingStore:
         if sequence > 1:
             parts.append(str(sequence))
         return Path(slug(route, 40)) / ("-".join(parts) + ".json")
+
+    def highest_sequence(self, route: str, key: str) -> int:
+        """The highest repeat number any file of `key` has under the route's directory (0: none)."""
+        pattern = re.compile(rf"-{re.escape(key[:16])}(?:-(\d+))?\.json$")
+        highest = 0
+        try:
+            with os.scandir(self.root / slug(route, 40)) as entries:
+                for entry in entries:
+                    found = pattern.search(entry.name)
+                    if found:
+                        highest = max(highest, int(found.group(1) or 1))
+        except FileNotFoundError:
+            pass
+        return highest
 
     def newest_recording(self, route: str, key: str, *, since: float) -> Path | None:
         """The most recent recording of `key` written by any proxy at or after `since`."""
@@ -105,13 +131,15 @@ class RecordingStore:
         """A recording file's bytes: pretty (2-space), key order kept, newline-terminated."""
         return orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
 
-    def write(self, relative: Path, document: Any) -> Path:
+    def write(self, relative: Path, document: Any, *, replace: bool = False) -> Path:
         """Write a document (or its serialized bytes) atomically: a temp file in the target
-        directory, renamed over the target.
+        directory, then linked to the target name.
 
-        The rename is atomic, so no reader and no crash of this process (kill -9 included)
-        ever sees a torn file. `durable` adds an fsync before the rename, which also survives
-        a power cut, at the cost of a disk flush per recording.
+        The link is atomic and create-only: FileExistsError if the name is taken (by this or
+        any other process, on this machine or over NFS), so a recording is never overwritten;
+        `replace=True` renames over it instead (tools that rewrite a file on purpose). No reader
+        and no crash (kill -9 included) ever sees a torn file. `durable` adds an fsync, which
+        also survives a power cut, at the cost of a disk flush per recording.
         """
         if relative.is_absolute() or ".." in relative.parts:
             raise StoreError(f"refusing to write outside the recordings directory: {relative}")
@@ -133,8 +161,91 @@ class RecordingStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(temp, target)
-        except BaseException:
+            if replace:
+                os.replace(temp, target)
+            else:
+                _link_new(temp, target)
+        finally:
             temp.unlink(missing_ok=True)
-            raise
         return target
+
+
+def _link_new(temp: Path, target: Path) -> None:
+    """Give `temp` the name `target` only if nobody has it (FileExistsError otherwise)."""
+    try:
+        os.link(temp, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # No hard links on this filesystem: claim the name create-only, then fill it (a reader
+        # may see it empty for a moment, and reports it as such; nothing is ever replaced).
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.replace(temp, target)
+
+
+def read_bounded(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES, root: Path | None = None) -> bytes:
+    """A file's bytes, refusing what is not a regular file of at most `max_bytes` (inside `root`).
+
+    O_NONBLOCK: opening a FIFO never waits for a writer; fstat on the open descriptor decides
+    (no race with a file swapped between a check and the open); reads stop at the limit, so a
+    symlink to /dev/zero or a sparse 2 GB file costs nothing.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        # The walk never enters symlinked directories, so only the file itself can be a link:
+        # O_NOFOLLOW opens plain files at once and refuses links, which are then resolved.
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise StoreError(f"cannot read: {exc.strerror}") from None
+        fd = _open_link(Path(path), flags, root)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StoreError("not a regular file (a FIFO, device or directory is never read)")
+        if info.st_size > max_bytes:
+            raise StoreError(f"file is {info.st_size} bytes, over the {max_bytes} byte limit (max_file_mb)")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = os.read(fd, min(1024 * 1024, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise StoreError(f"file grew past the {max_bytes} byte limit (max_file_mb) while read")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise StoreError(f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _open_link(path: Path, flags: int, root: Path | None) -> int:
+    """Open what a symlink points to, if it stays inside `root` (when given)."""
+    target = Path(os.path.realpath(path))
+    if root is not None:
+        base = Path(os.path.realpath(root))
+        if target != base and base not in target.parents:
+            raise StoreError("a symlink to a file outside the recordings directory (not read)")
+    try:
+        return os.open(target, flags)
+    except OSError as exc:
+        raise StoreError(f"cannot read: {exc.strerror}") from None
+
+
+def parse_document(data: bytes) -> Any:
+    if not data.strip():
+        raise StoreError("empty file")
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise StoreError(f"not valid JSON: {exc}") from None
+    # Nesting cannot exceed the number of opening brackets: most files need no walk at all.
+    brackets = data.count(b"[") + data.count(b"{")
+    if brackets > MAX_DOCUMENT_DEPTH and nesting(document, MAX_DOCUMENT_DEPTH) > MAX_DOCUMENT_DEPTH:
+        raise StoreError(f"JSON nested more than {MAX_DOCUMENT_DEPTH} levels deep (the limit)")
+    return document

@@ -11,6 +11,8 @@ bytes: memory follows the index, not the bodies, and tens of thousands of files 
 from __future__ import annotations
 
 import itertools
+import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -20,12 +22,12 @@ from typing import Any
 
 import structlog
 
-from llmproxy.canonical import CanonicalRequest, canonical_request, similarity
+from llmproxy.canonical import CanonicalRequest, canonical_request
 from llmproxy.errors import LlmproxyError
 from llmproxy.headers import replay_headers
 from llmproxy.providers import Provider
 from llmproxy.routing import Route, Router
-from llmproxy.store.directory import RecordingStore
+from llmproxy.store.directory import DEFAULT_MAX_FILE_BYTES, RecordingStore
 from llmproxy.store.document import Recording, RecordingError, from_document
 from llmproxy.wire.registry import default_content_type, render_segments
 
@@ -75,13 +77,24 @@ class Rendered:
 
 
 def render(recording: Recording, route: Route) -> Rendered:
-    """A recording's response framed for the wire, with the headers replay sends."""
+    """A recording's response framed for the wire, with the headers replay sends.
+
+    Everything that could fail when sending it fails here instead, as RecordingError: the
+    loader renders each file once, so a file that cannot be served is reported and skipped
+    at load (and a good recording of the same request is served), never a 500 at request time.
+    """
     response = recording.response
+    if not 200 <= response.status <= 599:
+        # 1xx are interim answers (101 switches protocols): no recorded exchange ends in one.
+        raise RecordingError(f"response.status {response.status} cannot be replayed (200-599 only)")
     try:
         segments = render_segments(response.body, response.framing, route.provider.json_value)
-    except (ValueError, TypeError) as exc:  # hostile or hand-edited bodies: one error type for callers
-        raise RecordingError(f"response.body cannot be framed: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any failure to frame a file's body means "cannot replay"
+        raise RecordingError(f"response body and framing do not fit: {type(exc).__name__}: {exc}") from None
     headers = replay_headers(response.headers)
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value) or not value.isascii() and not _latin1(value):
+            raise RecordingError(f"response.headers.{name}: not a valid HTTP header (name, CR/LF, encoding)")
     if not any(name.lower() == "content-type" for name in headers):
         # Recordings that did not keep their content type (other recorders' files).
         headers["Content-Type"] = default_content_type(str(response.framing.get("format")))
@@ -91,8 +104,40 @@ def render(recording: Recording, route: Route) -> Rendered:
         body=b"".join(segments),
         ends=tuple(itertools.accumulate(len(segment) for segment in segments)),
         streaming=response.is_streaming,
-        timing=response.timing,
+        timing=_timing(response.timing),
     )
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _latin1(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _milliseconds(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise RecordingError(f"response.timing.{where} must be a finite number of milliseconds, not {value!r}")
+    return float(value)
+
+
+def _timing(timing: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Recorded pacing, checked: numbers only (huge ones are clamped when replaying)."""
+    if timing is None:
+        return None
+    headers_ms = _milliseconds(timing.get("headers_ms") or 0, "headers_ms")
+    chunk_ms = timing.get("chunk_ms") or []
+    if not isinstance(chunk_ms, list):
+        raise RecordingError("response.timing.chunk_ms must be a list of milliseconds")
+    return {
+        "headers_ms": headers_ms,
+        "chunk_ms": [_milliseconds(value, f"chunk_ms[{index}]") for index, value in enumerate(chunk_ms)],
+    }
 
 
 @dataclass(slots=True)
@@ -101,15 +146,18 @@ class Entry:
     route: Route
     sequence: int = 1
     source: Path | None = None
+    model: str | None = None
     # Kept for recordings that have no file (built in memory) or when the index keeps them all.
     held: Recording | None = field(default=None, repr=False)
+    # The size limit of the store it was loaded from: it is read again when first replayed.
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES
 
     def recording(self, provider_for: Any) -> Recording:
         """The full recording: held, or read again from its file."""
         if self.held is not None:
             return self.held
         assert self.source is not None
-        return from_document(RecordingStore.read(self.source), provider_for)
+        return from_document(RecordingStore.read(self.source, max_bytes=self.max_bytes), provider_for)
 
 
 class RenderCache:
@@ -159,6 +207,11 @@ class RecordingIndex:
         self.keep_recordings = keep_recordings
         self.cache = RenderCache(cache_bytes)
         self._entries: dict[str, list[Entry]] = {}
+        # Keys by (route, path): where a miss looks for its nearest recording first.
+        self._by_endpoint: dict[tuple[str, str], list[str]] = {}
+        self.max_file_bytes = DEFAULT_MAX_FILE_BYTES
+        # Candidates the last nearest-recording search compared (bounded by NEAREST_CANDIDATES).
+        self.compared = 0
         self.problems: list[LoadProblem] = []
         self.loaded = threading.Event()
         self._stop_loading = threading.Event()
@@ -190,22 +243,37 @@ class RecordingIndex:
             raise RecordingError(f"no route serves {request.method} {request.path}")
         return match.route
 
-    def add(self, recording: Recording, source: Path | None = None) -> Entry:
+    def add(self, recording: Recording, source: Path | None = None, *, check: bool = False) -> Entry:
+        """Index a recording. `check` renders its response first (RecordingError if it cannot
+        be served): the loader indexes only files that would replay."""
         route = self.route_of(recording)
         request = recording.request
         canonical = canonical_for_route(
             route, request.method, request.path, request.query, request.headers, request.body
         )
+        if check:
+            render(recording, route)
         held = recording if (source is None or self.keep_recordings) else None
-        entry = Entry(canonical, route, request.sequence, source, held)
+        entry = Entry(canonical, route, request.sequence, source, request.model, held, self.max_file_bytes)
         # A new list, swapped in whole: the event loop may read this key while a loader thread adds.
-        entries = [*self._entries.get(canonical.key, ()), entry]
+        previous = self._entries.get(canonical.key, ())
+        entries = [*previous, entry]
         entries.sort(key=lambda e: (e.sequence, str(e.source or "")))
         self._entries[canonical.key] = entries
+        if not previous:
+            self._by_endpoint.setdefault((canonical.route, canonical.path), []).append(canonical.key)
         return entry
 
     def load_document(self, document: Any, source: Path | None = None) -> Entry:
         return self.add(from_document(document, self.provider_for), source)
+
+    def load_file(self, store: RecordingStore, path: Path) -> tuple[Entry, Any]:
+        """Read, validate and index one file: bounded read (regular files inside the directory,
+        size and depth limits), a valid recording, and a response that renders. Raises
+        StoreError or RecordingError saying why not."""
+        self.max_file_bytes = store.max_file_bytes
+        document = store.load(path)
+        return self.add(from_document(document, self.provider_for), path, check=True), document
 
     def stop_loading(self) -> None:
         """Ask a load in progress (in another thread) to stop: the proxy is shutting down."""
@@ -217,10 +285,11 @@ class RecordingIndex:
                 if self._stop_loading.is_set():
                     break
                 try:
-                    self.load_document(store.read(path), path)
-                except LlmproxyError as exc:
-                    self.problems.append(LoadProblem(path, str(exc)))
-                    log.warning("recording skipped", path=str(path), reason=str(exc))
+                    self.load_file(store, path)
+                except Exception as exc:  # noqa: BLE001 - one bad file never stops the others loading
+                    reason = str(exc) if isinstance(exc, LlmproxyError) else _describe(exc)
+                    self.problems.append(LoadProblem(path, reason))
+                    log.warning("recording skipped", path=str(path), reason=reason)
         finally:
             self.loaded.set()
 
@@ -234,10 +303,54 @@ class RecordingIndex:
         self.cache.put(entry, rendered)
         return rendered
 
-    def nearest(self, canonical: CanonicalRequest, count: int = 3) -> list[Entry]:
-        scored = sorted(
-            (entries[0] for entries in self._entries.values()),
-            key=lambda entry: similarity(entry.canonical, canonical),
-            reverse=True,
-        )
+    def nearest(self, canonical: CanonicalRequest, count: int = 3, model: str | None = None) -> list[Entry]:
+        """The recordings closest to a request that missed, best first.
+
+        Bounded whatever the directory holds: at most NEAREST_CANDIDATES requests are compared
+        (same route and path first, the same model first among those), each on at most
+        NEAREST_TEXT_BYTES of its body. Blocking CPU work: call it off the event loop.
+        """
+        endpoint = self._by_endpoint.get((canonical.route, canonical.path), [])
+        keys: list[str] = endpoint
+        if len(endpoint) > NEAREST_CANDIDATES and model is not None:
+            same_model = [key for key in endpoint if self._entries[key][0].model == model]
+            keys = same_model + [key for key in endpoint if self._entries[key][0].model != model]
+        if not keys:
+            keys = list(self._entries)[:NEAREST_CANDIDATES]  # list(): one atomic copy while a loader adds
+        candidates = [self._entries[key][0] for key in keys[:NEAREST_CANDIDATES]]
+        self.compared = len(candidates)
+        wanted = Comparable(canonical)
+        scored = sorted(candidates, key=lambda entry: wanted.similarity(entry.canonical), reverse=True)
         return scored[:count]
+
+
+NEAREST_CANDIDATES = 1000
+NEAREST_TEXT_BYTES = 16 * 1024
+
+
+class Comparable:
+    """A request prepared once for comparing with many recordings (its body tokens split once)."""
+
+    def __init__(self, canonical: CanonicalRequest) -> None:
+        self.canonical = canonical
+        self.tokens = _tokens(canonical.body_json)
+
+    def similarity(self, other: CanonicalRequest) -> float:
+        a, b = self.canonical, other
+        score = 4.0 * (a.route == b.route) + 8 * (a.path == b.path) + 2 * (a.method == b.method) + (a.query == b.query)
+        if a.body_json == b.body_json:
+            return score + 4
+        theirs = _tokens(b.body_json)
+        if not self.tokens or not theirs:
+            return score
+        return score + 3 * len(self.tokens & theirs) / len(self.tokens | theirs)
+
+
+def _tokens(body_json: bytes) -> set[bytes]:
+    return set(body_json[:NEAREST_TEXT_BYTES].split(b'"'))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deep to process"
+    return f"{type(exc).__name__}: {exc}"

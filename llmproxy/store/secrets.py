@@ -2,31 +2,58 @@
 
 Headers are stripped before anything reaches a recording; this is the second line of defence,
 for keys that travel in bodies, URLs or upstream answers (a user pasting a key into a prompt,
-an upstream echoing a header back). It looks at every string of the document about to be
-written, and at `llmproxy check` time at every file already in the directory.
+an upstream echoing a header back in an error message). It looks at every string of the
+document about to be written, bodies that are not JSON decoded (base64, then URL-decoded), and
+at `llmproxy check` time at every file already in the directory.
+
+Two searches, one walk: the known key shapes (patterns), and the very values this request
+carried as credentials (headers, query, cookies), whatever their shape. What is found is
+refused (the default) or, with `secrets = "redact"`, replaced by a placeholder; an allow-list
+(`secret_allow`) exempts test keys and the like.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import unquote_plus
 
 import orjson
 
+from llmproxy.canonical import SECRET_QUERY_PARAMS, RawBody
+from llmproxy.headers import CREDENTIAL_HEADERS
+from llmproxy.wire.framing import BYTES_LABEL, DATA_KEY, TYPE_KEY
+
+SecretsPolicy = Literal["refuse", "redact"]
+SECRETS_POLICIES: tuple[SecretsPolicy, ...] = ("refuse", "redact")
+
 BUILTIN_PATTERNS: dict[str, str] = {
     "anthropic key": r"sk-ant-[A-Za-z0-9_-]{20,}",
-    "openai key": r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
+    # Not inside a word: "task-management-..." is no key.
+    "openai key": r"(?<![A-Za-z0-9])sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}",
     "google api key": r"AIza[0-9A-Za-z_-]{35}",
     "aws access key": r"(?:AKIA|ASIA)[0-9A-Z]{16}",
     "bearer token": r"[Bb]earer\s+[A-Za-z0-9._~+/=-]{16,}",
     "jwt": r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
 }
 
-
 # Literal text each built-in pattern contains: a substring test is far cheaper than a regex.
 _MARKERS = (b"sk-", b"AIza", b"AKIA", b"ASIA", b"earer", b"eyJ")
+_BYTES_MARKER = f'"{BYTES_LABEL}"'.encode()
+
+# Credential values shorter than this are not searched for: "1" or "test" would match anywhere.
+MIN_VALUE_LENGTH = 8
+# Header names that carry credentials besides the known list (x-my-gateway-token, ...).
+_CREDENTIAL_NAME = re.compile(r"key|token|secret|auth|session|password|signature", re.IGNORECASE)
+
+
+def placeholder(kind: str) -> str:
+    """What a redacted credential becomes: plain text, valid inside JSON and form bodies."""
+    return f"[redacted {kind}]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,40 +65,161 @@ class Finding:
         return f"{self.kind} in {self.field}"
 
 
+def request_credentials(headers: Mapping[str, str], query: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Every credential value this request carried -> where it came from ("header x-api-key").
+
+    Schemes ("Bearer", "Basic") are dropped so the bare token is searched for; each cookie
+    counts on its own."""
+    found: dict[str, str] = {}
+
+    def add(value: str, where: str) -> None:
+        value = value.strip()
+        if len(value) >= MIN_VALUE_LENGTH and value not in found:
+            found[value] = where
+
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in ("cookie", "set-cookie"):
+            for part in value.split(";"):
+                cookie, _, cookie_value = part.partition("=")
+                add(cookie_value, f"cookie {cookie.strip()}")
+        elif lowered in CREDENTIAL_HEADERS or _CREDENTIAL_NAME.search(lowered):
+            add(value, f"header {lowered}")
+            scheme, _, token = value.strip().partition(" ")
+            if token and scheme.isalpha():
+                add(token, f"header {lowered}")
+    for name, value in query:
+        if name.lower() in SECRET_QUERY_PARAMS or _CREDENTIAL_NAME.search(name):
+            add(value, f"query {name}")
+    return found
+
+
 class SecretScanner:
-    def __init__(self, extra_patterns: Iterable[str] = ()) -> None:
+    def __init__(self, extra_patterns: Iterable[str] = (), *, allow: Iterable[str] = ()) -> None:
         patterns = dict(BUILTIN_PATTERNS)
         self._extra = list(extra_patterns)
         for index, pattern in enumerate(self._extra):
             patterns[f"configured pattern {index + 1}"] = pattern
+        self._allow_values = frozenset(allow)
         try:
             self._patterns = [(kind, re.compile(pattern)) for kind, pattern in patterns.items()]
             self._any = re.compile("|".join(f"(?:{pattern})" for pattern in patterns.values()))
+            self._allow = [re.compile(pattern) for pattern in self._allow_values]
         except re.error as exc:
             raise ValueError(f"bad secret pattern: {exc}") from None
 
-    def scan(self, document: Any, serialized: bytes | None = None) -> list[Finding]:
-        """Credentials in a document, by field. `serialized` (the document's JSON, when the
-        caller has it already) spares serialising it again for the quick first pass."""
-        # One pass of one combined pattern over the serialised document finds out whether
-        # there is anything at all; only then is the document walked to name the fields.
-        data = serialized if serialized is not None else orjson.dumps(document)
-        if not self._extra and not any(marker in data for marker in _MARKERS):
-            return []  # every built-in pattern contains one of these literals
-        if not self._any.search(data.decode("utf-8", errors="replace")):
-            return []
-        return list(self._iter(document, ""))
+    def allowed(self, text: str) -> bool:
+        return text in self._allow_values or any(pattern.fullmatch(text) for pattern in self._allow)
 
-    def _iter(self, value: Any, path: str) -> Iterator[Finding]:
+    # -- finding -------------------------------------------------------------------------------
+
+    def scan(
+        self, document: Any, serialized: bytes | None = None, values: Mapping[str, str] | None = None
+    ) -> list[Finding]:
+        """Credentials in a document, by field: key shapes, and `values` (from
+        `request_credentials`) wherever they appear. `serialized` (the document's JSON, when
+        the caller has it already) spares serialising it again for the quick first pass."""
+        values = {value: where for value, where in (values or {}).items() if not self.allowed(value)}
+        # One pass over the serialised document finds out whether there is anything at all;
+        # only then is the document walked to name the fields.
+        data = serialized if serialized is not None else orjson.dumps(document)
+        if not self._worth_walking(data, values):
+            return []
+        return list(self._iter(document, "", values))
+
+    def _worth_walking(self, data: bytes, values: Mapping[str, str]) -> bool:
+        if _BYTES_MARKER in data:
+            return True  # base64 hides what is inside: decode it
+        if any(value.encode("utf-8", "surrogateescape") in data for value in values):
+            return True
+        if not self._extra and not any(marker in data for marker in _MARKERS):
+            return False  # every built-in pattern contains one of these literals
+        return self._any.search(data.decode("utf-8", errors="replace")) is not None
+
+    def _text_findings(self, text: str, values: Mapping[str, str]) -> Iterator[str]:
+        for kind, pattern in self._patterns:
+            for match in pattern.finditer(text):
+                if not self.allowed(match.group()):
+                    yield kind
+                    break
+        for value, where in values.items():
+            if value in text:
+                yield f"credential from request {where}"
+
+    def _iter(self, value: Any, path: str, values: Mapping[str, str]) -> Iterator[Finding]:
         if isinstance(value, str):
-            for kind, pattern in self._patterns:
-                if pattern.search(value):
-                    yield Finding(path or "(document)", kind)
-                    return
+            for kind in self._text_findings(value, values):
+                yield Finding(path or "(document)", kind)
+                return
         elif isinstance(value, dict):
+            decoded = _decoded_bytes(value)
+            if decoded is not None:
+                for text in _readings(decoded):
+                    for kind in self._text_findings(text, values):
+                        yield Finding(f"{path}(decoded)" if path else "(decoded)", kind)
+                        return
+                return
             for key, item in value.items():
-                yield from self._iter(str(key), f"{path}.{key}(name)" if path else f"{key}(name)")
-                yield from self._iter(item, f"{path}.{key}" if path else str(key))
+                yield from self._iter(str(key), f"{path}.{key}(name)" if path else f"{key}(name)", values)
+                yield from self._iter(item, f"{path}.{key}" if path else str(key), values)
         elif isinstance(value, list):
             for index, item in enumerate(value):
-                yield from self._iter(item, f"{path}[{index}]")
+                yield from self._iter(item, f"{path}[{index}]", values)
+
+    # -- redacting -----------------------------------------------------------------------------
+
+    def redact_text(self, text: str, values: Mapping[str, str]) -> str:
+        # Values first: a request's own key is named by where it came from, not its shape.
+        for value, where in values.items():
+            if value in text and not self.allowed(value):
+                text = text.replace(value, placeholder(f"credential from request {where}"))
+        for kind, pattern in self._patterns:
+            text = pattern.sub(lambda m, kind=kind: m.group() if self.allowed(m.group()) else placeholder(kind), text)
+        return text
+
+    def redact_bytes(self, data: bytes, values: Mapping[str, str]) -> bytes:
+        """Bytes with every credential replaced; latin-1 maps bytes to text one for one, so
+        whatever is not a credential comes back byte for byte."""
+        latin = {value.encode("utf-8", "surrogateescape").decode("latin-1"): where for value, where in values.items()}
+        return self.redact_text(data.decode("latin-1"), latin).encode("latin-1")
+
+    def redact(self, value: Any, values: Mapping[str, str] | None = None) -> Any:
+        """A copy of a document (or a parsed body) with every credential replaced by a
+        placeholder; base64 bodies are decoded, redacted and encoded again."""
+        values = values or {}
+        if isinstance(value, str):
+            return self.redact_text(value, values)
+        if isinstance(value, RawBody):
+            return value  # by digest: see redact_body
+        if isinstance(value, dict):
+            decoded = _decoded_bytes(value)
+            if decoded is not None:
+                cleaned = self.redact_bytes(decoded, values)
+                return {**value, DATA_KEY: base64.b64encode(cleaned).decode("ascii")}
+            return {self.redact_text(str(k), values): self.redact(v, values) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.redact(item, values) for item in value]
+        return value
+
+    def redact_body(self, body_value: Any, raw: bytes, values: Mapping[str, str]) -> Any:
+        """A request body as it takes part in the key under `secrets = "redact"`: the same
+        redaction the recorder applies to the file, so a replayed request finds its recording."""
+        if isinstance(body_value, RawBody):
+            return RawBody.of(self.redact_bytes(raw, values))
+        return self.redact(body_value, values)
+
+
+def _decoded_bytes(value: dict[str, Any]) -> bytes | None:
+    if value.get(TYPE_KEY) != BYTES_LABEL or not isinstance(value.get(DATA_KEY), str):
+        return None
+    try:
+        return base64.b64decode(value[DATA_KEY], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _readings(data: bytes) -> list[str]:
+    """The ways a body may hold a key as text: as is, and URL-decoded (form bodies)."""
+    text = data.decode("utf-8", errors="replace")
+    decoded = unquote_plus(text)
+    return [text] if decoded == text else [text, decoded]

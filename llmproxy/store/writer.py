@@ -26,7 +26,7 @@ from llmproxy.headers import recorded_response_headers
 from llmproxy.providers import Provider
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
-from llmproxy.store.secrets import SecretScanner
+from llmproxy.store.secrets import SecretScanner, request_credentials
 from llmproxy.upstream.client import Exchange
 from llmproxy.wire.framing import CapturedBody, Codec, Format, data_of
 from llmproxy.wire.opaque import OPAQUE
@@ -49,6 +49,8 @@ class Recorder:
     # Exchanges waiting for the writer may hold this many body bytes; past it, handlers wait
     # (after their client was answered), so a burst is absorbed and a flood slows down.
     max_pending_bytes: int = 64 * 1024 * 1024
+    # secrets = "redact": credentials found are replaced by placeholders instead of refusing.
+    redact: bool = False
     written: list[str] = field(default_factory=list)
     _sequences: dict[str, int] = field(default_factory=dict)
     _pending: set[asyncio.Future[Any]] = field(default_factory=set)
@@ -160,10 +162,22 @@ class Recorder:
             recording.request.sequence = sequence
             document = to_document(recording)
             data = self.store.serialize(document)
-            findings = self.scanner.scan(document, data)
+            # This request's own credentials are searched for too: upstreams echo keys back.
+            values = request_credentials(call.headers, call.query)
+            findings = self.scanner.scan(document, data, values)
+            if findings and self.redact:
+                document = self.scanner.redact(document, values)
+                data = self.store.serialize(document)
+                log.warning(
+                    "credentials redacted from the recording",
+                    route=call.route.name,
+                    path=call.path,
+                    fields=[str(finding) for finding in findings],
+                )
+                findings = self.scanner.scan(document, data, values)
             if findings:
                 raise SecretFound("; ".join(str(finding) for finding in findings))
-            path = self.store.write(self.target(call, sequence), data)
+            path = self._write_new(call, document, data)
         except SecretFound as exc:
             self.outcome.note_not_recorded(NotRecorded.SECRET)
             log.error(
@@ -171,7 +185,7 @@ class Recorder:
                 route=call.route.name,
                 path=call.path,
                 findings=str(exc),
-                hint="remove the credential from the request, or add an ignore rule for that field",
+                hint='set secrets = "redact" to record it with the value replaced, or list a test key in secret_allow',
             )
             return None
         except Exception:
@@ -189,6 +203,30 @@ class Recorder:
             key=call.canonical.key[:16],
         )
         return path
+
+    def _write_new(self, call: Call, document: dict[str, Any], data: bytes) -> Path:
+        """Write under the first free sequence from the one assigned: create-only, so a repeat
+        recorded by another process (or an earlier run) on this directory is never replaced.
+        Taking a name is one atomic link; losing the race just moves on to the next number."""
+        key = call.canonical.key
+        sequence = int(document["request"].get("sequence", 1))
+        for attempt in range(MAX_NAME_ATTEMPTS):
+            try:
+                path = self.store.write(self.target(call, sequence), data)
+            except FileExistsError:
+                # Jump past every repeat already on disk once, then step (races are rare).
+                taken = self.store.highest_sequence(call.route.name, key) if attempt == 0 else sequence
+                sequence = max(sequence, taken) + 1
+                document["request"]["sequence"] = sequence
+                data = self.store.serialize(document)
+                continue
+            # GIL-atomic; a stale read elsewhere only costs one more FileExistsError.
+            self._sequences[key] = max(self._sequences.get(key, 0), sequence)
+            return path
+        raise RuntimeError(f"no free sequence for key {key[:16]} after {MAX_NAME_ATTEMPTS} attempts")
+
+
+MAX_NAME_ATTEMPTS = 1000
 
 
 def _truncated(exchange: Exchange, recording: Recording) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llmproxy.errors import LlmproxyError
 from llmproxy.routing import Router
-from llmproxy.store.directory import TEMP_SUFFIX, RecordingStore
+from llmproxy.store.directory import DEFAULT_MAX_FILE_BYTES, TEMP_SUFFIX, RecordingStore
 from llmproxy.store.index import RecordingIndex
 from llmproxy.store.secrets import SecretScanner
 
@@ -45,20 +45,24 @@ def check_directory(
     *,
     fix: bool = False,
     progress: Callable[[Iterable[Path]], Iterable[Path]] = lambda paths: paths,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> list[Problem]:
-    store = RecordingStore(root)
+    store = RecordingStore(root, max_file_bytes=max_file_bytes)
     index = RecordingIndex(router, keep_recordings=True, cache_bytes=0)
     problems: list[Problem] = []
     seen: dict[tuple[str, int], Path] = {}
     for path in progress(list(store.paths())):
         try:
-            document = store.read(path)
-            entry = index.load_document(document, path)
-            index.rendered(entry)  # lint renders every file: a file that cannot replay fails here
+            # The replay loader's own checks (bounded read, renders): check fails what replay skips.
+            entry, document = index.load_file(store, path)
+            findings = scanner.scan(document)
         except LlmproxyError as exc:
             problems.append(Problem(path, "invalid", str(exc)))
             continue
-        for finding in scanner.scan(document):
+        except Exception as exc:  # noqa: BLE001 - a hostile file is a finding, never a crash of check
+            problems.append(Problem(path, "invalid", f"{type(exc).__name__}: {exc}"))
+            continue
+        for finding in findings:
             problems.append(Problem(path, "secret", str(finding)))
         sequence = entry.sequence
         slot = (entry.canonical.key, sequence)

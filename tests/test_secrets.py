@@ -1,0 +1,275 @@
+"""Secrets never reach disk or logs: keys inside bodies that are not JSON, the request's own
+credentials echoed by an upstream, refusal by default, redaction (that still replays) on request,
+an allow-list, and console tracebacks without local variables."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.support import REPO, CliProxy, LoopThread, RunningApp, assert_no_secret, files_under
+
+OPENAI_KEY = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0" * 2
+ANTHROPIC_KEY = "sk-ant-api03-" + "Z9y8X7w6V5u4T3s2R1q0" * 2
+AZURE_KEY = "0123456789abcdef0123456789abcdef"  # Azure's api-key: 32 hex, no known prefix
+GROQ_KEY = "gsk_" + "Qw3rTy7uI0pAsDfGhJkL" * 2
+COOKIE = "sess-" + "c00k1e" * 6
+QUERY_KEY = "qk-" + "9f8e7d6c5b4a" * 3
+
+
+class EchoUpstream:
+    """An OpenAI-shaped upstream that quotes what it got back in its answer, as real upstreams
+    do in error messages ("Incorrect API key provided: ..."): body text, and every credential."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        body = await request.text()
+        credentials = [
+            request.headers.get(name, "") for name in ("Authorization", "api-key", "x-api-key", "Cookie")
+        ] + [value for name, value in request.query.items() if name in ("api_key", "token")]
+        quoted = " ".join(value for value in credentials if value)
+        status = int(request.headers.get("x-answer-status", "200"))
+        if status != 200:
+            error = {"message": f"Incorrect API key provided: {quoted}", "type": "invalid_request_error"}
+            return web.json_response({"error": error}, status=status)
+        content = f"you sent {body[:200]} with {quoted}"
+        answer = {
+            "id": "chatcmpl-echo",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "gpt-4o",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        }
+        return web.json_response(answer)
+
+
+@pytest.fixture
+def upstream(loop_thread: LoopThread) -> Iterator[tuple[EchoUpstream, RunningApp]]:
+    echo = EchoUpstream()
+    app = RunningApp(loop_thread, echo.app()).start()
+    yield echo, app
+    app.stop()
+
+
+def _config(tmp_path: Path, **proxy: Any) -> Path:
+    lines = ["[proxy]"] + [f"{key} = {json.dumps(value)}" for key, value in proxy.items()]
+    path = tmp_path / "llmproxy.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _proxy(mode: str, recordings: Path, upstream_url: str | None, config: Path | None = None) -> CliProxy:
+    args = [mode, "--recordings", str(recordings), "--port", "0"]
+    if upstream_url:
+        args += ["--upstream", upstream_url]
+    if config is not None:
+        args += ["--config", str(config)]
+    return CliProxy(*args)
+
+
+async def _post(
+    url: str, data: bytes, content_type: str, headers: dict[str, str] | None = None, params: dict | None = None
+) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            url + "/v1/chat/completions",
+            data=data,
+            params=params,
+            headers={"Content-Type": content_type, **(headers or {})},
+        ) as response:
+            return response.status, json.loads(await response.text())
+
+
+def _recordings(directory: Path) -> list[Path]:
+    return [p for p in files_under(directory) if p.suffix == ".json"] if directory.exists() else []
+
+
+def _refusals(events: list[dict[str, Any]]) -> list[str]:
+    return [e["findings"] for e in events if e["event"] == "recording refused: it would hold a credential"]
+
+
+def _no_secret_in_logs(events: list[dict[str, Any]], *secrets: str) -> None:
+    text = json.dumps(events)
+    for secret in secrets:
+        assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "secret"),
+    [
+        (b"model=gpt-4o&api_key=" + OPENAI_KEY.encode() + b"&q=hi", "application/x-www-form-urlencoded", OPENAI_KEY),
+        (b"please use " + ANTHROPIC_KEY.encode(), "text/plain", ANTHROPIC_KEY),
+    ],
+)
+def test_key_in_a_body_that_is_not_json_is_refused_and_check_finds_it(
+    loop_thread: LoopThread, tmp_path: Path, upstream: Any, body: bytes, content_type: str, secret: str
+) -> None:
+    echo, app = upstream
+    recordings = tmp_path / "rec"
+    proxy = _proxy("record", recordings, app.url)
+    status, answer = loop_thread.run(_post(proxy.url, body, content_type))
+    events = proxy.stop()
+    assert status == 200 and answer["object"] == "chat.completion"  # the client is served
+    assert _recordings(recordings) == []  # but nothing is written
+    refusals = _refusals(events)
+    assert refusals and "request.body(decoded)" in refusals[0]
+    _no_secret_in_logs(events, secret)
+    # `check` decodes such bodies too: the same file written by hand (base64, as the format has it).
+    hand = recordings / "openai" / "by-hand.json"
+    hand.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "request": {
+            "method": "POST",
+            "url": "https://api.openai.com/v1/chat/completions",
+            "endpoint": "/v1/chat/completions",
+            "headers": {},
+            "body": {"__type__": "llmproxy.bytes", "__data__": base64.b64encode(body).decode()},
+        },
+        "response": {"status": 200, "headers": {}, "body": {"ok": True}, "is_streaming": False},
+        "provenance": {"tool": "llmproxy"},
+    }
+    hand.write_text(json.dumps(document))
+    checked = subprocess.run(
+        [sys.executable, "-m", "llmproxy", "check", str(recordings)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert checked.returncode == 1
+    assert "secret" in checked.stdout and "request.body(decoded)" in checked.stdout
+    assert secret not in checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize(
+    ("headers", "params", "secret", "where"),
+    [
+        ({"api-key": AZURE_KEY}, None, AZURE_KEY, "header api-key"),
+        ({"x-api-key": GROQ_KEY}, None, GROQ_KEY, "header x-api-key"),
+        ({"Cookie": f"session={COOKIE}; theme=dark"}, None, COOKIE, "cookie session"),
+        ({}, {"api_key": QUERY_KEY}, QUERY_KEY, "query api_key"),
+        ({}, {"token": QUERY_KEY}, QUERY_KEY, "query token"),
+    ],
+)
+def test_credential_echoed_by_the_upstream_is_refused_and_named(
+    loop_thread: LoopThread,
+    tmp_path: Path,
+    upstream: Any,
+    headers: dict[str, str],
+    params: dict | None,
+    secret: str,
+    where: str,
+) -> None:
+    echo, app = upstream
+    recordings = tmp_path / "rec"
+    proxy = _proxy("record", recordings, app.url)
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, answer = loop_thread.run(
+        _post(proxy.url, body, "application/json", {**headers, "x-answer-status": "401"}, params)
+    )
+    events = proxy.stop()
+    assert status == 401 and secret in answer["error"]["message"]  # the client sees the upstream's answer
+    assert _recordings(recordings) == []
+    assert_no_secret(recordings, secret) if recordings.exists() else None
+    refusals = _refusals(events)
+    assert refusals and f"credential from request {where} in response.body" in refusals[0], refusals
+    _no_secret_in_logs(events, secret)
+
+
+def test_redact_records_placeholders_names_fields_and_still_replays(
+    loop_thread: LoopThread, tmp_path: Path, upstream: Any
+) -> None:
+    echo, app = upstream
+    recordings = tmp_path / "rec"
+    config = _config(tmp_path, secrets="redact")
+    body = json.dumps(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": f"my key is {OPENAI_KEY}, keep it"}]}
+    ).encode()
+    form = b"model=gpt-4o&api_key=" + OPENAI_KEY.encode()
+    auth = {"Authorization": f"Bearer {GROQ_KEY}"}
+    proxy = _proxy("record", recordings, app.url, config)
+    # A credential-named query parameter stays in the URL (only known ones are dropped): redacted too.
+    params = {"session_token": QUERY_KEY}
+    first = loop_thread.run(_post(proxy.url, body, "application/json", auth, params))
+    second = loop_thread.run(_post(proxy.url, form, "application/x-www-form-urlencoded", auth))
+    events = proxy.stop()
+    assert first[0] == second[0] == 200 and OPENAI_KEY in first[1]["choices"][0]["message"]["content"]
+    files = _recordings(recordings)
+    assert len(files) == 2
+    assert_no_secret(recordings, OPENAI_KEY, GROQ_KEY, QUERY_KEY)
+    text = " ".join(path.read_text() for path in files)
+    assert "[redacted openai key]" in text and "[redacted credential from request header authorization]" in text
+    redactions = [e for e in events if e["event"] == "credentials redacted from the recording"]
+    assert len(redactions) == 2
+    assert any("response.body" in field for e in redactions for field in e["fields"])
+    _no_secret_in_logs(events, OPENAI_KEY, GROQ_KEY, QUERY_KEY)
+    # Replay (same config) matches the same requests, secrets and all, and serves the redacted answer.
+    replay = _proxy("replay", recordings, None, config)
+    try:
+        replayed = loop_thread.run(_post(replay.url, body, "application/json", auth, params))
+        replayed_form = loop_thread.run(_post(replay.url, form, "application/x-www-form-urlencoded", auth))
+    finally:
+        replay_events = replay.stop()
+    assert replayed[0] == replayed_form[0] == 200, (replayed, replayed_form)
+    content = replayed[1]["choices"][0]["message"]["content"]
+    assert "[redacted openai key]" in content and OPENAI_KEY not in content
+    assert echo.calls == 2  # replay never went upstream
+    assert not [e for e in replay_events if e["event"] == "replay miss"]
+
+
+def test_secret_allow_lets_a_listed_test_key_be_recorded(
+    loop_thread: LoopThread, tmp_path: Path, upstream: Any
+) -> None:
+    echo, app = upstream
+    recordings = tmp_path / "rec"
+    test_key = "sk-test-" + "0" * 24
+    config = _config(tmp_path, secret_allow=[test_key])
+    proxy = _proxy("record", recordings, app.url, config)
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": f"fixture {test_key}"}]})
+    status, _ = loop_thread.run(_post(proxy.url, body.encode(), "application/json"))
+    events = proxy.stop()
+    assert status == 200 and not _refusals(events)
+    files = _recordings(recordings)
+    assert len(files) == 1 and test_key in files[0].read_text()
+
+
+def test_console_traceback_never_shows_local_variables(tmp_path: Path) -> None:
+    """structlog's console renderer prints every frame's locals when rich is installed (the
+    client's Authorization header appeared in the log)."""
+    pytest.importorskip("rich")  # the fault needs rich; the test extra installs it
+    script = (
+        "import structlog\n"
+        "from llmproxy.logs import configure_logging\n"
+        "configure_logging(level='info')\n"
+        "def handle():\n"
+        f"    authorization = 'Bearer {OPENAI_KEY}'\n"
+        "    raise RuntimeError('boom')\n"
+        "try:\n"
+        "    handle()\n"
+        "except RuntimeError:\n"
+        "    structlog.get_logger('t').exception('recording not written')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "recording not written" in done.stderr and "RuntimeError: boom" in done.stderr
+    assert OPENAI_KEY not in done.stderr
