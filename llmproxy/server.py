@@ -135,6 +135,10 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
             await read_body(request, limit)
         except BadRequest as exc:
             problem = exc
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when its client disconnects: one line, no traceback.
+            log.warning("client left during the request body", path=request.path)
+            raise
     if problem is not None:
         log.warning(problem.event, path=request.path, reason=problem.message, code=problem.code, limit=limit)
         match = request.app[ROUTER].resolve(request.method, request.path, request.headers)

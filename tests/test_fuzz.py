@@ -300,7 +300,7 @@ class _FuzzReplay:
         config.write_text("[proxy]\nmax_pause = 0.001\n")
         self.proxy = start_proxy(self.loop, "replay", directory / "rec", config, timing="realtime")
         self.index = self.proxy.server.mode.index  # type: ignore[attr-defined]
-        self.store = self.proxy.server.mode.replayer.store  # type: ignore[attr-defined]
+        self.store = self.proxy.server.pipeline.playback.store  # type: ignore[union-attr]
         self.count = 0
 
     def close(self) -> None:

@@ -36,7 +36,7 @@ class EchoUpstream:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/{tail:.*}", self.chat)  # any provider's path: it only echoes
         return app
 
     async def chat(self, request: web.Request) -> web.Response:
@@ -86,11 +86,16 @@ def _proxy(mode: str, recordings: Path, upstream_url: str | None, config: Path |
 
 
 async def _post(
-    url: str, data: bytes, content_type: str, headers: dict[str, str] | None = None, params: dict | None = None
+    url: str,
+    data: bytes,
+    content_type: str,
+    headers: dict[str, str] | None = None,
+    params: dict | None = None,
+    path: str = "/v1/chat/completions",
 ) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as session:
         async with session.post(
-            url + "/v1/chat/completions",
+            url + path,
             data=data,
             params=params,
             headers={"Content-Type": content_type, **(headers or {})},
@@ -158,8 +163,9 @@ def test_key_in_a_body_that_is_not_json_is_refused_and_check_finds_it(
 @pytest.mark.parametrize(
     ("headers", "params", "secret", "where"),
     [
-        ({"api-key": AZURE_KEY}, None, AZURE_KEY, "header api-key"),
-        ({"x-api-key": GROQ_KEY}, None, GROQ_KEY, "header x-api-key"),
+        # Each credential on its own provider's route (another provider's route refuses it unsent).
+        ({"api-key": AZURE_KEY}, {"api-version": "2024-06-01"}, AZURE_KEY, "header api-key"),
+        ({"x-api-key": GROQ_KEY, "anthropic-version": "2023-06-01"}, None, GROQ_KEY, "header x-api-key"),
         ({"Cookie": f"session={COOKIE}; theme=dark"}, None, COOKIE, "cookie session"),
         ({}, {"api_key": QUERY_KEY}, QUERY_KEY, "query api_key"),
         ({}, {"token": QUERY_KEY}, QUERY_KEY, "query token"),
@@ -176,10 +182,17 @@ def test_credential_echoed_by_the_upstream_is_refused_and_named(
 ) -> None:
     echo, app = upstream
     recordings = tmp_path / "rec"
-    proxy = _proxy("record", recordings, app.url)
+    paths = {
+        "api-key": ("azure", "/azure/openai/deployments/gpt-4o/chat/completions"),
+        "x-api-key": ("anthropic", "/anthropic/v1/messages"),
+    }
+    provider, path = next((paths[name] for name in headers if name in paths), ("openai", "/v1/chat/completions"))
+    config = tmp_path / "llmproxy.toml"
+    config.write_text(f'[[routes]]\nname = "{provider}"\nprovider = "{provider}"\nupstream = "{app.url}"\n')
+    proxy = _proxy("record", recordings, None, config)
     body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
     status, answer = loop_thread.run(
-        _post(proxy.url, body, "application/json", {**headers, "x-answer-status": "401"}, params)
+        _post(proxy.url, body, "application/json", {**headers, "x-answer-status": "401"}, params, path)
     )
     events = proxy.stop()
     assert status == 401 and secret in answer["error"]["message"]  # the client sees the upstream's answer

@@ -24,8 +24,8 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from llmproxy.canonical import SECRET_QUERY_PARAMS, RawBody
-from llmproxy.headers import CREDENTIAL_HEADERS
+from llmproxy.canonical import RawBody, secret_query_params
+from llmproxy.headers import credential_headers
 from llmproxy.wire.framing import BYTES_LABEL, DATA_KEY, TYPE_KEY
 
 SecretsPolicy = Literal["refuse", "redact"]
@@ -83,13 +83,13 @@ def request_credentials(headers: Mapping[str, str], query: Iterable[tuple[str, s
             for part in value.split(";"):
                 cookie, _, cookie_value = part.partition("=")
                 add(cookie_value, f"cookie {cookie.strip()}")
-        elif lowered in CREDENTIAL_HEADERS or _CREDENTIAL_NAME.search(lowered):
+        elif lowered in credential_headers() or _CREDENTIAL_NAME.search(lowered):
             add(value, f"header {lowered}")
             scheme, _, token = value.strip().partition(" ")
             if token and scheme.isalpha():
                 add(token, f"header {lowered}")
     for name, value in query:
-        if name.lower() in SECRET_QUERY_PARAMS or _CREDENTIAL_NAME.search(name):
+        if name.lower() in secret_query_params() or _CREDENTIAL_NAME.search(name):
             add(value, f"query {name}")
     return found
 
