@@ -34,6 +34,9 @@ class Call:
         return self.route.provider.model_of(self.path, self.body_value)
 
 
+MISS_BODY_LIMIT = 256 * 1024
+
+
 @dataclass(slots=True)
 class Outcome:
     """Counts every mode keeps for the exit summary and the usage report."""
@@ -56,6 +59,10 @@ class Outcome:
                 "route": call.route.name,
                 "model": call.model,
                 "key": call.canonical.key,
+                # What the browser compares with the nearest recording (the report drops secrets).
+                "query": [list(pair) for pair in call.canonical.query],
+                "headers": dict(call.canonical.headers),
+                "body": call.canonical.body if len(call.canonical.body_json) <= MISS_BODY_LIMIT else None,
             }
         )
 

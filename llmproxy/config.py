@@ -47,6 +47,7 @@ class Settings:
     client_disconnect: str = "discard"  # record: "discard" the exchange or "drain" and record it
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM/SIGINT
     durable_writes: bool = False  # fsync each recording before its rename (survives power loss)
+    ui: bool = False  # serve the recordings browser under /_llmproxy/ on the proxy
 
     def router(self) -> Router:
         return Router(self.routes)
@@ -72,6 +73,7 @@ _PROXY_KEYS = {
     "client_disconnect": str,
     "shutdown_timeout": (int, float),
     "durable_writes": bool,
+    "ui": bool,
 }
 _ROUTE_KEYS = {
     "name",
@@ -209,6 +211,7 @@ def load_settings(config_path: Path | None, overrides: Mapping[str, Any]) -> Set
         client_disconnect=client_disconnect,
         shutdown_timeout=float(pick("shutdown_timeout", 10.0)),
         durable_writes=bool(pick("durable_writes", False)),
+        ui=bool(pick("ui", False)),
     )
 
 

@@ -24,7 +24,7 @@ from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex, canonical_for_route
 from llmproxy.store.secrets import SecretScanner
 from llmproxy.store.writer import Recorder
-from llmproxy.tools.report import build_report, write_report
+from llmproxy.tools.report import build_report, replay_savings, write_report
 from llmproxy.upstream.client import Forwarder
 from llmproxy.upstream.singleflight import SUPPORTED as INFLIGHT_SUPPORTED
 from llmproxy.upstream.singleflight import InFlight
@@ -156,6 +156,10 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
         await mode.close()
 
     app = web.Application(client_max_size=settings.max_body_bytes)
+    if settings.ui:  # the recordings browser, under a prefix no provider uses; before the catch-all
+        from llmproxy.tools.ui import ui_subapp
+
+        app.add_subapp("/_llmproxy", ui_subapp(settings.recordings, router, token=settings.token))
     app.router.add_route("*", "/{tail:.*}", handle)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
@@ -215,6 +219,7 @@ class ProxyServer:
             await self._runner.cleanup()
             self._runner = None
         report = self.report()
+        saved = report["saved"]  # what replay saved going upstream, for the summary
         if self.settings.report is not None:
             write_report(self.settings.report, report)
         log.info(
@@ -227,6 +232,8 @@ class ProxyServer:
             unused="-" if report["unused"] is None else len(report["unused"]),
             errors=report["errors"],
             refused=report["refused"],
+            saved_tokens=saved and saved["input_tokens"] + saved["output_tokens"],
+            saved_usd=saved and round(saved["cost_usd"], 6),
             report=str(self.settings.report) if self.settings.report else None,
         )
 
@@ -238,7 +245,8 @@ class ProxyServer:
         if replayer is not None:
             unused = [entry.source for entry in replayer.unused() if entry.source is not None]
         recorded = list(recorder.written) if recorder is not None else []
-        return build_report(mode.name, mode.outcome, self.settings.recordings, recorded, unused)
+        saved = replay_savings(replayer.replayed(), replayer.index.provider_for) if replayer is not None else None
+        return build_report(mode.name, mode.outcome, self.settings.recordings, recorded, unused, saved)
 
 
 async def serve(settings: Settings, mode_name: str) -> None:
