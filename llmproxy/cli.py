@@ -415,7 +415,6 @@ def ui(
         report=report,
     )
     _install_event_loop()
-    click.echo(f"llmproxy ui: {server.url.replace(':0/', ':…/')} (Ctrl-C to stop)", err=True)
     try:
         asyncio.run(serve_ui(server))
     except OSError as exc:

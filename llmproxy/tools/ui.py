@@ -37,7 +37,7 @@ from aiohttp import web
 
 from llmproxy.canonical import CanonicalRequest, canonical_json, request_differences, similarity
 from llmproxy.routing import Router
-from llmproxy.store.directory import RecordingStore, StoreError
+from llmproxy.store.directory import NOT_RECORDINGS, StoreError
 from llmproxy.store.document import RecordingError, from_document
 from llmproxy.store.index import RecordingIndex, canonical_for_route
 from llmproxy.tools.conversation import answer_bubbles, answer_text, request_bubbles
@@ -183,16 +183,16 @@ def _is_error(status: int, values: list[Any], truncated: bool) -> bool:
 
 
 @lru_cache(maxsize=4096)
-def _cached_price(usage: TokenUsage, model: str, provider: str, day: str | None) -> Cost:
-    # Test suites repeat the same calls: one lookup per distinct (usage, model, day).
-    when = datetime.fromisoformat(day).replace(tzinfo=UTC) if day else None
+def _cached_price(usage: TokenUsage, model: str, provider: str, when: datetime | None) -> Cost:
+    # Test suites repeat the same calls: one lookup per distinct (usage, model, minute).
     return price(usage, model, provider, when)
 
 
 def cost_of(usage: TokenUsage | None, model: str, provider: str, when: datetime | None) -> Cost:
     if usage is None:
         return Cost(None, "no usage in the answer")
-    return _cached_price(usage, model, provider, when.date().isoformat() if when else None)
+    # Prices change by date and, for some providers, by time of day: to the minute is exact enough.
+    return _cached_price(usage, model, provider, when.replace(second=0, microsecond=0) if when else None)
 
 
 def read_inside(root: Path, path: Path) -> bytes:
@@ -214,6 +214,40 @@ def read_inside(root: Path, path: Path) -> bytes:
     finally:
         if fd != -1:
             os.close(fd)
+
+
+def walk(base: Path) -> list[str]:
+    """Recording files under base (relative, sorted), as the store lists them, reached without
+    following any symlink: symlinked files and directories are skipped and logged."""
+    found: list[str] = []
+    pending = [""]
+    while pending:
+        prefix = pending.pop()
+        try:
+            entries = list(os.scandir(base / prefix if prefix else base))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            relative = f"{prefix}/{entry.name}" if prefix else entry.name
+            if entry.is_symlink():
+                log.warning("symlink skipped: the browser reads only files inside the directory", path=relative)
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append(relative)
+            elif entry.is_file(follow_symlinks=False) and not entry.name.endswith(NOT_RECORDINGS):
+                found.append(relative)
+    found.sort()
+    return found
+
+
+def _read_no_follow(path: Path) -> bytes | OSError:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        return exc
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
 
 
 class Catalog:
@@ -242,14 +276,11 @@ class Catalog:
             except ReportError as exc:
                 self.report_problem = str(exc)
         unused = self._unused_paths()
-        base = self.root.resolve() if self.root.is_dir() else self.root
-        for path in RecordingStore(self.root).paths():
-            if path.is_symlink() or not path.resolve().is_relative_to(base):
-                log.warning("symlink skipped: the browser reads only files inside the directory", path=str(path))
-                continue
-            row = self._row(path)
+        base = self.root.resolve()
+        for relative in walk(base):
+            row = self._row(relative, _read_no_follow(base / relative))
             if unused is not None and not row.problem:
-                row.used = "unused" if str(path.resolve()) in unused else "used"
+                row.used = "unused" if str(base / relative) in unused else "used"
             rows[row.id] = row  # a dict insert is atomic: readers see a consistent prefix
         self.load_seconds = time.perf_counter() - started
         self.loaded.set()
@@ -260,11 +291,11 @@ class Catalog:
             return None
         return {str(Path(name).resolve()) for name in self.report["unused"]}
 
-    def _row(self, path: Path) -> Row:
-        relative = path.relative_to(self.root).as_posix()
+    def _row(self, relative: str, data: bytes | OSError) -> Row:
         row = Row(id=relative, path=relative)
         try:
-            data = read_inside(self.root, path)
+            if isinstance(data, OSError):
+                raise StoreError(f"cannot read: {data.strerror}")
             row.size = len(data)
             document = orjson.loads(data)
             recording = from_document(document, self.index.provider_for)
