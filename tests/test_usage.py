@@ -111,7 +111,9 @@ def test_bedrock_converse_stream_and_invoke_metrics() -> None:
         {"metadata": {"usage": {"inputTokens": 11, "outputTokens": 6, "cacheReadInputTokens": 3}}},
     ]
     assert bedrock_usage(stream) == TokenUsage(14, 6, cache_read_tokens=3)
-    invoke = [{"type": "message_stop", "amazon-bedrock-invocationMetrics": {"inputTokenCount": 7, "outputTokenCount": 2}}]
+    invoke = [
+        {"type": "message_stop", "amazon-bedrock-invocationMetrics": {"inputTokenCount": 7, "outputTokenCount": 2}}
+    ]
     assert bedrock_usage(invoke) == TokenUsage(7, 2)
     # Providers without their own reader (bedrock, until it has one) still find it.
     assert Provider().usage("/model/x/converse", [converse]) == TokenUsage(11, 4)

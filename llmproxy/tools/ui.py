@@ -80,6 +80,7 @@ SORTABLE = frozenset(
 )
 Group = Literal["model", "route", "scope"]
 Use = Literal["used", "unused", "unknown"]
+LOADING = web.AppKey("loading", asyncio.Future)
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
     "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -586,6 +587,9 @@ def _line_diff(a: str, b: str) -> list[list[str]]:
 # -- the aiohttp app ---------------------------------------------------------------------------
 
 
+CATALOG = web.AppKey("catalog", Catalog)
+
+
 def host_name(host: str) -> str:
     """The name part of a Host header: "127.0.0.1:80" -> "127.0.0.1", "[::1]:80" -> "::1"."""
     if host.startswith("["):
@@ -636,7 +640,7 @@ def ui_subapp(
         return web.Response(body=page, content_type="text/html", charset="utf-8")
 
     async def ready() -> None:
-        loading = app.get("loading")
+        loading = app.get(LOADING)
         if loading is not None and not loading.done():
             await asyncio.wait([loading], timeout=0.5)  # answer with what is loaded so far
 
@@ -668,15 +672,15 @@ def ui_subapp(
         return _json(catalog.coverage())
 
     async def catalog_loaded() -> None:
-        loading = app.get("loading")
+        loading = app.get(LOADING)
         if loading is not None:
             await asyncio.shield(loading)
 
     async def start_loading(app: web.Application) -> None:
-        app["loading"] = asyncio.ensure_future(asyncio.to_thread(catalog.load))
+        app[LOADING] = asyncio.ensure_future(asyncio.to_thread(catalog.load))
 
     app = web.Application(middlewares=[guard])
-    app["catalog"] = catalog
+    app[CATALOG] = catalog
     app.router.add_get("/", index)
     app.router.add_get("/api/recordings", recordings_list)
     app.router.add_get("/api/recording", recording)
@@ -726,7 +730,7 @@ class UIServer:
 
     @property
     def catalog(self) -> Catalog:
-        return self.app["catalog"]
+        return self.app[CATALOG]
 
     @property
     def url(self) -> str:
