@@ -17,7 +17,7 @@ import pytest
 from llmproxy.config import load_settings
 from llmproxy.tools.ui import UIServer
 from tests.support import SEED, CliProxy, LoopThread, start_proxy
-from tests.ui_support import chat_recording, many_recordings, seeded_directory, write_recording
+from tests.ui_support import chat_recording, many_recordings, provider_recordings, seeded_directory, write_recording
 
 SEED_ID = SEED.name
 
@@ -294,3 +294,40 @@ def test_ui_command_serves_the_page(tmp_path: Path) -> None:
     finally:
         events = cli.stop()
     assert any(event.get("event") == "listening" and event.get("mode") == "ui" for event in events)
+
+
+EXPECTED_CONVERSATION = [
+    ("system", "text", "Be brief."),
+    ("user", "text", "Weather here?"),
+    ("user", "image", "[image]"),
+    ("assistant", "tool_call", "weather"),
+    ("tool", "tool_result", "sunny"),
+]
+
+
+@pytest.mark.parametrize("shape", sorted(provider_recordings()))
+def test_conversation_bubbles_per_provider(shape: str, tmp_path: Path, loop_thread: LoopThread) -> None:
+    root = tmp_path / "recordings"
+    write_recording(root, f"{shape}.json", provider_recordings()[shape])
+    running = Browser(loop_thread, root).loaded()
+    try:
+        view = running.ok("recording", id=f"{shape}.json")
+        assert view["row"]["problem"] == ""
+        found = []
+        for bubble in view["conversation"]:
+            # Images are placeholders (never the base64), tool calls are named, results are text.
+            summary = bubble["name"] if bubble["kind"] == "tool_call" else bubble["text"]
+            if bubble["kind"] == "image":
+                assert bubble["text"].startswith("[image") and "iVBOR" not in bubble["text"]
+                summary = "[image]"
+            found.append((bubble["role"], bubble["kind"], summary))
+        assert [f[:2] for f in found] == [e[:2] for e in EXPECTED_CONVERSATION]
+        assert [f[2] for f in found if f[1] != "tool_result"] == [
+            e[2] for e in EXPECTED_CONVERSATION if e[1] != "tool_result"
+        ]
+        assert "sunny" in found[-1][2]
+        assert [(b["role"], b["text"]) for b in view["answer"]] == [("assistant", "It is sunny.")]
+        assert (view["row"]["tokens_in"], view["row"]["tokens_out"]) == (30, 6)
+        assert running.ok("recordings", q="weather sunny")["total"] == 1
+    finally:
+        running.stop()

@@ -116,3 +116,206 @@ def many_recordings(root: Path, count: int) -> Path:
         )
         write_recording(root, f"openai/{number // 1000:02d}/chat-{number:05d}.json", document)
     return root
+
+
+def _own(route: str, endpoint: str, body: Any, response: Any, *, streamed: bool = False, fmt: str = "json") -> dict:
+    framing: dict[str, Any] = {"format": fmt}
+    if fmt == "sse":
+        framing |= {"line_ending": "\n", "event_field": "type", "end": ""}
+    if fmt == "ndjson":
+        framing |= {"line_ending": "\n", "end": ""}
+    return {
+        "request": {
+            "method": "POST",
+            "url": "http://upstream" + endpoint,
+            "headers": {},
+            "body": body,
+            "endpoint": endpoint,
+            "model": body.get("model", ""),
+            "route": route,
+        },
+        "response": {"status": 200, "headers": {}, "body": response, "is_streaming": streamed, "framing": framing},
+        "provenance": {"tool": "llmproxy", "version": __version__, "recorded_at": "2025-09-10T12:00:00+00:00"},
+    }
+
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+
+
+def provider_recordings() -> dict[str, dict[str, Any]]:
+    """One recording per provider shape, each with system, user (with an image), a tool call and
+    its result, and an answer; the expected bubbles are in the tests."""
+    anthropic_stream = [
+        {"type": "message_start", "message": {"usage": {"input_tokens": 30, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "It is "}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "sunny."}},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 6}},
+        {"type": "message_stop"},
+    ]
+    return {
+        "openai-chat": _own(
+            "openai",
+            "/v1/chat/completions",
+            {
+                "model": "gpt-4o",
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "Weather here?"},
+                            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG}},
+                        ],
+                    },
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "c1",
+                                "type": "function",
+                                "function": {"name": "weather", "arguments": '{"c":"Oslo"}'},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                ],
+            },
+            {
+                "__type__": "openai.types.chat.chat_completion.ChatCompletion",
+                "__data__": {
+                    "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "It is sunny."}}],
+                    "usage": {"prompt_tokens": 30, "completion_tokens": 6, "total_tokens": 36},
+                },
+            },
+        ),
+        "openai-responses": _own(
+            "openai",
+            "/v1/responses",
+            {
+                "model": "gpt-4o",
+                "instructions": "Be brief.",
+                "input": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_text", "text": "Weather here?"},
+                            {"type": "input_image", "image_url": "data:image/png;base64," + PNG},
+                        ],
+                    },
+                    {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": '{"c":"Oslo"}'},
+                    {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                ],
+            },
+            {
+                "__type__": "openai.types.responses.response.Response",
+                "__data__": {
+                    "object": "response",
+                    "output": [
+                        {
+                            "type": "message",
+                            "role": "assistant",
+                            "content": [{"type": "output_text", "text": "It is sunny."}],
+                        }
+                    ],
+                    "usage": {"input_tokens": 30, "output_tokens": 6},
+                },
+            },
+        ),
+        "anthropic": _own(
+            "anthropic",
+            "/v1/messages",
+            {
+                "model": "claude-sonnet-4-5",
+                "system": "Be brief.",
+                "stream": True,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "Weather here?"},
+                            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+                        ],
+                    },
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "tool_use", "id": "t1", "name": "weather", "input": {"c": "Oslo"}}],
+                    },
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]},
+                ],
+            },
+            [
+                {"__type__": "anthropic.types.raw_message_stream_event.RawMessageStreamEvent", "__data__": e}
+                for e in anthropic_stream
+            ],
+            streamed=True,
+            fmt="sse",
+        ),
+        "ollama": _own(
+            "ollama",
+            "/api/chat",
+            {
+                "model": "llama3.2",
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Weather here?", "images": [PNG]},
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [{"function": {"name": "weather", "arguments": {"c": "Oslo"}}}],
+                    },
+                    {"role": "tool", "content": "sunny"},
+                ],
+            },
+            [
+                {
+                    "__type__": "ollama._types.ChatResponse",
+                    "__data__": {"message": {"role": "assistant", "content": "It is "}, "done": False},
+                },
+                {
+                    "__type__": "ollama._types.ChatResponse",
+                    "__data__": {"message": {"role": "assistant", "content": "sunny."}, "done": False},
+                },
+                {
+                    "__type__": "ollama._types.ChatResponse",
+                    "__data__": {
+                        "message": {"role": "assistant", "content": ""},
+                        "done": True,
+                        "prompt_eval_count": 30,
+                        "eval_count": 6,
+                    },
+                },
+            ],
+            streamed=True,
+            fmt="ndjson",
+        ),
+        "gemini": _own(
+            "gemini",
+            "/v1beta/models/gemini-2.0-flash:generateContent",
+            {
+                "systemInstruction": {"parts": [{"text": "Be brief."}]},
+                "contents": [
+                    {
+                        "role": "user",
+                        "parts": [{"text": "Weather here?"}, {"inlineData": {"mimeType": "image/png", "data": PNG}}],
+                    },
+                    {"role": "model", "parts": [{"functionCall": {"name": "weather", "args": {"c": "Oslo"}}}]},
+                    {
+                        "role": "user",
+                        "parts": [{"functionResponse": {"name": "weather", "response": {"result": "sunny"}}}],
+                    },
+                ],
+            },
+            {
+                "__type__": "google.genai.types.GenerateContentResponse",
+                "__data__": {
+                    "candidates": [
+                        {"content": {"role": "model", "parts": [{"text": "It is sunny."}]}, "finishReason": "STOP"}
+                    ],
+                    "usageMetadata": {"promptTokenCount": 30, "candidatesTokenCount": 6},
+                },
+            },
+        ),
+    }

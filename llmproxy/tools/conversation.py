@@ -75,8 +75,8 @@ def parts(role: str, content: Any) -> list[Bubble]:
         return [bubble("assistant", "tool_call", content.get("arguments"), str(content.get("name", "")))]
     if kind == "function_call_output":
         return [bubble("tool", "tool_result", content.get("output"), str(content.get("call_id", "")))]
-    if "content" in content:
-        return parts(str(content.get("role", role)), content["content"])
+    if "content" in content or "parts" in content:
+        return parts(str(content.get("role", role)), content.get("content", content.get("parts")))
     return [bubble(role, "other", content)]
 
 
@@ -96,8 +96,9 @@ def _message(message: Any, default_role: str = "user") -> list[Bubble]:
     if message.get("type") in ("function_call", "function_call_output"):
         return parts(role, message)
     found = parts(role, message.get("content", message.get("parts")))
-    if role == "tool" and found and message.get("tool_call_id"):  # OpenAI tool result
-        found = [bubble("tool", "tool_result", b["text"], str(message["tool_call_id"])) for b in found]
+    if role == "tool":  # OpenAI and Ollama tool results
+        name = str(message.get("tool_call_id") or message.get("tool_name") or message.get("name") or "")
+        found = [bubble("tool", "tool_result", b["text"], name) if b["kind"] == "text" else b for b in found]
     for image in message.get("images") or []:  # Ollama
         found.append(bubble(role, "image", "[image]" if isinstance(image, str) else _image(image)))
     for call in message.get("tool_calls") or []:  # OpenAI and Ollama assistant turns
