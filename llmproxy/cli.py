@@ -406,6 +406,8 @@ def ui(
     from llmproxy.tools.ui import DEFAULT_UI_PORT, UIServer, serve_ui
 
     settings = _settings(config_path, recordings=recordings, host=host, token=token, log_json=log_json)
+    if not settings.recordings.is_dir():
+        raise click.ClickException(f"no such directory: {settings.recordings}")
     server = UIServer(
         settings.recordings,
         settings.router(),

@@ -331,3 +331,24 @@ def test_conversation_bubbles_per_provider(shape: str, tmp_path: Path, loop_thre
         assert running.ok("recordings", q="weather sunny")["total"] == 1
     finally:
         running.stop()
+
+
+def test_unreadable_files_are_listed_as_errors_and_reload_sees_new_files(
+    tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    root = seeded_directory(tmp_path / "recordings")
+    (root / "broken.json").write_text('{"request": ')
+    running = Browser(loop_thread, root).loaded()
+    try:
+        errors = running.ok("recordings", status="error")["items"]
+        assert [row["id"] for row in errors] == ["broken.json"]
+        assert errors[0]["problem"].startswith("not valid JSON")
+        view = running.ok("recording", id="broken.json")
+        assert view["raw"] == '{"request": ' and "conversation" not in view
+        write_recording(root, "openai/new.json", chat_recording("A new question", "A new answer."))
+        assert running.ok("recordings", q="new question")["total"] == 0
+        running.ok("reload")
+        running.loaded()
+        assert [row["id"] for row in running.ok("recordings", q="new question")["items"]] == ["openai/new.json"]
+    finally:
+        running.stop()

@@ -80,7 +80,6 @@ SORTABLE = frozenset(
 )
 Group = Literal["model", "route", "scope"]
 Use = Literal["used", "unused", "unknown"]
-LOADING = web.AppKey("loading", asyncio.Future)
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
     "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -268,6 +267,7 @@ class Catalog:
 
     def load(self) -> None:
         started = time.perf_counter()
+        self.loaded.clear()
         rows: dict[str, Row] = {}
         with self._lock:
             self.rows = rows
@@ -298,7 +298,10 @@ class Catalog:
             if isinstance(data, OSError):
                 raise StoreError(f"cannot read: {data.strerror}")
             row.size = len(data)
-            document = orjson.loads(data)
+            try:
+                document = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                raise StoreError(f"not valid JSON: {exc}") from None
             recording = from_document(document, self.index.provider_for)
             route = self.index.route_of(recording)
         except (StoreError, RecordingError, orjson.JSONDecodeError, ValueError, TypeError, OSError) as exc:
@@ -456,6 +459,9 @@ class Catalog:
             "b": b.public(time.time()),
             # Phrased as the miss error phrases it: b is "this request", a is "recorded".
             "request": request_differences(a.canonical, b.canonical),
+            # The requests as keyed (ignored fields left out), for reading side by side.
+            "request_a": {"method": a.method, "path": a.endpoint, "body": a.canonical.body},
+            "request_b": {"method": b.method, "path": b.endpoint, "body": b.canonical.body},
             "answer_a": answer_a,
             "answer_b": answer_b,
             "answer_diff": _line_diff(answer_a, answer_b),
@@ -614,6 +620,10 @@ def ui_subapp(
     Host are refused (a web page elsewhere cannot reach it by DNS rebinding)."""
     catalog = Catalog(recordings, router, report)
     page = page_html()
+    loads: list[asyncio.Future[None]] = []  # the load in progress or done; a reload replaces it
+
+    def current_load() -> asyncio.Future[None] | None:
+        return loads[-1] if loads else None
 
     @web.middleware
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -640,7 +650,7 @@ def ui_subapp(
         return web.Response(body=page, content_type="text/html", charset="utf-8")
 
     async def ready() -> None:
-        loading = app.get(LOADING)
+        loading = current_load()
         if loading is not None and not loading.done():
             await asyncio.wait([loading], timeout=0.5)  # answer with what is loaded so far
 
@@ -672,12 +682,20 @@ def ui_subapp(
         return _json(catalog.coverage())
 
     async def catalog_loaded() -> None:
-        loading = app.get(LOADING)
+        loading = current_load()
         if loading is not None:
             await asyncio.shield(loading)
 
     async def start_loading(app: web.Application) -> None:
-        app[LOADING] = asyncio.ensure_future(asyncio.to_thread(catalog.load))
+        catalog.loaded.clear()  # here, not in the thread: a reader never sees the old load's "done"
+        loads[:] = [asyncio.ensure_future(asyncio.to_thread(catalog.load))]
+
+    async def reload(_: web.Request) -> web.Response:
+        # Reads the directory again (recordings added or removed since); never writes.
+        load = current_load()
+        if load is None or load.done():
+            await start_loading(app)
+        return _json({"loading": True})
 
     app = web.Application(middlewares=[guard])
     app[CATALOG] = catalog
@@ -688,6 +706,7 @@ def ui_subapp(
     app.router.add_get("/api/miss", miss)
     app.router.add_get("/api/costs", costs)
     app.router.add_get("/api/coverage", coverage)
+    app.router.add_get("/api/reload", reload)
     app.on_startup.append(start_loading)
     return app
 
