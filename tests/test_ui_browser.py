@@ -156,3 +156,9 @@ def test_list_view_search_and_diff_in_a_real_browser(page: tuple[Any, str]) -> N
     assert fields == ["temperature: 0.9 != 0.2 recorded"]
     assert "It is Paris." in driver.find_element(By.ID, "answer-diff").text
     _screenshot(driver, "ui-diff.png")
+
+    # Tokens and cost, summed per model.
+    driver.get(url + "#/costs")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.costs tbody tr"))
+    by_model = driver.find_elements(By.CSS_SELECTOR, "table.costs")[0].text
+    assert "gpt-4o-mini" in by_model and "gpt-4.1" in by_model and "unknown" in by_model
