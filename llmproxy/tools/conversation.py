@@ -142,11 +142,14 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta") or choice.get("message") or {}
+            delta = delta if isinstance(delta, dict) else {}
             if isinstance(delta.get("content"), str):
                 text.append(delta["content"])
             elif isinstance(choice.get("text"), str):
                 text.append(choice["text"])
             for call in delta.get("tool_calls") or []:
+                if not isinstance(call, dict):
+                    continue
                 where = (choice.get("index"), call.get("index", call.get("id")))
                 slot = calls.setdefault(where, {"name": "", "args": ""})
                 function = call.get("function") or {}
@@ -155,11 +158,11 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
                 slot["args"] += arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
         kind = value.get("type")
         if kind == "content_block_start":  # Anthropic stream
-            block = value.get("content_block") or {}
-            if block.get("type") == "tool_use":
+            block = value.get("content_block")
+            if isinstance(block, dict) and block.get("type") == "tool_use":
                 calls[("a", value.get("index"))] = {"name": block.get("name", ""), "args": ""}
-        if kind == "content_block_delta":
-            delta = value.get("delta") or {}
+        if kind == "content_block_delta" and isinstance(value.get("delta"), dict):
+            delta = value["delta"]
             if delta.get("type") == "input_json_delta":
                 slot = calls.setdefault(("a", value.get("index")), {"name": "", "args": ""})
                 slot["args"] += delta.get("partial_json") or ""
@@ -179,7 +182,8 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
         if isinstance(value.get("response"), str):  # Ollama generate
             text.append(value["response"])
         for candidate in value.get("candidates") or []:  # Gemini
-            for part in (candidate.get("content") or {}).get("parts") or []:
+            content = candidate.get("content") if isinstance(candidate, dict) else None
+            for part in (content if isinstance(content, dict) else {}).get("parts") or []:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     text.append(part["text"])
                 else:
@@ -188,8 +192,8 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
         if isinstance(output, dict) and isinstance(output.get("message"), dict):  # Bedrock Converse
             found += _message(output["message"], "assistant")
         if isinstance(value.get("contentBlockDelta"), dict):  # Bedrock converse-stream
-            delta = value["contentBlockDelta"].get("delta") or {}
-            text.append(delta.get("text") or "")
+            delta = value["contentBlockDelta"].get("delta")
+            text.append((delta.get("text") if isinstance(delta, dict) else None) or "")
         if isinstance(value.get("error"), dict | str) and not found:
             found.append(bubble("error", "other", value["error"]))
     joined = "".join(text)

@@ -40,7 +40,7 @@ from llmproxy.routing import Router
 from llmproxy.store.directory import NOT_RECORDINGS, StoreError
 from llmproxy.store.document import RecordingError, from_document
 from llmproxy.store.index import RecordingIndex, canonical_for_route
-from llmproxy.tools.conversation import answer_bubbles, answer_text, request_bubbles
+from llmproxy.tools.conversation import answer_bubbles, answer_text, bubble, request_bubbles
 from llmproxy.tools.explain import parse_age, recorded_at
 from llmproxy.tools.report import ReportError, read_report
 from llmproxy.usage import Cost, TokenUsage, price
@@ -295,6 +295,15 @@ class Catalog:
     def _row(self, relative: str, data: bytes | OSError) -> Row:
         row = Row(id=relative, path=relative)
         try:
+            return self._facts(row, data)
+        except Exception as exc:  # one odd file must not break the whole list
+            log.warning("recording cannot be shown", path=relative, error=repr(exc))
+            row.problem, row.error = f"cannot be shown: {exc!r}"[:500], True
+            return row
+
+    def _facts(self, row: Row, data: bytes | OSError) -> Row:
+        relative = row.id
+        try:
             if isinstance(data, OSError):
                 raise StoreError(f"cannot read: {data.strerror}")
             row.size = len(data)
@@ -426,8 +435,8 @@ class Catalog:
                     "headers": request.headers,
                     "sequence": request.sequence,
                 },
-                "conversation": request_bubbles(request.body),
-                "answer": answer_bubbles(values),
+                "conversation": _shown(request_bubbles, request.body),
+                "answer": _shown(answer_bubbles, values),
                 "params": {k: v for k, v in body.items() if k not in CONVERSATION_FIELDS},
                 "response_headers": response.headers,
                 "framing": response.framing,
@@ -516,6 +525,14 @@ class Catalog:
                 for n, miss in enumerate(self.misses())
             ],
         }
+
+
+def _shown(extract: Any, value: Any) -> list[Any]:
+    """Bubbles, or one saying why a shape nobody foresaw cannot be shown (the raw file still is)."""
+    try:
+        return extract(value)
+    except Exception as exc:  # an unforeseen shape must not hide the rest of the view
+        return [bubble("error", "other", f"cannot show this part: {exc!r}")]
 
 
 def _int(text: str | None, default: int, low: int, high: int) -> int:
@@ -641,6 +658,8 @@ def ui_subapp(
             response = await handler(request)
         except NotFound as exc:
             response = _error(404, f"no recording {str(exc)[:200]!r} in the catalog")
+        except OSError as exc:  # deleted or replaced since the catalog was read
+            response = _error(404, f"cannot read the recording: {exc.strerror or exc}")
         except (ValueError, StoreError, RecordingError) as exc:
             response = _error(400, str(exc))
         response.headers.update(SECURITY_HEADERS)
@@ -659,11 +678,11 @@ def ui_subapp(
         return _json(catalog.query(dict(request.query)))
 
     async def recording(request: web.Request) -> web.Response:
-        await catalog_loaded()
+        await catalog_loaded(request.query.get("id", ""))
         return _json(await asyncio.to_thread(catalog.detail, request.query.get("id", "")))
 
     async def diff(request: web.Request) -> web.Response:
-        await catalog_loaded()
+        await catalog_loaded(request.query.get("a", ""), request.query.get("b", ""))
         return _json(await asyncio.to_thread(catalog.diff, request.query.get("a", ""), request.query.get("b", "")))
 
     async def miss(request: web.Request) -> web.Response:
@@ -681,9 +700,10 @@ def ui_subapp(
         await catalog_loaded()
         return _json(catalog.coverage())
 
-    async def catalog_loaded() -> None:
+    async def catalog_loaded(*ids: str) -> None:
+        """Wait for the catalog, unless every recording asked for is already in it."""
         loading = current_load()
-        if loading is not None:
+        if loading is not None and not (ids and all(i in catalog.rows for i in ids)):
             await asyncio.shield(loading)
 
     async def start_loading(app: web.Application) -> None:
