@@ -12,6 +12,8 @@ from pathlib import Path
 
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llmproxy.providers import Provider, get_provider
 from llmproxy.usage import TokenUsage, bedrock_usage, price
@@ -171,3 +173,71 @@ def test_replay_report_and_summary_say_what_replay_saved(tmp_path: Path, loop_th
     assert saved["replays"] == 2 and saved["input_tokens"] == 2000 and saved["output_tokens"] == 2000
     assert saved["cost_usd"] == pytest.approx(2 * (0.0025 + 0.01))
     assert saved["unknown"] == 0
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "usage",
+                    "choices",
+                    "delta",
+                    "message",
+                    "content",
+                    "type",
+                    "candidates",
+                    "parts",
+                    "usageMetadata",
+                    "prompt_tokens",
+                    "input_tokens",
+                    "output",
+                    "response",
+                    "metadata",
+                    "text",
+                    "tool_calls",
+                    "role",
+                    "function",
+                    "eval_count",
+                    "contentBlockDelta",
+                    "content_block",
+                    "messages",
+                    "contents",
+                    "system",
+                    "index",
+                    "name",
+                    "arguments",
+                    "partial_json",
+                    "functionCall",
+                    "images",
+                    "input",
+                    "prompt",
+                    "instructions",
+                    "tool_call_id",
+                    "inlineData",
+                    "source",
+                ]
+            ),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.lists(JSON, max_size=4))
+def test_usage_and_conversation_never_fail_on_any_json(values: list) -> None:
+    """Recordings come from anywhere: any JSON gives usage or None, and bubbles, never an error."""
+    from llmproxy.providers import PROVIDERS
+    from llmproxy.tools.conversation import answer_bubbles, request_bubbles
+
+    for provider in PROVIDERS.values():
+        found = provider.usage("/v1/chat/completions", values)
+        assert found is None or (found.input_tokens >= 0 and found.output_tokens >= 0)
+    assert isinstance(answer_bubbles(values), list)
+    for value in values:
+        assert all(isinstance(b["text"], str) for b in request_bubbles(value))

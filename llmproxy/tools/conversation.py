@@ -22,9 +22,18 @@ class Bubble(TypedDict):
     name: str
 
 
+def _dumps(value: Any) -> str:
+    return "" if value is None else orjson.dumps(value, default=str).decode()
+
+
+def _list(value: Any) -> list[Any]:
+    """A field that should hold a list; anything else (a recorder's quirk) holds nothing."""
+    return value if isinstance(value, list) else []
+
+
 def bubble(role: str, kind: Kind, text: Any, name: str = "") -> Bubble:
     if not isinstance(text, str):
-        text = orjson.dumps(text).decode() if text is not None else ""
+        text = _dumps(text)
     return {"role": role, "kind": kind, "text": text[:MAX_TEXT], "name": name}
 
 
@@ -99,11 +108,11 @@ def _message(message: Any, default_role: str = "user") -> list[Bubble]:
     if role == "tool":  # OpenAI and Ollama tool results
         name = str(message.get("tool_call_id") or message.get("tool_name") or message.get("name") or "")
         found = [bubble("tool", "tool_result", b["text"], name) if b["kind"] == "text" else b for b in found]
-    for image in message.get("images") or []:  # Ollama
+    for image in _list(message.get("images")):  # Ollama
         found.append(bubble(role, "image", "[image]" if isinstance(image, str) else _image(image)))
-    for call in message.get("tool_calls") or []:  # OpenAI and Ollama assistant turns
+    for call in _list(message.get("tool_calls")):  # OpenAI and Ollama assistant turns
         if isinstance(call, dict):
-            function = call.get("function") or {}
+            function = call.get("function") if isinstance(call.get("function"), dict) else {}
             found.append(bubble(role, "tool_call", function.get("arguments"), str(function.get("name", ""))))
     return found
 
@@ -116,9 +125,9 @@ def request_bubbles(body: Any) -> list[Bubble]:
     for key in ("system", "instructions", "systemInstruction", "system_instruction"):
         if body.get(key):
             found += parts("system", body[key])
-    for message in body.get("messages") or []:
+    for message in _list(body.get("messages")):
         found += _message(message)
-    for content in body.get("contents") or []:  # Gemini
+    for content in _list(body.get("contents")):  # Gemini
         found += _message(content)
     if isinstance(body.get("input"), list):  # Responses API items
         for item in body["input"]:
@@ -126,7 +135,7 @@ def request_bubbles(body: Any) -> list[Bubble]:
     for key in ("input", "prompt"):  # Responses string input, completions, Ollama generate
         if isinstance(body.get(key), str):
             found.append(bubble("user", "text", body[key]))
-    found += [bubble("user", "image", "[image]") for _ in body.get("images") or []]
+    found += [bubble("user", "image", "[image]") for _ in _list(body.get("images"))]
     return found
 
 
@@ -134,11 +143,11 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
     """The answer, assembled from a stream's chunks or read from the body, as bubbles."""
     text: list[str] = []
     found: list[Bubble] = []
-    calls: dict[tuple[Any, Any], dict[str, Any]] = {}
+    calls: dict[tuple[str, str], dict[str, Any]] = {}
     for value in values:
         if not isinstance(value, dict):
             continue
-        for choice in value.get("choices") or []:  # OpenAI chat/completions
+        for choice in _list(value.get("choices")):  # OpenAI chat/completions
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta") or choice.get("message") or {}
@@ -147,25 +156,26 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
                 text.append(delta["content"])
             elif isinstance(choice.get("text"), str):
                 text.append(choice["text"])
-            for call in delta.get("tool_calls") or []:
+            for call in _list(delta.get("tool_calls")):
                 if not isinstance(call, dict):
                     continue
-                where = (choice.get("index"), call.get("index", call.get("id")))
+                where = (repr(choice.get("index")), repr(call.get("index", call.get("id"))))
                 slot = calls.setdefault(where, {"name": "", "args": ""})
-                function = call.get("function") or {}
-                slot["name"] += function.get("name") or ""
-                arguments = function.get("arguments")
-                slot["args"] += arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode()
+                function = call.get("function") if isinstance(call.get("function"), dict) else {}
+                name, arguments = function.get("name"), function.get("arguments")
+                slot["name"] += name if isinstance(name, str) else ""
+                slot["args"] += arguments if isinstance(arguments, str) else _dumps(arguments)
         kind = value.get("type")
         if kind == "content_block_start":  # Anthropic stream
             block = value.get("content_block")
             if isinstance(block, dict) and block.get("type") == "tool_use":
-                calls[("a", value.get("index"))] = {"name": block.get("name", ""), "args": ""}
+                calls[("a", repr(value.get("index")))] = {"name": str(block.get("name", "")), "args": ""}
         if kind == "content_block_delta" and isinstance(value.get("delta"), dict):
             delta = value["delta"]
             if delta.get("type") == "input_json_delta":
-                slot = calls.setdefault(("a", value.get("index")), {"name": "", "args": ""})
-                slot["args"] += delta.get("partial_json") or ""
+                slot = calls.setdefault(("a", repr(value.get("index"))), {"name": "", "args": ""})
+                partial = delta.get("partial_json")
+                slot["args"] += partial if isinstance(partial, str) else ""
             elif isinstance(delta.get("text"), str):
                 text.append(delta["text"])
         if kind == "message" and value.get("role") == "assistant":  # Anthropic message
@@ -181,9 +191,9 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
             found += [b for b in _message({**message, "content": None}, "assistant") if b["kind"] != "text"]
         if isinstance(value.get("response"), str):  # Ollama generate
             text.append(value["response"])
-        for candidate in value.get("candidates") or []:  # Gemini
+        for candidate in _list(value.get("candidates")):  # Gemini
             content = candidate.get("content") if isinstance(candidate, dict) else None
-            for part in (content if isinstance(content, dict) else {}).get("parts") or []:
+            for part in _list((content if isinstance(content, dict) else {}).get("parts")):
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     text.append(part["text"])
                 else:
