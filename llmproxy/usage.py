@@ -191,6 +191,11 @@ def any_usage(values: Iterable[Any]) -> TokenUsage | None:
     return None
 
 
+def warm_prices() -> None:
+    """Load the price table now (a fraction of a second) rather than at the first price asked."""
+    price(TokenUsage(1, 1), "gpt-4o", "openai", None)
+
+
 def price(usage: TokenUsage | None, model: str | None, provider: str, when: datetime | None) -> Cost:
     """What `usage` cost with `model` at `when` (the recording's date: prices change)."""
     if usage is None:

@@ -43,7 +43,7 @@ from llmproxy.store.index import RecordingIndex, canonical_for_route
 from llmproxy.tools.conversation import answer_bubbles, answer_text, bubble, request_bubbles
 from llmproxy.tools.explain import parse_age, recorded_at
 from llmproxy.tools.report import ReportError, read_report
-from llmproxy.usage import Cost, TokenUsage, price
+from llmproxy.usage import Cost, TokenUsage, price, warm_prices
 from llmproxy.wire.framing import data_of
 
 log = structlog.get_logger("llmproxy.ui")
@@ -51,6 +51,7 @@ log = structlog.get_logger("llmproxy.ui")
 TOKEN_HEADER = "x-llmproxy-token"
 DEFAULT_UI_PORT = 8766
 MAX_PAGE = 500
+FIRST_PAGE = 100
 MAX_RAW_BYTES = 4 * 1024 * 1024
 MAX_SEARCH_CHARS = 64 * 1024
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -670,8 +671,12 @@ def ui_subapp(
 
     async def ready() -> None:
         loading = current_load()
-        if loading is not None and not loading.done():
-            await asyncio.wait([loading], timeout=0.5)  # answer with what is loaded so far
+        # Up to half a second for a first page of rows; then the page shows what is loaded and
+        # asks again until the catalog is whole.
+        for _ in range(50):
+            if loading is None or loading.done() or len(catalog.rows) >= FIRST_PAGE:
+                return
+            await asyncio.wait([loading], timeout=0.01)
 
     async def recordings_list(request: web.Request) -> web.Response:
         await ready()
@@ -783,6 +788,8 @@ class UIServer:
                 host=self.host,
                 token_required=self.token is not None,
             )
+        # Before listening, so the first page is not kept waiting by the price table's loading.
+        await asyncio.to_thread(warm_prices)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
