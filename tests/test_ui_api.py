@@ -352,3 +352,27 @@ def test_unreadable_files_are_listed_as_errors_and_reload_sees_new_files(
         assert [row["id"] for row in running.ok("recordings", q="new question")["items"]] == ["openai/new.json"]
     finally:
         running.stop()
+
+
+def test_a_missed_request_with_a_credential_is_not_written_to_the_report(
+    tmp_path: Path, loop_thread: LoopThread
+) -> None:
+    root = seeded_directory(tmp_path / "recordings")
+    report = tmp_path / "report.json"
+    secret = "sk-proj-" + "A1b2C3d4E5" * 4
+    proxy = start_proxy(loop_thread, "replay", root, report=report)
+    try:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": f"my key is {secret}"}]
+            )
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "harmless"}])
+    finally:
+        proxy.stop()
+    text = report.read_text()
+    assert secret not in text
+    first, second = json.loads(text)["misses"]
+    assert "body" not in first and first["dropped"].startswith("request left out: openai key")
+    assert second["body"]["messages"] == [{"role": "user", "content": "harmless"}]
