@@ -159,7 +159,8 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
     if settings.ui:  # the recordings browser, under a prefix no provider uses; before the catch-all
         from llmproxy.tools.ui import ui_subapp
 
-        app.add_subapp("/_llmproxy", ui_subapp(settings.recordings, router, token=settings.token))
+        browser = ui_subapp(settings.recordings, router, token=settings.token, loopback=_is_loopback(settings.host))
+        app.add_subapp("/_llmproxy", browser)
     app.router.add_route("*", "/{tail:.*}", handle)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
