@@ -373,7 +373,12 @@ def run(mode: str, command: tuple[str, ...], upstream: str | None, config_path: 
 
 
 @main.command()
-@click.option("--recordings", type=click.Path(file_okay=False, path_type=Path), envvar="LLMPROXY_RECORDINGS")
+@click.option(
+    "--recordings",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="LLMPROXY_RECORDINGS",
+    help="Directory of recording files (default: ./recordings).",
+)
 @click.option(
     "--report",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -386,7 +391,7 @@ def run(mode: str, command: tuple[str, ...], upstream: str | None, config_path: 
 @click.option(
     "--token",
     envvar="LLMPROXY_TOKEN",
-    help="Require this token (the page takes it from the URL it prints) for a non-loopback --host.",
+    help="Require this token in an x-llmproxy-token header (the page asks for it once); for a non-loopback --host.",
 )
 @click.option("--log-json/--no-log-json", default=None, envvar="LLMPROXY_LOG_JSON", help="Log JSON lines.")
 @_config_options

@@ -142,10 +142,21 @@ def ollama_usage(values: Iterable[Any]) -> TokenUsage | None:
 
 
 def gemini_usage(values: Iterable[Any]) -> TokenUsage | None:
-    """`usageMetadata`: cumulative in a stream, so the last one holds the totals."""
+    """`usageMetadata`: cumulative in a stream, so the last one holds the totals; and the
+    Interactions API's `usage` (on the interaction, in `interaction.complete` when streamed)."""
     found = None
     for value in values:
-        meta = value.get("usageMetadata") if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            continue
+        interaction = value.get("interaction") if isinstance(value.get("interaction"), dict) else value
+        usage = interaction.get("usage")
+        if isinstance(usage, dict) and "total_input_tokens" in usage:
+            found = TokenUsage(
+                input_tokens=count(usage.get("total_input_tokens")),
+                output_tokens=count(usage.get("total_output_tokens")) + count(usage.get("total_thought_tokens")),
+                cache_read_tokens=count(usage.get("total_cached_tokens")),
+            )
+        meta = value.get("usageMetadata")
         if isinstance(meta, dict):
             found = TokenUsage(
                 input_tokens=count(meta.get("promptTokenCount")),

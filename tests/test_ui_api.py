@@ -16,7 +16,7 @@ import pytest
 
 from llmproxy.config import load_settings
 from llmproxy.tools.ui import UIServer
-from tests.support import SEED, CliProxy, LoopThread, start_proxy
+from tests.support import CORPUS, SEED, CliProxy, LoopThread, start_proxy
 from tests.ui_support import chat_recording, many_recordings, provider_recordings, seeded_directory, write_recording
 
 SEED_ID = SEED.name
@@ -376,3 +376,28 @@ def test_a_missed_request_with_a_credential_is_not_written_to_the_report(
     first, second = json.loads(text)["misses"]
     assert "body" not in first and first["dropped"].startswith("request left out: openai key")
     assert second["body"]["messages"] == [{"role": "user", "content": "harmless"}]
+
+
+def test_another_recorders_corpus_browses_whole(loop_thread: LoopThread) -> None:
+    if not CORPUS.is_dir():
+        pytest.skip(f"the shared corpus is not here ({CORPUS})")
+    running = Browser(loop_thread, CORPUS).loaded()
+    try:
+        rows = running.ok("recordings", limit=500)["items"]
+        assert len(rows) == 77 and [row["problem"] for row in rows if row["problem"]] == []
+        # Its top-level test_id, where it kept one, is the test column.
+        scopes = [row["scope"] for row in rows if row["scope"]]
+        assert len(scopes) == 22 and all(scope.startswith("tests/integration/") for scope in scopes)
+        answers = {}
+        for row in rows:
+            if row["endpoint"] in ("/v1/messages", "/v1beta/interactions") and not row["error"]:
+                view = running.ok("recording", id=row["id"])
+                answers[row["id"]] = [(b["kind"], b["name"], b["text"]) for b in view["answer"]]
+        # Anthropic thinking comes before the answer; Gemini Interactions text deltas are the answer.
+        assert ("text", "", "Your name is Alice.") in [kinds[-1] for kinds in answers.values()]
+        assert sum(1 for kinds in answers.values() if kinds and kinds[0][1] == "thinking") == 4
+        assert ("text", "", "Hi there! How can I help you today?") in [k for kinds in answers.values() for k in kinds]
+        by_route = {item["group"]: item for item in running.ok("costs", by="route")["items"]}
+        assert by_route["anthropic"]["tokens_in"] > 0 and by_route["ollama"]["tokens_out"] > 0
+    finally:
+        running.stop()

@@ -101,6 +101,13 @@ def test_gemini_usage_metadata_last_wins_and_thoughts_are_output() -> None:
         },
     ]
     assert gemini_provider.usage(path, stream) == TokenUsage(9, 10)
+    # The Interactions API: usage on the interaction (streamed: in interaction.complete).
+    usage = {"total_input_tokens": 2, "total_output_tokens": 10, "total_thought_tokens": 3, "total_cached_tokens": 0}
+    events = [
+        {"event_type": "interaction.start", "interaction": {"status": "in_progress"}},
+        {"event_type": "interaction.complete", "interaction": {"status": "completed", "usage": usage}},
+    ]
+    assert gemini_provider.usage("/v1beta/interactions", events) == TokenUsage(2, 13)
     plain = {"usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 4, "cachedContentTokenCount": 2}}
     assert gemini_provider.usage(path.replace("stream", "").replace(":G", ":g"), [plain]) == TokenUsage(9, 4, 2)
 

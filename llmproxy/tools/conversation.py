@@ -142,6 +142,7 @@ def request_bubbles(body: Any) -> list[Bubble]:
 def answer_bubbles(values: list[Any]) -> list[Bubble]:
     """The answer, assembled from a stream's chunks or read from the body, as bubbles."""
     text: list[str] = []
+    thinking: list[str] = []
     found: list[Bubble] = []
     calls: dict[tuple[str, str], dict[str, Any]] = {}
     for value in values:
@@ -178,6 +179,11 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
                 slot["args"] += partial if isinstance(partial, str) else ""
             elif isinstance(delta.get("text"), str):
                 text.append(delta["text"])
+            elif isinstance(delta.get("thinking"), str):
+                thinking.append(delta["thinking"])
+        if value.get("event_type") == "content.delta" and isinstance(value.get("delta"), dict):  # Gemini Interactions
+            if isinstance(value["delta"].get("text"), str):
+                text.append(value["delta"]["text"])
         if kind == "message" and value.get("role") == "assistant":  # Anthropic message
             found += parts("assistant", value.get("content"))
         if kind == "response.output_text.delta":  # Responses stream
@@ -207,7 +213,8 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
         if isinstance(value.get("error"), dict | str) and not found:
             found.append(bubble("error", "other", value["error"]))
     joined = "".join(text)
-    answer = [bubble("assistant", "text", joined)] if joined else []
+    answer = [bubble("assistant", "other", "".join(thinking), "thinking")] if thinking else []
+    answer += [bubble("assistant", "text", joined)] if joined else []
     answer += [bubble("assistant", "tool_call", call["args"], call["name"]) for call in calls.values()]
     return answer + found
 
