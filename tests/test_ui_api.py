@@ -397,6 +397,11 @@ def test_another_recorders_corpus_browses_whole(loop_thread: LoopThread) -> None
         assert ("text", "", "Your name is Alice.") in [kinds[-1] for kinds in answers.values()]
         assert sum(1 for kinds in answers.values() if kinds and kinds[0][1] == "thinking") == 4
         assert ("text", "", "Hi there! How can I help you today?") in [k for kinds in answers.values() for k in kinds]
+        # Model lists and embeddings are summarised, not dumped into a bubble.
+        for row in rows:
+            if row["endpoint"] in ("/v1/models", "/v1/embeddings"):
+                (answer,) = running.ok("recording", id=row["id"])["answer"]
+                assert answer["text"].endswith(("models]", "dimensions]")), answer
         by_route = {item["group"]: item for item in running.ok("costs", by="route")["items"]}
         assert by_route["anthropic"]["tokens_in"] > 0 and by_route["ollama"]["tokens_out"] > 0
     finally:

@@ -210,6 +210,9 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
         if isinstance(value.get("contentBlockDelta"), dict):  # Bedrock converse-stream
             delta = value["contentBlockDelta"].get("delta")
             text.append((delta.get("text") if isinstance(delta, dict) else None) or "")
+        summary = _listing(value)
+        if summary:
+            found.append(bubble("assistant", "other", summary))
         if isinstance(value.get("error"), dict | str) and not found:
             found.append(bubble("error", "other", value["error"]))
     joined = "".join(text)
@@ -217,6 +220,26 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
     answer += [bubble("assistant", "text", joined)] if joined else []
     answer += [bubble("assistant", "tool_call", call["args"], call["name"]) for call in calls.values()]
     return answer + found
+
+
+def _listing(value: dict[str, Any]) -> str:
+    """Embeddings and model lists, summarised: numbers nobody reads in a chat bubble."""
+    vectors = value.get("embeddings")  # Ollama embed
+    if not isinstance(vectors, list):
+        data = _list(value.get("data"))
+        vectors = [item.get("embedding") for item in data if isinstance(item, dict) and "embedding" in item]
+        if not vectors and data and all(isinstance(item, dict) and item.get("object") == "model" for item in data):
+            return f"[{len(data)} models]"
+    if vectors:
+        first = vectors[0]
+        size = len(first) if isinstance(first, list) else "base64"
+        return f"[{len(vectors)} embedding(s) of {size} dimensions]"
+    if isinstance(value.get("embedding"), list):  # Ollama embeddings, one vector
+        return f"[1 embedding of {len(value['embedding'])} dimensions]"
+    models = value.get("models")  # Ollama tags and ps
+    if isinstance(models, list) and all(isinstance(m, dict) for m in models):
+        return f"[{len(models)} models: {', '.join(str(m.get('name') or m.get('model') or '?') for m in models[:10])}]"
+    return ""
 
 
 def answer_text(values: list[Any]) -> str:

@@ -171,8 +171,11 @@ def scope_of(document: dict[str, Any]) -> str:
 
 
 def response_values(body: Any, streamed: bool) -> list[Any]:
+    """The answer's JSON values: a stream's chunks, or the one body."""
     if streamed and isinstance(body, list):
         return [data_of(item) for item in body]
+    if isinstance(body, list):  # a list stored as its items (OpenAI's model list)
+        return [{"object": "list", "data": [data_of(item) for item in body]}]
     return [data_of(body)]
 
 
