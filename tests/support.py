@@ -153,8 +153,19 @@ class CliProxy:
     def stop(self) -> list[dict[str, Any]]:
         """Stop with SIGTERM (as a user would) and return the log events, parsed."""
         self.process.terminate()
-        _, err = self.process.communicate(timeout=15)
-        self.lines.extend(err.splitlines())
+        # Read the rest through the same readers readline() used: communicate() reads the pipes
+        # directly and would lose what _wait_for_port's reader had already buffered.
+        rest: dict[str, str] = {}
+        readers = [
+            threading.Thread(target=lambda name=name, stream=stream: rest.update({name: stream.read()}), daemon=True)
+            for name, stream in (("out", self.process.stdout), ("err", self.process.stderr))
+        ]
+        for reader in readers:
+            reader.start()
+        self.process.wait(timeout=15)
+        for reader in readers:
+            reader.join(15)
+        self.lines.extend(rest.get("err", "").splitlines())
         events = []
         for line in self.lines:
             try:
