@@ -8,6 +8,7 @@ table is unknown the cost is "unknown", never a guess.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -74,6 +75,8 @@ class Cost:
 def count(value: Any) -> int:
     """A token count from a usage field: whole numbers only (None, strings, bools count 0)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
         return 0
     return max(int(value), 0)
 

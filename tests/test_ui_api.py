@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,13 @@ def test_coverage_and_a_miss_against_its_nearest_recording(tmp_path: Path, loop_
         assert status == 404
     finally:
         running.stop()
+    # A teammate's checkout of the same recordings, elsewhere on disk, reads the report the same way.
+    checkout = shutil.copytree(root, tmp_path / "checkout")
+    elsewhere = Browser(loop_thread, checkout, report=report).loaded()
+    try:
+        assert elsewhere.ok("coverage")["unused"] == [SEED_ID, "openai/chat-capital-b.json"]
+    finally:
+        elsewhere.stop()
 
 
 def test_mounted_on_a_running_proxy(tmp_path: Path, loop_thread: LoopThread) -> None:

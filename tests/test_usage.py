@@ -4,6 +4,7 @@ unknown models say unknown; `llmproxy cost`; what a replay run saved, in its rep
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -235,7 +236,11 @@ JSON = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(values=st.lists(JSON, max_size=4))
 def test_usage_and_conversation_never_fail_on_any_json(values: list) -> None:
     """Recordings come from anywhere: any JSON gives usage or None, and bubbles, never an error."""

@@ -23,7 +23,16 @@ class Bubble(TypedDict):
 
 
 def _dumps(value: Any) -> str:
-    return "" if value is None else orjson.dumps(value, default=str).decode()
+    if value is None:
+        return ""
+    try:
+        return orjson.dumps(value, default=str).decode()
+    except TypeError:  # e.g. an integer beyond 64 bits
+        return repr(value)
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _list(value: Any) -> list[Any]:
@@ -71,10 +80,12 @@ def parts(role: str, content: Any) -> list[Bubble]:
         return [bubble(role, "image", f"[{kind or 'file'}]")]
     if kind == "tool_use" or "functionCall" in content or "toolUse" in content:
         call = content.get("functionCall") or content.get("toolUse") or content
+        call = call if isinstance(call, dict) else content
         arguments = call.get("input", call.get("args"))
         return [bubble(role, "tool_call", arguments, str(call.get("name", "")))]
     if kind == "tool_result" or "functionResponse" in content or "toolResult" in content:
         result = content.get("functionResponse") or content.get("toolResult") or content
+        result = result if isinstance(result, dict) else content
         value = result.get("content", result.get("response"))
         name = result.get("name") or result.get("tool_use_id") or result.get("toolUseId") or ""
         return [bubble("tool", "tool_result", _flatten(value), str(name))]
@@ -187,13 +198,13 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
         if kind == "message" and value.get("role") == "assistant":  # Anthropic message
             found += parts("assistant", value.get("content"))
         if kind == "response.output_text.delta":  # Responses stream
-            text.append(value.get("delta") or "")
+            text.append(_str(value.get("delta")))
         if value.get("object") == "response" and isinstance(value.get("output"), list):
             for item in value["output"]:
                 found += _message(item, "assistant")
         if isinstance(value.get("message"), dict):  # Ollama chat
             message = value["message"]
-            text.append(message.get("content") or "")
+            text.append(_str(message.get("content")))
             found += [b for b in _message({**message, "content": None}, "assistant") if b["kind"] != "text"]
         if isinstance(value.get("response"), str):  # Ollama generate
             text.append(value["response"])
@@ -209,7 +220,7 @@ def answer_bubbles(values: list[Any]) -> list[Bubble]:
             found += _message(output["message"], "assistant")
         if isinstance(value.get("contentBlockDelta"), dict):  # Bedrock converse-stream
             delta = value["contentBlockDelta"].get("delta")
-            text.append((delta.get("text") if isinstance(delta, dict) else None) or "")
+            text.append(_str(delta.get("text")) if isinstance(delta, dict) else "")
         summary = _listing(value)
         if summary:
             found.append(bubble("assistant", "other", summary))

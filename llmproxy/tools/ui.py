@@ -17,6 +17,7 @@ when walking and refused when reading, so nothing outside the directory can be r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import hmac
 import os
@@ -285,16 +286,32 @@ class Catalog:
         for relative in walk(base):
             row = self._row(relative, _read_no_follow(base / relative))
             if unused is not None and not row.problem:
-                row.used = "unused" if str(base / relative) in unused else "used"
+                row.used = "unused" if relative in unused else "used"
             rows[row.id] = row  # a dict insert is atomic: readers see a consistent prefix
         self.load_seconds = time.perf_counter() - started
         self.loaded.set()
         log.info("recordings browsed", directory=str(self.root), recordings=len(rows), seconds=self.load_seconds)
 
     def _unused_paths(self) -> set[str] | None:
+        """Ids of the files the report says were unused: paths are taken relative to the
+        directory the run used, so a browser started elsewhere (or on a checkout) agrees."""
         if self.report is None or self.report.get("unused") is None:
             return None
-        return {str(Path(name).resolve()) for name in self.report["unused"]}
+        run_root = Path(str(self.report.get("recordings") or self.root))
+        base = self.root.resolve()
+        found = set()
+        for name in self.report["unused"]:
+            path = Path(name)
+            for root in (run_root, run_root.resolve(), base):
+                try:
+                    found.add(path.relative_to(root).as_posix())
+                    break
+                except ValueError:
+                    continue
+            else:
+                with contextlib.suppress(ValueError):
+                    found.add(path.resolve().relative_to(base).as_posix())
+        return found
 
     def _row(self, relative: str, data: bytes | OSError) -> Row:
         row = Row(id=relative, path=relative)
