@@ -60,6 +60,10 @@ class NotRecorded(StrEnum):
     WRITE_FAILED = "write_failed"
 
 
+# A missed request's body is kept in the report (for the browser's diff) up to this size.
+MISS_BODY_LIMIT = 256 * 1024
+
+
 @dataclass(slots=True)
 class Outcome:
     """The counts for the exit summary and the usage report, kept in this one place."""
@@ -97,6 +101,10 @@ class Outcome:
             "route": call.route.name,
             "model": call.model,
             "key": call.canonical.key,
+            # What the browser compares with the nearest recording (the report drops secrets).
+            "query": [list(pair) for pair in call.canonical.query],
+            "headers": dict(call.canonical.headers),
+            "body": call.canonical.body if len(call.canonical.body_json) <= MISS_BODY_LIMIT else None,
         }
         with self._lock:
             self.misses += 1

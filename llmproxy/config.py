@@ -218,6 +218,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown_timeout", 10.0, (int, float), "Seconds in-flight requests get to finish on SIGTERM/SIGINT."),
     Option("durable_writes", False, bool, "fsync every recording before renaming it into place."),
     Option("secret_patterns", (), list, "Extra regexes the secret scanner refuses to write."),
+    Option("ui", False, bool, "Serve the recordings browser under /_llmproxy/ on the proxy (read-only)."),
     Option(
         "secrets",
         "refuse",
@@ -269,6 +270,7 @@ class Settings:
     secret_allow: list[str] = field(default_factory=list)
     max_file_bytes: int = int(default("max_file_mb") * 1024 * 1024)
     max_pause: float = default("max_pause")
+    ui: bool = default("ui")
     # What a replay miss tells the user to run; None: the CLI command (pytest and `run` set theirs).
     record_hint: str | None = None
 
@@ -483,6 +485,7 @@ def load_settings(
         secret_allow=list(secret_allow),
         max_file_bytes=_megabytes("max_file_mb", pick("max_file_mb")),
         max_pause=max_pause,
+        ui=bool(pick("ui")),
         record_hint=overrides.get("record_hint"),
     )
 

@@ -98,6 +98,18 @@ class Playback:
             seconds=round(time.perf_counter() - started, 3),
         )
 
+    def replayed(self) -> list[tuple[Entry, int]]:
+        """Each recording this run replayed and how often (what replay saved going upstream)."""
+        counts: dict[int, tuple[Entry, int]] = {}
+        for key, served in self._served.items():
+            entries = self.index.get(key)
+            for number in range(served):
+                if number >= len(entries) and not self.repeat_last:
+                    break
+                entry = entries[min(number, len(entries) - 1)]
+                counts[id(entry)] = (entry, counts.get(id(entry), (entry, 0))[1] + 1)
+        return list(counts.values())
+
     def unused(self) -> list[Entry]:
         """Recordings no request reached (for repeats: the ones past the last served)."""
         unused = []

@@ -24,7 +24,7 @@ from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex, canonical_for_route
 from llmproxy.store.secrets import SecretScanner, request_credentials
 from llmproxy.store.writer import Recorder
-from llmproxy.tools.report import build_report, write_report
+from llmproxy.tools.report import build_report, replay_savings, write_report
 from llmproxy.upstream.client import AiohttpUpstream
 from llmproxy.upstream.singleflight import SUPPORTED as INFLIGHT_SUPPORTED
 from llmproxy.upstream.singleflight import InFlight
@@ -218,6 +218,11 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
     app[ROUTER] = router
     app[PIPELINE] = pipeline
     app[KEY_MEMO] = keys
+    if settings.ui:  # the recordings browser, under a prefix no provider uses; before the catch-all
+        from llmproxy.tools.ui import ui_subapp
+
+        browser = ui_subapp(settings.recordings, router, token=settings.token, loopback=_is_loopback(settings.host))
+        app.add_subapp("/_llmproxy", browser)
     app.router.add_route("*", "/{tail:.*}", handle)
     app.cleanup_ctx.append(pipeline_context)
     return app
@@ -285,6 +290,7 @@ class ProxyServer:
             await self._runner.cleanup()
             self._runner = None
         report = self.report()
+        saved = report["saved"]  # what replay saved going upstream, for the summary
         if self.settings.report is not None:
             write_report(self.settings.report, report)
         outcome = self.pipeline.outcome
@@ -301,6 +307,8 @@ class ProxyServer:
             errors=report["errors"],
             not_recorded=report["not_recorded"],
             refused=report["refused"],
+            saved_tokens=saved and saved["input_tokens"] + saved["output_tokens"],
+            saved_usd=saved and round(saved["cost_usd"], 6),
             report=str(self.settings.report) if self.settings.report else None,
         )
 
@@ -311,8 +319,10 @@ class ProxyServer:
 
     def report(self) -> dict[str, Any]:
         pipeline = self.pipeline
+        playback = pipeline.playback
+        saved = replay_savings(playback.replayed(), playback.index.provider_for) if playback is not None else None
         return build_report(
-            pipeline.name, pipeline.outcome, self.settings.recordings, pipeline.recorded(), pipeline.unused()
+            pipeline.name, pipeline.outcome, self.settings.recordings, pipeline.recorded(), pipeline.unused(), saved
         )
 
 

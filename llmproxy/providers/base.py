@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import orjson
 
+from llmproxy.usage import TokenUsage, any_usage
 from llmproxy.wire.framing import Format, data_of
 from llmproxy.wire.json import JSON
 from llmproxy.wire.registry import default_content_type
@@ -185,3 +186,7 @@ class Provider:
     def error_body(self, status: int, message: str, code: str) -> bytes:
         """A JSON error body in this provider's shape, for errors llmproxy itself returns."""
         return orjson.dumps({"error": {"message": message, "type": code, "code": code}})
+
+    def usage(self, path: str, values: list[Any]) -> TokenUsage | None:
+        """Tokens the answer reports; `values` are its JSON values (a stream's chunks, or the body)."""
+        return any_usage(values)
