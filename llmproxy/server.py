@@ -92,6 +92,8 @@ def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
 
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 TOKEN_HEADER = "x-llmproxy-token"
+# Reserved for llmproxy's own pages and endpoints: no provider's path starts with it.
+UI_PREFIX = "/_llmproxy"
 
 SETTINGS = web.AppKey("settings", Settings)
 ROUTER = web.AppKey("router", Router)
@@ -105,8 +107,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app[SETTINGS].token
-    if token is not None and not token_matches(request.headers.get(TOKEN_HEADER), token):
+    settings = request.app[SETTINGS]
+    token = settings.token
+    # The browser's page is served to anyone who reaches it (it then asks for the token); its
+    # sub-app checks the token on every API call itself.
+    ui_page = settings.ui and (request.path == UI_PREFIX or request.path.startswith(UI_PREFIX + "/"))
+    if token is not None and not ui_page and not token_matches(request.headers.get(TOKEN_HEADER), token):
         log.warning("client refused: missing or wrong token", path=request.path, peer=request.remote)
         return error_response(None, 401, f"this llmproxy needs the {TOKEN_HEADER} header", "proxy_token_required")
     return await handler(request)
@@ -222,7 +228,7 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
         from llmproxy.tools.ui import ui_subapp
 
         browser = ui_subapp(settings.recordings, router, token=settings.token, loopback=_is_loopback(settings.host))
-        app.add_subapp("/_llmproxy", browser)
+        app.add_subapp(UI_PREFIX, browser)
     app.router.add_route("*", "/{tail:.*}", handle)
     app.cleanup_ctx.append(pipeline_context)
     return app

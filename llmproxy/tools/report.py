@@ -77,7 +77,7 @@ def replay_savings(replayed: list[tuple[Any, int]], provider_for: Any) -> dict[s
     for entry, count in replayed:
         try:
             recording = entry.recording(provider_for)
-        except (OSError, ValueError, TypeError):
+        except (LlmproxyError, OSError):  # removed or changed since it was replayed: counted unknown
             unknown += count
             continue
         request, response = recording.request, recording.response

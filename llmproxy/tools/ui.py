@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-import hmac
 import os
 import signal
 import threading
@@ -36,11 +35,12 @@ import orjson
 import structlog
 from aiohttp import web
 
-from llmproxy.canonical import CanonicalRequest, canonical_json, request_differences, similarity
+from llmproxy.canonical import CanonicalRequest, canonical_json, request_differences
+from llmproxy.intake import token_matches
 from llmproxy.routing import Router
 from llmproxy.store.directory import NOT_RECORDINGS, StoreError
 from llmproxy.store.document import RecordingError, from_document
-from llmproxy.store.index import RecordingIndex, canonical_for_route
+from llmproxy.store.index import Comparable, RecordingIndex, canonical_for_route
 from llmproxy.tools.conversation import answer_bubbles, answer_text, bubble, request_bubbles
 from llmproxy.tools.explain import parse_age, recorded_at
 from llmproxy.tools.report import ReportError, read_report
@@ -518,7 +518,9 @@ class Catalog:
         candidates = [r for r in self.snapshot() if r.canonical is not None]
         if not candidates:
             return {"miss": missed, "nearest": None, "differences": []}
-        nearest = max(candidates, key=lambda r: similarity(r.canonical, wanted))  # type: ignore[arg-type]
+        # The replay miss message's own measure, body tokens split once for all candidates.
+        comparable = Comparable(wanted)
+        nearest = max(candidates, key=lambda r: comparable.similarity(r.canonical))  # type: ignore[arg-type]
         assert nearest.canonical is not None
         return {
             "miss": missed,
@@ -669,11 +671,7 @@ def ui_subapp(
             log.warning("browser request refused: Host is not loopback", host=request.host)
             return _error(403, "this llmproxy ui answers only to 127.0.0.1 / localhost")
         is_api = "/api/" in request.path
-        if (
-            is_api
-            and token is not None
-            and not hmac.compare_digest(request.headers.get(TOKEN_HEADER, "").encode(), token.encode())
-        ):
+        if is_api and token is not None and not token_matches(request.headers.get(TOKEN_HEADER), token):
             return _error(401, f"this llmproxy ui needs the {TOKEN_HEADER} header")
         try:
             response = await handler(request)
