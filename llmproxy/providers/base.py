@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import orjson
+from yarl import URL
 
 from llmproxy.wire.framing import data_of
 
@@ -19,6 +20,15 @@ JSON_LABEL = "json"
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 NDJSON_CONTENT_TYPE = "application/x-ndjson"
 JSON_CONTENT_TYPE = "application/json"
+
+
+class UpstreamRequestError(LookupError):
+    """A provider cannot prepare a request for its upstream (e.g. no credentials to sign it):
+    the client gets a 502 with this message, and nothing is sent."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Provider:
@@ -75,3 +85,10 @@ class Provider:
     def error_body(self, status: int, message: str, code: str) -> bytes:
         """A JSON error body in this provider's shape, for errors llmproxy itself returns."""
         return orjson.dumps({"error": {"message": message, "type": code, "code": code}})
+
+    def prepare_upstream(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[str | URL, list[tuple[str, str]]]:
+        """The URL and headers to send upstream, once per forwarded request (e.g. re-signing it
+        for the upstream's host). Raises UpstreamRequestError when it cannot be sent."""
+        return url, headers

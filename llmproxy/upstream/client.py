@@ -97,14 +97,17 @@ class Forwarder:
         route = call.route
         try:
             url = route.upstream_url(call.path, call.query_string)
-        except LookupError as exc:
-            return error_response(route, 502, str(exc), "no_upstream"), None
+            target, headers = route.provider.prepare_upstream(
+                call.method, url, forward_request_headers(request.headers.items()), call.body
+            )
+        except LookupError as exc:  # no upstream, or the provider cannot prepare the request
+            return error_response(route, 502, str(exc), getattr(exc, "code", "no_upstream")), None
         started = time.monotonic()
         try:
             upstream = await self._session.request(
                 call.method,
-                url,
-                headers=forward_request_headers(request.headers.items()),
+                target,
+                headers=headers,
                 data=call.body if call.body else None,
                 allow_redirects=False,
             )
