@@ -22,7 +22,7 @@ from botocore.exceptions import ClientError
 
 from tests.providers_support import write_config
 from tests.support import CliProxy, LoopThread, RunningApp, assert_no_secret, files_under, start_proxy
-from tests.upstreams.bedrock_wire import BedrockWire, event, exception
+from tests.upstreams.bedrock_wire import SIGNATURE_MISMATCH, BedrockWire, event, exception
 
 # The proxy's own ("real") credentials, which the upstream accepts.
 PROXY_KEY = "AKIAPROXYREALKEY0001"
@@ -35,6 +35,7 @@ CLIENT_TOKEN = "FQoGZXIvYXdzEClientSessionToken9876543210fedcba"
 
 MODEL = "anthropic.claude-3-5-sonnet-20240620-v1:0"
 PROFILE_ARN = "arn:aws:bedrock:us-west-2:123456789012:inference-profile/us.anthropic.claude-3-7-sonnet-20250219-v1:0"
+USER_HI = {"role": "user", "content": "hi"}
 AWS_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -231,9 +232,7 @@ def test_the_clients_own_signature_is_rejected_upstream(
         app.stop()
     assert status == 403
     assert error_type.startswith("InvalidSignatureException")
-    assert upstream.rejected == [
-        "InvalidSignatureException: The request signature we calculated does not match the signature you provided."
-    ]
+    assert upstream.rejected == [f"InvalidSignatureException: {SIGNATURE_MISMATCH}"]
 
 
 def test_no_proxy_credentials_is_a_clear_error_and_nothing_goes_upstream(

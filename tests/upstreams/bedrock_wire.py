@@ -25,6 +25,7 @@ _AUTH = re.compile(
     r"^AWS4-HMAC-SHA256 Credential=(?P<akid>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request, "
     r"SignedHeaders=(?P<signed>[^,]+), Signature=(?P<signature>[0-9a-f]{64})$"
 )
+SIGNATURE_MISMATCH = "The request signature we calculated does not match the signature you provided."
 PADDING = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
@@ -133,7 +134,7 @@ class BedrockWire(Upstream):
             "body": body,
         }
         if not hmac.compare_digest(expected_signature(parts, self.secret_key, match), match["signature"]):
-            return "InvalidSignatureException: The request signature we calculated does not match the signature you provided."
+            return f"InvalidSignatureException: {SIGNATURE_MISMATCH}"
         return None
 
     async def checked(self, request: web.Request) -> tuple[Any, web.Response | None]:
