@@ -15,8 +15,8 @@ from llmproxy.canonical import canonical_request, parse_body
 from llmproxy.providers import get_provider
 from llmproxy.routing import Router, default_routes
 from llmproxy.store.document import RecordingError, from_document
-from llmproxy.wire.codecs import StreamSplitter, parse_sse_event, split_stream
-from llmproxy.wire.framing import capture, render_segments
+from llmproxy.wire.registry import capture, render_segments, split_stream, stream_splitter
+from llmproxy.wire.sse import parse_sse_event
 
 # FUZZ_EXAMPLES=5000 for a longer hunt than the suite's default.
 FUZZ = settings(
@@ -64,7 +64,7 @@ def _cuts(data: bytes, points: list[int]) -> list[bytes]:
 @given(stream=sse_streams(), points=st.lists(st.integers(0, 10_000), max_size=12))
 def test_sse_chunk_boundaries_never_change_the_events(stream: bytes, points: list[int]) -> None:
     whole, rest = split_stream("sse", stream)
-    splitter = StreamSplitter("sse")
+    splitter = stream_splitter("sse")
     pieces: list[bytes] = []
     for piece in _cuts(stream, points):
         pieces.extend(splitter.feed(piece))
@@ -80,7 +80,7 @@ def test_sse_chunk_boundaries_never_change_the_events(stream: bytes, points: lis
 def test_ndjson_chunk_boundaries_never_change_the_lines(lines: list[Any], ending: str, points: list[int]) -> None:
     stream = "".join(json.dumps(value) + ending for value in lines).encode()
     whole, rest = split_stream("ndjson", stream)
-    splitter = StreamSplitter("ndjson")
+    splitter = stream_splitter("ndjson")
     pieces: list[bytes] = []
     for piece in _cuts(stream, points):
         pieces.extend(splitter.feed(piece))

@@ -13,13 +13,14 @@ from typing import Any, ClassVar
 import orjson
 from yarl import URL
 
-from llmproxy.wire.framing import data_of
+from llmproxy.wire.framing import Format, data_of
+from llmproxy.wire.registry import default_content_type
 
 JSON_LABEL = "json"
 
-SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
-NDJSON_CONTENT_TYPE = "application/x-ndjson"
-JSON_CONTENT_TYPE = "application/json"
+SSE_CONTENT_TYPE = default_content_type(Format.SSE)
+NDJSON_CONTENT_TYPE = default_content_type(Format.NDJSON)
+JSON_CONTENT_TYPE = default_content_type(Format.JSON)
 
 
 class UpstreamRequestError(LookupError):
@@ -51,7 +52,7 @@ class Provider:
     def stream_format(self, path: str, body: Any) -> str | None:
         """The stream format a request asks for ("sse", "ndjson"), or None for a plain response."""
         if isinstance(body, dict) and body.get("stream") is True:
-            return "sse"
+            return Format.SSE.value
         return None
 
     def model_of(self, path: str, body: Any) -> str | None:
@@ -74,8 +75,8 @@ class Provider:
     def default_framing(self, path: str, streaming: bool) -> dict[str, Any]:
         """Framing for recordings that carry none (the seed and other recorders' files)."""
         if streaming:
-            return {"format": "sse", "line_ending": "\n", "event_field": None, "end": ""}
-        return {"format": "json"}
+            return {"format": Format.SSE.value, "line_ending": "\n", "event_field": None, "end": ""}
+        return {"format": Format.JSON.value}
 
     def stream_complete(self, path: str, chunks: list[Any], end: str) -> bool:
         """Whether a stream reached its end marker; a stream cut short must not be replayed

@@ -22,14 +22,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from llmproxy.canonical import RawBody
 from llmproxy.providers import Provider, provider_for_label
-from llmproxy.providers.base import JSON_CONTENT_TYPE
-from llmproxy.wire.framing import (
-    BYTES_LABEL,
-    DATA_KEY,
-    TYPE_KEY,
-    capture,
-    typed,
-)
+from llmproxy.wire.framing import BYTES_LABEL, DATA_KEY, TYPE_KEY, Format, typed
+from llmproxy.wire.registry import capture, default_content_type, is_streaming_format
 
 TOOL_NAME = "llmproxy"
 
@@ -65,7 +59,7 @@ class RecordedResponse:
 
     @property
     def is_streaming(self) -> bool:
-        return self.framing.get("format") in ("sse", "ndjson")
+        return is_streaming_format(self.framing.get("format"))
 
 
 @dataclass(slots=True)
@@ -201,7 +195,7 @@ def _read_own(request_doc: dict, response_doc: dict, resolve_provider: ProviderR
     if framing is None:
         provider = resolve_provider(method, path)
         streaming = bool(response_doc.get("is_streaming"))
-        framing = provider.default_framing(path, streaming) if provider else {"format": "json"}
+        framing = provider.default_framing(path, streaming) if provider else {"format": Format.JSON.value}
     if not isinstance(framing, dict):
         raise RecordingError("response.framing must be an object")
     timing = response_doc.get("timing")
@@ -259,10 +253,10 @@ def _normalise_foreign(request_doc: dict, response_doc: dict, resolve_provider: 
         response_body = typed(
             "json", {"error": details.get("body") or {"message": response_doc.get("exception_message")}}
         )
-        framing, streaming = {"format": "json"}, False
+        framing, streaming = {"format": Format.JSON.value}, False
     elif isinstance(response_body, list) and response_body and all(isinstance(x, str) for x in response_body):
         # Raw SSE lines: capture them as if they had just arrived from the upstream.
-        fmt = provider.stream_format(path, body) or "sse"
+        fmt = provider.stream_format(path, body) or Format.SSE.value
         # Each string is one line of the wire text, so the text is the lines each ended by "\n".
         raw = "".join(line + "\n" for line in response_body).encode("utf-8")
         captured = capture(fmt, raw, lambda value: provider.label(path, True, value))
@@ -272,10 +266,7 @@ def _normalise_foreign(request_doc: dict, response_doc: dict, resolve_provider: 
         framing = provider.default_framing(path, streaming)
     if streaming and not isinstance(response_body, list):
         raise RecordingError("a streamed response needs a list of chunks as its body")
-    content_type = {
-        "sse": "text/event-stream; charset=utf-8",
-        "ndjson": provider.stream_content_type,
-    }.get(framing.get("format", "json"), JSON_CONTENT_TYPE)
+    content_type = default_content_type(str(framing.get("format", Format.JSON.value)))
     query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
     request = RecordedRequest(
         method=method,

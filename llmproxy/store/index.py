@@ -23,17 +23,14 @@ import structlog
 from llmproxy.canonical import CanonicalRequest, canonical_request, similarity
 from llmproxy.headers import replay_headers
 from llmproxy.providers import Provider
-from llmproxy.providers.base import JSON_CONTENT_TYPE, NDJSON_CONTENT_TYPE, SSE_CONTENT_TYPE
 from llmproxy.routing import Route, Router
 from llmproxy.store.directory import RecordingStore, StoreError
 from llmproxy.store.document import Recording, RecordingError, from_document
-from llmproxy.wire.framing import render_segments
+from llmproxy.wire.registry import default_content_type, render_segments
 
 log = structlog.get_logger("llmproxy.store.index")
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
-# For recordings that did not keep their content type (other recorders' files).
-DEFAULT_CONTENT_TYPES = {"sse": SSE_CONTENT_TYPE, "ndjson": NDJSON_CONTENT_TYPE, "text": "text/plain; charset=utf-8"}
 
 
 def canonical_for_route(
@@ -80,10 +77,10 @@ def render(recording: Recording, route: Route) -> Rendered:
     """A recording's response framed for the wire, with the headers replay sends."""
     response = recording.response
     segments = render_segments(response.body, response.framing, route.provider.json_value)
-    fmt = str(response.framing.get("format", "json"))
     headers = replay_headers(response.headers)
     if not any(name.lower() == "content-type" for name in headers):
-        headers["Content-Type"] = DEFAULT_CONTENT_TYPES.get(fmt, JSON_CONTENT_TYPE)
+        # Recordings that did not keep their content type (other recorders' files).
+        headers["Content-Type"] = default_content_type(str(response.framing.get("format")))
     return Rendered(
         status=response.status,
         headers=headers,

@@ -26,8 +26,9 @@ from llmproxy.providers import Provider
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
 from llmproxy.store.secrets import SecretScanner
-from llmproxy.upstream.client import Exchange, body_format
-from llmproxy.wire.framing import CapturedBody, capture, capture_opaque, data_of
+from llmproxy.upstream.client import Exchange
+from llmproxy.wire.framing import CapturedBody, Codec, Format, data_of
+from llmproxy.wire.registry import codec_for_content_type
 
 log = structlog.get_logger("llmproxy.record")
 
@@ -185,18 +186,15 @@ def _truncated(exchange: Exchange, recording: Recording) -> bool:
     return not exchange.call.route.provider.stream_complete(exchange.call.path, chunks, response.framing.get("end", ""))
 
 
-def capture_response(provider: Provider, path: str, fmt: str, raw: bytes) -> CapturedBody:
+def capture_response(provider: Provider, path: str, codec: Codec, raw: bytes) -> CapturedBody:
     """Chunks and framing for a response body.
 
-    Capture compares every event with its canonical framing as it goes and keeps the exact
-    text of any that differ (`framing.verbatim`), so what is stored always frames back to the
-    received bytes; only JSON inside chunks may be re-serialised.
+    Capture compares every event with its rendering as it goes and keeps the exact text of any
+    that differ (`framing.verbatim`), so what is stored always renders back to the received bytes.
     """
-    if fmt == "opaque":
-        return capture_opaque(raw)
-    streaming = fmt in ("sse", "ndjson")
-    captured = capture(fmt, raw, lambda value: provider.label(path, streaming, value))
-    if captured.framing.get("format") == "json" and "verbatim" not in captured.framing:
+    streaming = codec.streaming
+    captured = codec.capture(raw, lambda value: provider.label(path, streaming, value))
+    if captured.framing.get("format") == Format.JSON and "verbatim" not in captured.framing:
         value = provider.json_value(captured.body)
         packed = provider.pack_json(path, value)
         if packed is not None and provider.json_value(packed) == value:
@@ -221,7 +219,7 @@ def build_recording(exchange: Exchange) -> Recording:
     call = exchange.call
     provider = call.route.provider
     content_type = next((v for k, v in exchange.headers if k.lower() == "content-type"), "")
-    captured = capture_response(provider, call.path, body_format(content_type), exchange.body)
+    captured = capture_response(provider, call.path, codec_for_content_type(content_type), exchange.body)
     base = exchange.url.partition("?")[0]
     query = public_query(call.query)
     request = RecordedRequest(

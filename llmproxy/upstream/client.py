@@ -17,22 +17,9 @@ from aiohttp import web
 from llmproxy.call import Call, Outcome, error_response
 from llmproxy.canonical import public_query
 from llmproxy.headers import client_response_headers, forward_request_headers
+from llmproxy.wire.registry import codec_for_content_type
 
 log = structlog.get_logger("llmproxy.forward")
-
-STREAM_FORMATS = ("sse", "ndjson")
-
-
-def body_format(content_type: str) -> str:
-    """How a response body is framed, from its content type."""
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media == "text/event-stream":
-        return "sse"
-    if media in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
-        return "ndjson"
-    if media == "application/json" or media.endswith("+json"):
-        return "json"
-    return "opaque"
 
 
 @dataclass(slots=True)
@@ -141,7 +128,7 @@ class Forwarder:
                 )
 
             try:
-                if body_format(upstream.headers.get("Content-Type", "")) in STREAM_FORMATS:
+                if codec_for_content_type(upstream.headers.get("Content-Type", "")).streaming:
                     streamed = web.StreamResponse(status=upstream.status, headers=response_headers)
                     await streamed.prepare(request)
                     await _pump(upstream, streamed, parts, reads, started)

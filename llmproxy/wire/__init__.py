@@ -1,1 +1,2 @@
-"""Stream and body codecs by wire format: split, capture, render."""
+"""Stream and body codecs by wire format (split, capture, render), one module each; the
+registry (`llmproxy.wire.registry`) finds them by media type or recorded format."""

@@ -1,0 +1,133 @@
+"""Server-sent events (OpenAI, Anthropic, Gemini): split, parse and frame events exactly.
+
+The splitter never parses JSON and never loses a byte: joining the events it returns and its
+remainder gives back the input, whatever the read boundaries were.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmproxy.wire.framing import Format
+from llmproxy.wire.textstream import TextStreamCodec
+
+# An SSE event ends at an empty line. A lone "\r" only counts as a terminator when it is not
+# the first half of "\r\n", otherwise "data: x\r\n" would look like two line ends.
+_SSE_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
+_LINE_END = re.compile(r"\r\n|\n|\r")
+
+
+def _split(buffer: bytes, *, final: bool) -> tuple[list[bytes], bytes]:
+    events: list[bytes] = []
+    start = 0
+    for match in _SSE_EVENT_END.finditer(buffer):
+        end = match.end()
+        # A trailing "\r" may be the first half of a "\r\n" still in flight.
+        if not final and end == len(buffer) and buffer.endswith(b"\r"):
+            break
+        events.append(buffer[start:end])
+        start = end
+    return events, buffer[start:]
+
+
+class SseSplitter:
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        events, self._buffer = _split(self._buffer, final=False)
+        return events
+
+    def close(self) -> bytes:
+        """The bytes after the last complete event (a stream cut short, or no final blank line)."""
+        events, rest = _split(self._buffer, final=True)
+        self._buffer = b""
+        return b"".join(events) + rest
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    """One SSE event, parsed per the WHATWG rules, with its exact text kept alongside."""
+
+    raw: str
+    event: str | None = None
+    data_lines: list[str] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    other_fields: list[str] = field(default_factory=list)
+    line_ending: str = "\n"
+
+    @property
+    def data(self) -> str | None:
+        return "\n".join(self.data_lines) if self.data_lines else None
+
+
+def parse_sse_event(raw: str) -> SSEEvent:
+    """Parse one event text as returned by the splitter (terminating blank line included)."""
+    parsed = SSEEvent(raw=raw)
+    ending = _LINE_END.search(raw)
+    if ending:
+        parsed.line_ending = ending.group(0)
+    for line in _LINE_END.split(raw):
+        if not line:
+            continue
+        if line.startswith(":"):
+            parsed.comments.append(line)
+            continue
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            parsed.data_lines.append(value)
+        elif name == "event":
+            parsed.event = value
+        else:
+            parsed.other_fields.append(line)
+    return parsed
+
+
+def frame_sse(data: str, *, event: str | None, line_ending: str) -> str:
+    """The canonical framing of one SSE event: optional `event:` line, one `data:` line."""
+    if event is None:
+        return f"data: {data}{line_ending}{line_ending}"
+    return f"event: {event}{line_ending}data: {data}{line_ending}{line_ending}"
+
+
+class SseCodec(TextStreamCodec):
+    name = "sse"
+    format = Format.SSE
+    content_types = {Format.SSE: "text/event-stream; charset=utf-8"}
+    media_types = ("text/event-stream",)
+
+    def splitter(self) -> SseSplitter:
+        return SseSplitter()
+
+    def payload(self, text: str) -> tuple[str | None, str | None]:
+        # The two usual shapes without the general parser.
+        if text.endswith("\n\n") and "\r" not in text:
+            lines = text[:-2].split("\n")
+            if len(lines) == 1 and lines[0].startswith("data: "):
+                return None, lines[0][6:]
+            if len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "):
+                return lines[0][7:], lines[1][6:]
+        parsed = parse_sse_event(text)
+        return parsed.event, parsed.data
+
+    def frame(self, payload: str, event: str | None, line_ending: str) -> str:
+        return frame_sse(payload, event=event, line_ending=line_ending)
+
+    def event_field_of(self, event: str | None, value: Any) -> str | None:
+        if event is None or not isinstance(value, dict):
+            return None
+        for candidate in ("type", "event_type", "event"):
+            if value.get(candidate) == event:
+                return candidate
+        return None
+
+    def extra_framing(self, framing: dict[str, Any], event_field: str | None) -> None:
+        framing["event_field"] = event_field
+
+
+SSE = SseCodec()
