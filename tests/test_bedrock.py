@@ -8,6 +8,7 @@ no credential or signature on disk.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,6 +177,12 @@ def test_boto3_converse_stream_invoke_record_resigned_then_replay(
     assert len(documents) == 5
     assert {d["request"]["model"] for d in documents} == {MODEL, PROFILE_ARN}
     assert all(d["request"]["headers"] == {} for d in documents)
+    [stream_doc] = [d for d in documents if d["request"]["endpoint"].endswith("/converse-stream")]
+    assert stream_doc["response"]["is_streaming"] and stream_doc["response"]["framing"]["format"] == "eventstream"
+    frames = stream_doc["response"]["body"]
+    assert [f["__headers__"][":event-type"] for f in frames][:2] == ["messageStart", "contentBlockDelta"]
+    assert frames[-1]["__data__"]["usage"]["inputTokens"] == 9  # readable JSON, not base64
+    assert all(f["__type__"] == "bedrock-runtime.ConverseStreamOutput" for f in frames)
 
 
 def replayed_bytes(loop: LoopThread, upstream: BedrockWire, proxy_url: str) -> list[bytes]:
@@ -233,6 +240,67 @@ def test_the_clients_own_signature_is_rejected_upstream(
     assert status == 403
     assert error_type.startswith("InvalidSignatureException")
     assert upstream.rejected == [f"InvalidSignatureException: {SIGNATURE_MISMATCH}"]
+
+
+def test_converse_stream_frames_pass_through_as_they_arrive(
+    loop_thread: LoopThread, tmp_path: Path, proxy_credentials: None
+) -> None:
+    """The upstream holds its stream after the first frame until the client has parsed that
+    frame: a proxy that buffered the stream would never let it through (read timeout)."""
+    upstream = BedrockWire(PROXY_KEY, PROXY_SECRET, PROXY_TOKEN)
+    upstream.gate = loop_thread.run(_new_event())
+    app = RunningApp(loop_thread, upstream.app()).start()
+    config = write_config(tmp_path / "llmproxy.toml", [{"name": "bedrock", "provider": "bedrock", "upstream": app.url}])
+    proxy = start_proxy(loop_thread, "record", tmp_path / "recordings", config=config)
+    try:
+        bedrock = boto3.client(
+            "bedrock-runtime",
+            endpoint_url=proxy.url,
+            region_name="us-west-2",
+            aws_access_key_id=CLIENT_KEY,
+            aws_secret_access_key=CLIENT_SECRET,
+            config=Config(retries={"max_attempts": 1}, read_timeout=10),
+        )
+        stream = bedrock.converse_stream(modelId=MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+        events = iter(stream["stream"])
+        first = next(events)
+        loop_thread.loop.call_soon_threadsafe(upstream.gate.set)
+        rest = list(events)
+    finally:
+        proxy.stop()
+        app.stop()
+    assert first == {"messageStart": {"role": "assistant"}}
+    assert list(rest[-1]) == ["metadata"]
+    assert len(files_under(tmp_path / "recordings")) == 1
+
+
+async def _new_event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+def test_a_stream_cut_mid_frame_is_not_recorded(
+    loop_thread: LoopThread, tmp_path: Path, proxy_credentials: None
+) -> None:
+    """botocore would replay a cut stream as a shorter, clean answer: it must not be recorded."""
+    upstream = BedrockWire(PROXY_KEY, PROXY_SECRET, PROXY_TOKEN)
+    upstream.cut = True
+    app = RunningApp(loop_thread, upstream.app()).start()
+    config = write_config(tmp_path / "llmproxy.toml", [{"name": "bedrock", "provider": "bedrock", "upstream": app.url}])
+    recordings = tmp_path / "recordings"
+    proxy = start_proxy(loop_thread, "record", recordings, config=config)
+    try:
+        bedrock = client(proxy.url)
+        stream = bedrock.converse_stream(modelId=MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+        events = list(stream["stream"])
+        body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 32, "messages": []})
+        chunks = list(bedrock.invoke_model_with_response_stream(modelId=MODEL, body=body)["body"])
+    finally:
+        proxy.stop()
+        app.stop()
+    assert events and "metadata" not in events[-1]  # the client got what there was, silently
+    assert len(chunks) == 2
+    assert proxy.server.mode.outcome.truncated == 2
+    assert files_under(recordings) == []
 
 
 def test_no_proxy_credentials_is_a_clear_error_and_nothing_goes_upstream(

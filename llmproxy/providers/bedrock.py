@@ -13,6 +13,8 @@ Streams (`/converse-stream`, `/invoke-with-response-stream`) are binary
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import threading
@@ -149,6 +151,28 @@ class BedrockProvider(Provider):
         if streaming:
             return {"format": "eventstream"}
         return {"format": "json"}
+
+    def stream_complete(self, path: str, chunks: list[Any], end: str) -> bool:
+        # botocore ends a cut stream silently, as if it were whole: only a stream that ended on
+        # a frame boundary after its last event (or an in-band error) is complete.
+        if end or not chunks:
+            return False
+        last = chunks[-1]
+        if not isinstance(last, dict):
+            return last is None  # an `error` frame: headers only, no payload
+        if set(last) - {"p"} == {"message"} or "originalStatusCode" in last:
+            return True  # an exception frame (throttlingException, modelStreamErrorException...)
+        match = _MODEL_OPERATION.match(path)
+        if match and match["op"] == "converse-stream":
+            return "usage" in last or "metrics" in last  # the `metadata` event comes last
+        try:
+            native = orjson.loads(base64.b64decode(str(last.get("bytes", "")), validate=True))
+        except (binascii.Error, orjson.JSONDecodeError):
+            return False
+        # Bedrock adds its invocation metrics to the last chunk, whatever the model.
+        return isinstance(native, dict) and (
+            "amazon-bedrock-invocationMetrics" in native or native.get("type") == "message_stop"
+        )
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
         # rest-json errors: botocore takes the code from `code` when x-amzn-ErrorType is absent.

@@ -6,6 +6,7 @@ across writes at places that are not frame boundaries."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
@@ -93,6 +94,10 @@ class BedrockWire(Upstream):
         self.secret_key = secret_key
         self.session_token = session_token
         self.bearer: str | None = None  # a Bedrock API key it also accepts
+        # Set: streams stop after their first frame until the test opens the gate.
+        self.gate: asyncio.Event | None = None
+        # True: streams lose their last frame and are cut 5 bytes into the one before.
+        self.cut = False
         self.rejected: list[str] = []  # why each refused request was refused
         self.authorizations: list[str] = []  # the Authorization headers accepted
 
@@ -227,6 +232,18 @@ class BedrockWire(Upstream):
         return await self._stream(request, frames)
 
     async def _stream(self, request: web.Request, frames: list[bytes]) -> web.StreamResponse:
+        if self.gate is not None:
+            response = web.StreamResponse(headers={"Content-Type": "application/vnd.amazon.eventstream"})
+            await response.prepare(request)
+            await response.write(frames[0])
+            await self.gate.wait()
+            for item in frames[1:]:
+                await response.write(item)
+            await response.write_eof()
+            self.sent.append(b"".join(frames))
+            return response
+        if self.cut:
+            frames = [*frames[:-2], frames[-2][:5]]
         data = b"".join(frames)
         # Writes that cut frames anywhere: how TCP splits them is not the client's business.
         pieces = [data[i : i + 37] for i in range(0, len(data), 37)]
