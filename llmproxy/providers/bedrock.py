@@ -26,7 +26,7 @@ import orjson
 import structlog
 from yarl import URL
 
-from llmproxy.providers.base import JSON_LABEL, Provider, UpstreamRequestError
+from llmproxy.providers.base import JSON_LABEL, ClientSetting, Provider, UpstreamRequestError
 
 log = structlog.get_logger("llmproxy.providers.bedrock")
 
@@ -112,6 +112,19 @@ class BedrockProvider(Provider):
     name = "bedrock"
     claim_priority = 25
     stream_content_type = EVENTSTREAM_CONTENT_TYPE
+    # SigV4 (Authorization + the STS session token) or a Bedrock API key (Bearer).
+    credential_headers = frozenset({"authorization", "x-amz-security-token"})
+    # Only AWS SDKs send these: such a request is never forwarded to another provider.
+    identity_headers = frozenset({"x-amz-date", "x-amz-content-sha256", "amz-sdk-invocation-id", "amz-sdk-request"})
+    # boto3 reads it (botocore >= 1.31): http://proxy/bedrock, the SDK adds /model/{id}/converse.
+    client_settings = (ClientSetting("AWS_ENDPOINT_URL_BEDROCK_RUNTIME"),)
+    # boto3 signs every request, so it will not start without keys and a region; in replay
+    # these sign for the proxy only. Not shaped like real keys (the secret scanner knows those).
+    placeholder_keys = {
+        "AWS_ACCESS_KEY_ID": "llmproxy-replay-placeholder",
+        "AWS_SECRET_ACCESS_KEY": "llmproxy-replay-placeholder",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
 
     def __init__(self) -> None:
         self._credentials = _Credentials()
@@ -123,6 +136,19 @@ class BedrockProvider(Provider):
 
     def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
         return bool(_MODEL_OPERATION.match(path) and path.startswith("/model/")) or bool(_OTHER_PATHS.match(path))
+
+    def accepts_header(self, name: str, headers: Mapping[str, str]) -> bool:
+        if name == "authorization":
+            # SigV4, or a Bedrock API key (ABSK... long-term, bedrock-api-key-... short-term) or
+            # any Bearer an AWS SDK sent; not another provider's bare Bearer key.
+            value = headers.get("authorization", "")
+            token = value[7:] if value[:7].lower() == "bearer " else ""
+            return (
+                value.startswith("AWS4-HMAC-SHA256 ")
+                or token.startswith(("ABSK", "bedrock-api-key-"))
+                or any(marker in headers for marker in self.identity_headers)
+            )
+        return super().accepts_header(name, headers)
 
     def stream_format(self, path: str, body: Any) -> str | None:
         match = _MODEL_OPERATION.match(path)
