@@ -21,6 +21,7 @@ from botocore.config import Config
 from botocore.eventstream import EventStreamBuffer
 from botocore.exceptions import ClientError
 
+from llmproxy.providers import client_environment
 from tests.providers_support import write_config
 from tests.support import CliProxy, LoopThread, RunningApp, assert_no_secret, files_under, start_proxy
 from tests.upstreams.bedrock_wire import SIGNATURE_MISMATCH, BedrockWire, event, exception
@@ -255,7 +256,7 @@ def test_converse_stream_frames_pass_through_as_they_arrive(
     try:
         bedrock = boto3.client(
             "bedrock-runtime",
-            endpoint_url=proxy.url,
+            endpoint_url=proxy.url + "/bedrock",  # the provider's prefix, as `llmproxy run` sets it
             region_name="us-west-2",
             aws_access_key_id=CLIENT_KEY,
             aws_secret_access_key=CLIENT_SECRET,
@@ -271,6 +272,7 @@ def test_converse_stream_frames_pass_through_as_they_arrive(
         app.stop()
     assert first == {"messageStart": {"role": "assistant"}}
     assert list(rest[-1]) == ["metadata"]
+    assert upstream.requests[0]["raw_path"] == "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse-stream"
     assert len(files_under(tmp_path / "recordings")) == 1
 
 
@@ -312,8 +314,19 @@ def test_no_proxy_credentials_is_a_clear_error_and_nothing_goes_upstream(
     recordings = tmp_path / "recordings"
     proxy = start_proxy(loop_thread, "record", recordings, config=config)
     try:
+        # Found through the variable `llmproxy run` and the pytest plugin set, not endpoint_url.
+        endpoint = client_environment(proxy.url)["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"]
+        assert endpoint == proxy.url + "/bedrock"
+        aws_env.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", endpoint)
+        bedrock = boto3.client(
+            "bedrock-runtime",
+            region_name="us-west-2",
+            aws_access_key_id=CLIENT_KEY,
+            aws_secret_access_key=CLIENT_SECRET,
+            config=Config(retries={"max_attempts": 1}),
+        )
         with pytest.raises(ClientError) as caught:
-            client(proxy.url).converse(modelId=MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+            bedrock.converse(modelId=MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}])
     finally:
         proxy.stop()
         app.stop()
@@ -360,6 +373,39 @@ def test_bedrock_api_key_in_the_proxy_environment_is_sent_as_bearer(
     assert "recorded" in log_lines
     for secret in (api_key, PROXY_SECRET, PROXY_TOKEN, CLIENT_KEY, CLIENT_TOKEN):
         assert secret not in log_lines
+
+
+def test_aws_credentials_never_reach_another_provider_and_other_keys_never_reach_bedrock(
+    loop_thread: LoopThread, tmp_path: Path, proxy_credentials: None
+) -> None:
+    upstream = BedrockWire(PROXY_KEY, PROXY_SECRET, PROXY_TOKEN)
+    app = RunningApp(loop_thread, upstream.app()).start()
+    routes = [{"name": "bedrock", "provider": "bedrock", "upstream": app.url}]
+    routes.append({"name": "openai", "provider": "openai", "upstream": app.url})
+    config = write_config(tmp_path / "llmproxy.toml", routes)
+    proxy = start_proxy(loop_thread, "record", tmp_path / "recordings", config=config)
+    try:
+        with pytest.raises(ClientError) as caught:  # boto3 pointed at OpenAI's base URL
+            client(proxy.url + "/openai").converse(
+                modelId=MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}]
+            )
+
+        async def openai_key_to_bedrock() -> tuple[int, dict[str, Any]]:
+            async with aiohttp.ClientSession() as session:
+                url = f"{proxy.url}/bedrock/model/{MODEL}/converse"
+                headers = {"Authorization": "Bearer sk-proj-openaikey0123456789abcdefghij"}
+                async with session.post(url, json={"messages": []}, headers=headers) as response:
+                    return response.status, await response.json()
+
+        status, body = loop_thread.run(openai_key_to_bedrock())
+    finally:
+        proxy.stop()
+        app.stop()
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert caught.value.response["ResponseMetadata"]["HTTPHeaders"]["x-llmproxy-error"] == "credential_mismatch"
+    assert status == 400
+    assert body["code"] == "credential_mismatch" and "authorization" in body["message"]  # Bedrock's error shape
+    assert upstream.requests == []
 
 
 def test_event_stream_encoder_matches_botocore() -> None:
