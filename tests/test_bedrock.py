@@ -21,7 +21,8 @@ from botocore.config import Config
 from botocore.eventstream import EventStreamBuffer
 from botocore.exceptions import ClientError
 
-from llmproxy.providers import client_environment
+from llmproxy.providers import client_environment, get_provider
+from llmproxy.tools.explain import show
 from tests.providers_support import write_config
 from tests.support import CliProxy, LoopThread, RunningApp, assert_no_secret, files_under, start_proxy
 from tests.upstreams.bedrock_wire import SIGNATURE_MISMATCH, BedrockWire, event, exception
@@ -118,6 +119,11 @@ def calls(base_url: str, key: str = CLIENT_KEY, secret: str = CLIENT_SECRET) -> 
         body=json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 32, "messages": []}),
     )
     out["invoke_stream"] = [json.loads(item["chunk"]["bytes"]) for item in streamed["body"]]
+    out["invoke_stream_type"] = streamed["contentType"]
+    try:
+        bedrock.converse(modelId="anthropic.nonexistent-v1:0", messages=messages)
+    except bedrock.exceptions.ValidationException as exc:  # the code comes from x-amzn-ErrorType
+        out["error"] = {"code": exc.response["Error"]["Code"], "message": exc.response["Error"]["Message"]}
     return out
 
 
@@ -136,7 +142,7 @@ def test_boto3_converse_stream_invoke_record_resigned_then_replay(
         log_lines = "\n".join(proxy.lines) + "\n".join(str(event) for event in proxy.stop())
         app.stop()
     assert upstream.rejected == []
-    assert len(upstream.authorizations) == 5
+    assert len(upstream.authorizations) == 6
     # Signed by the proxy, with its key, for the client's region (the upstream host names none).
     assert all(f"Credential={PROXY_KEY}/" in auth and "/us-west-2/bedrock/" in auth for auth in upstream.authorizations)
     assert all(r["headers"]["X-Amz-Security-Token"] == PROXY_TOKEN for r in upstream.requests)
@@ -152,6 +158,8 @@ def test_boto3_converse_stream_invoke_record_resigned_then_replay(
     assert list(recorded["converse_stream"][-1]) == ["metadata"]
     assert recorded["invoke"]["body"]["content"][0]["text"] == "Invoked with hi"
     assert recorded["invoke_stream"][-1]["type"] == "message_stop"
+    assert recorded["invoke_stream_type"] == "application/json"
+    assert recorded["error"] == {"code": "ValidationException", "message": "The provided model identifier is invalid."}
 
     # Replay: no upstream, a client with yet other keys; every call is answered from disk.
     replay = start_proxy(loop_thread, "replay", recordings, config=config)
@@ -175,9 +183,24 @@ def test_boto3_converse_stream_invoke_record_resigned_then_replay(
     for secret in secrets:
         assert secret not in log_lines
     documents = [json.loads(p.read_text()) for p in files_under(recordings)]
-    assert len(documents) == 5
-    assert {d["request"]["model"] for d in documents} == {MODEL, PROFILE_ARN}
+    assert len(documents) == 6
+    assert {d["request"]["model"] for d in documents} == {MODEL, PROFILE_ARN, "anthropic.nonexistent-v1:0"}
     assert all(d["request"]["headers"] == {} for d in documents)
+    # `llmproxy show` reads the conversation out of every kind of Bedrock answer.
+    shown = {
+        d["request"]["endpoint"].rsplit("/", 1)[-1] + (" arn" if "arn:" in d["request"]["endpoint"] else ""): show(
+            Path("f.json"), d, lambda _method, _path: get_provider("bedrock")
+        )
+        for d in documents
+        if d["response"]["status"] == 200
+    }
+    assert "[user] Why is the sky blue?" in shown["converse"]
+    assert "[assistant] Hello from anthropic.claude-3-5-sonnet-20240620-v1:0 about Why is" in shown["converse"]
+    assert "[assistant] Hello from us.anthropic.claude-3-7" in shown["converse arn"]
+    assert "[assistant] Hello from anthropic.claude-3-5-sonnet-20240620-v1:0 about Tell a" in shown["converse-stream"]
+    assert "[assistant] Invoked with hi" in shown["invoke"]
+    assert "answered by claude-3-5-sonnet-20240620" in shown["invoke"]
+    assert "[assistant] Streamed invoke" in shown["invoke-with-response-stream"]
     [stream_doc] = [d for d in documents if d["request"]["endpoint"].endswith("/converse-stream")]
     assert stream_doc["response"]["is_streaming"] and stream_doc["response"]["framing"]["format"] == "eventstream"
     frames = stream_doc["response"]["body"]
@@ -196,7 +219,7 @@ def replayed_bytes(loop: LoopThread, upstream: BedrockWire, proxy_url: str) -> l
                 url = proxy_url + request["raw_path"]
                 headers = {"Content-Type": request["headers"].get("Content-Type", "application/json")}
                 async with session.post(url, data=request["raw"], headers=headers) as response:
-                    assert response.status == 200
+                    assert response.status == (400 if "nonexistent" in url else 200)
                     out.append(await response.read())
         return out
 

@@ -83,6 +83,8 @@ class Provider:
     client_settings: ClassVar[tuple[ClientSetting, ...]] = ()
     # Placeholder keys set in replay so SDKs that refuse to start without one start; never sent.
     placeholder_keys: ClassVar[Mapping[str, str]] = {}
+    # Response headers its SDKs read, kept in recordings besides the common ones (lower case).
+    response_headers: ClassVar[frozenset[str]] = frozenset()
     # Content types for recordings made by other tools, which do not store headers.
     stream_content_type: ClassVar[str] = SSE_CONTENT_TYPE
     # Labels that tell which real request a foreign recording answered: label -> (method, path).

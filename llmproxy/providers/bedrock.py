@@ -26,7 +26,7 @@ import orjson
 import structlog
 from yarl import URL
 
-from llmproxy.providers.base import JSON_LABEL, ClientSetting, Provider, UpstreamRequestError
+from llmproxy.providers.base import JSON_LABEL, ClientSetting, Provider, UpstreamRequestError, text_of
 
 log = structlog.get_logger("llmproxy.providers.bedrock")
 
@@ -70,6 +70,16 @@ ERROR = "bedrock-runtime.Error"
 
 def default_region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _native(value: Any) -> Any:
+    """An InvokeModel stream chunk's model-native event ({"bytes": base64 JSON}), else the value."""
+    if isinstance(value, dict) and isinstance(value.get("bytes"), str):
+        try:
+            return orjson.loads(base64.b64decode(value["bytes"], validate=True))
+        except (binascii.Error, orjson.JSONDecodeError):
+            return value
+    return value
 
 
 def encode_model_path(path: str) -> str:
@@ -116,6 +126,18 @@ class BedrockProvider(Provider):
     credential_headers = frozenset({"authorization", "x-amz-security-token"})
     # Only AWS SDKs send these: such a request is never forwarded to another provider.
     identity_headers = frozenset({"x-amz-date", "x-amz-content-sha256", "amz-sdk-invocation-id", "amz-sdk-request"})
+    # botocore takes an error's code from x-amzn-ErrorType (ValidationException...), a response
+    # stream's `contentType` from X-Amzn-Bedrock-Content-Type; InvokeModel reports usage in headers.
+    response_headers = frozenset(
+        {
+            "x-amzn-errortype",
+            "x-amzn-requestid",
+            "x-amzn-bedrock-content-type",
+            "x-amzn-bedrock-input-token-count",
+            "x-amzn-bedrock-output-token-count",
+            "x-amzn-bedrock-invocation-latency",
+        }
+    )
     # boto3 reads it (botocore >= 1.31): http://proxy/bedrock, the SDK adds /model/{id}/converse.
     client_settings = (ClientSetting("AWS_ENDPOINT_URL_BEDROCK_RUNTIME"),)
     # boto3 signs every request, so it will not start without keys and a region; in replay
@@ -158,6 +180,39 @@ class BedrockProvider(Provider):
         match = _MODEL_OPERATION.match(path)
         return unquote(match["model"]) if match else None
 
+    def request_turns(self, body: Any) -> list[tuple[str, str]]:
+        if isinstance(body, dict) and isinstance(body.get("prompt"), str):  # InvokeModel, older models
+            return [("user", body["prompt"])]
+        return super().request_turns(body)  # Converse and Anthropic-native bodies: system + messages
+
+    def response_model(self, values: list[Any]) -> str | None:
+        # Converse names no model in its answer; InvokeModel answers in the model's own format.
+        natives = [_native(value) for value in values[:1]]
+        first = natives[0] if natives else None
+        if isinstance(first, dict) and isinstance(first.get("message"), dict):  # message_start
+            model = first["message"].get("model")
+            return model if isinstance(model, str) else None
+        return super().response_model(natives)
+
+    def response_text(self, values: list[Any]) -> str:
+        pieces: list[str] = []
+        for value in values:
+            native = _native(value)
+            if not isinstance(native, dict):
+                continue
+            output = native.get("output")
+            if isinstance(output, dict) and isinstance(output.get("message"), dict):  # Converse
+                pieces.append(text_of(output["message"].get("content")))
+            delta = native.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("text"), str):  # stream deltas, both kinds
+                pieces.append(delta["text"])
+            if native.get("type") == "message" or (native.get("role") == "assistant" and "content" in native):
+                pieces.append(text_of(native.get("content")))  # InvokeModel (Anthropic)
+            for key in ("generation", "outputText", "completion"):  # InvokeModel (Llama, Titan, ...)
+                if isinstance(native.get(key), str):
+                    pieces.append(native[key])
+        return "".join(pieces)
+
     def label(self, path: str, streaming: bool, value: Any) -> str:
         match = _MODEL_OPERATION.match(path)
         op = match["op"] if match else ""
@@ -191,10 +246,7 @@ class BedrockProvider(Provider):
         match = _MODEL_OPERATION.match(path)
         if match and match["op"] == "converse-stream":
             return "usage" in last or "metrics" in last  # the `metadata` event comes last
-        try:
-            native = orjson.loads(base64.b64decode(str(last.get("bytes", "")), validate=True))
-        except (binascii.Error, orjson.JSONDecodeError):
-            return False
+        native = _native(last)
         # Bedrock adds its invocation metrics to the last chunk, whatever the model.
         return isinstance(native, dict) and (
             "amazon-bedrock-invocationMetrics" in native or native.get("type") == "message_stop"

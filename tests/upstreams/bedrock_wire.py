@@ -166,6 +166,15 @@ class BedrockWire(Upstream):
         body, refusal = await self.checked(request)
         if refusal is not None:
             return refusal
+        if "nonexistent" in request.match_info["model"]:
+            return self.json(
+                {"message": "The provided model identifier is invalid."},
+                status=400,
+                headers={
+                    "x-amzn-ErrorType": "ValidationException:http://internal.amazon.com/coral/com.amazon.bedrock/"
+                },
+                dumps=_dumps,
+            )
         text = self._text(request.match_info["model"], body)
         answer = {
             "metrics": {"latencyMs": 321},
@@ -229,9 +238,11 @@ class BedrockWire(Upstream):
             event("chunk", {"bytes": base64.b64encode(_dumps(item)).decode(), "p": PADDING[: 4 + i]})
             for i, item in enumerate(native)
         ]
-        return await self._stream(request, frames)
+        return await self._stream(request, frames, {"X-Amzn-Bedrock-Content-Type": "application/json"})
 
-    async def _stream(self, request: web.Request, frames: list[bytes]) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, frames: list[bytes], extra: dict[str, str] | None = None
+    ) -> web.StreamResponse:
         if self.gate is not None:
             response = web.StreamResponse(headers={"Content-Type": "application/vnd.amazon.eventstream"})
             await response.prepare(request)
@@ -248,4 +259,5 @@ class BedrockWire(Upstream):
         # Writes that cut frames anywhere: how TCP splits them is not the client's business.
         pieces = [data[i : i + 37] for i in range(0, len(data), 37)]
         headers = {"Content-Type": "application/vnd.amazon.eventstream", "x-amzn-RequestId": self.next_id("req-")}
+        headers.update(extra or {})
         return await self.stream(request, pieces, headers)
