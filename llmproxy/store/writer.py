@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 import structlog
 
 from llmproxy import __version__
@@ -197,7 +198,8 @@ def capture_response(provider: Provider, path: str, codec: Codec, raw: bytes) ->
     if captured.framing.get("format") == Format.JSON and "verbatim" not in captured.framing:
         value = provider.json_value(captured.body)
         packed = provider.pack_json(path, value)
-        if packed is not None and provider.json_value(packed) == value:
+        # Compared as bytes, not as values: key order must survive the packing too.
+        if packed is not None and orjson.dumps(provider.json_value(packed)) == orjson.dumps(value):
             captured.body = packed
     return captured
 

@@ -58,22 +58,6 @@ def set_style(framing: dict[str, Any], style: JsonStyle) -> None:
         framing["json_style"] = style.value
 
 
-# orjson reads integers past 64 bits as floats: such payloads keep their exact text (verbatim).
-_INT64_LIMIT = 2.0**63
-
-
-def has_lossy_number(value: Any) -> bool:
-    """Whether parsing may have rounded a number (checked on the parsed value: cost follows the
-    number of JSON nodes, not the bytes, so a 1 MB string costs nothing)."""
-    if type(value) is float:
-        return not -_INT64_LIMIT < value < _INT64_LIMIT
-    if type(value) is dict:
-        return any(has_lossy_number(item) for item in value.values())
-    if type(value) is list:
-        return any(has_lossy_number(item) for item in value)
-    return False
-
-
 NOT_JSON = object()
 
 
@@ -91,17 +75,24 @@ class StyleDetector:
     Starts with orjson's; switches once a text needs another style, if that style also
     reproduces every text accepted before. A text no style reproduces is for verbatim."""
 
+    # After this many texts no style reproduced, the upstream's serialiser is none of ours: stop
+    # trying the others on every text (each try is a full serialisation).
+    GIVE_UP_AFTER = 8
+
     def __init__(self) -> None:
         self.style = JsonStyle.ORJSON
         self._accepted: list[tuple[Any, str]] = []
+        self._misses = 0
 
     def accepts(self, value: Any, text: str) -> bool:
         """Whether rendering `value` in the recording's style gives back `text` exactly."""
-        if has_lossy_number(value):
-            return False
+        # Numbers orjson could not keep (integers past 64 bits read as floats) never render back
+        # to their text, so the comparison alone sends them to verbatim.
         if dumps(value, self.style) == text:
             self._accepted.append((value, text))
             return True
+        if self._misses >= self.GIVE_UP_AFTER:
+            return False
         for style in JsonStyle:
             if style is self.style or dumps(value, style) != text:
                 continue
@@ -109,6 +100,7 @@ class StyleDetector:
                 self.style = style
                 self._accepted.append((value, text))
                 return True
+        self._misses += 1
         return False
 
 
