@@ -398,6 +398,38 @@ def test_bedrock_api_key_in_the_proxy_environment_is_sent_as_bearer(
         assert secret not in log_lines
 
 
+def test_a_clients_bedrock_api_key_is_forwarded_as_it_is(
+    loop_thread: LoopThread, tmp_path: Path, aws_env: pytest.MonkeyPatch
+) -> None:
+    """A Bedrock API key is not bound to a host: it goes upstream unchanged (here the proxy has
+    no AWS credentials at all), and never to disk. boto3 sends one only over HTTPS, so raw HTTP."""
+    api_key = "ABSKQmVkcm9ja0FQSUtleS1jbGllbnQtMDEyMzQ1Njc4OQ"
+    upstream = BedrockWire(PROXY_KEY, PROXY_SECRET, PROXY_TOKEN)
+    upstream.bearer = api_key
+    app = RunningApp(loop_thread, upstream.app()).start()
+    config = write_config(tmp_path / "llmproxy.toml", [{"name": "bedrock", "provider": "bedrock", "upstream": app.url}])
+    recordings = tmp_path / "recordings"
+    proxy = start_proxy(loop_thread, "record", recordings, config=config)
+
+    async def converse() -> tuple[int, dict[str, Any]]:
+        async with aiohttp.ClientSession() as session:
+            url = f"{proxy.url}/bedrock/model/{MODEL}/converse"
+            body = {"messages": [{"role": "user", "content": [{"text": "hi"}]}]}
+            async with session.post(url, json=body, headers={"Authorization": f"Bearer {api_key}"}) as response:
+                return response.status, await response.json()
+
+    try:
+        status, answer = loop_thread.run(converse())
+    finally:
+        proxy.stop()
+        app.stop()
+    assert status == 200 and answer["stopReason"] == "end_turn"
+    assert upstream.requests[0]["headers"]["Authorization"] == f"Bearer {api_key}"
+    assert upstream.requests[0]["raw_path"] == "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse"
+    assert len(files_under(recordings)) == 1
+    assert_no_secret(recordings, api_key)
+
+
 def test_aws_credentials_never_reach_another_provider_and_other_keys_never_reach_bedrock(
     loop_thread: LoopThread, tmp_path: Path, proxy_credentials: None
 ) -> None:
