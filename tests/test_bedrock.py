@@ -398,6 +398,27 @@ def test_bedrock_api_key_in_the_proxy_environment_is_sent_as_bearer(
         assert secret not in log_lines
 
 
+def test_a_broken_aws_profile_in_the_proxy_is_a_clear_error(
+    loop_thread: LoopThread, tmp_path: Path, aws_env: pytest.MonkeyPatch
+) -> None:
+    upstream = BedrockWire(PROXY_KEY, PROXY_SECRET, PROXY_TOKEN)
+    app = RunningApp(loop_thread, upstream.app()).start()
+    config = write_config(tmp_path / "llmproxy.toml", [{"name": "bedrock", "provider": "bedrock", "upstream": app.url}])
+    recordings = str(tmp_path / "recordings")
+    # Its own process: the client here would trip over the missing profile itself.
+    env = {"AWS_PROFILE": "no-such-profile"}
+    proxy = CliProxy("record", "--config", str(config), "--recordings", recordings, "--port", "0", env=env)
+    try:
+        with pytest.raises(ClientError) as caught:
+            client(proxy.url).converse(modelId=MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+    finally:
+        proxy.stop()
+        app.stop()
+    assert caught.value.response["Error"]["Code"] == "upstream_credentials_failed"
+    assert "no-such-profile" in caught.value.response["Error"]["Message"]
+    assert upstream.requests == []
+
+
 def test_a_clients_bedrock_api_key_is_forwarded_as_it_is(
     loop_thread: LoopThread, tmp_path: Path, aws_env: pytest.MonkeyPatch
 ) -> None:

@@ -286,7 +286,14 @@ class BedrockProvider(Provider):
                 "pip install 'llmproxy[aws]'",
                 "aws_signing_unavailable",
             ) from None
-        credentials = self._credentials.frozen()
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            credentials = self._credentials.frozen()
+        except BotoCoreError as exc:  # a bad profile, an expired SSO session, a failed refresh...
+            raise UpstreamRequestError(
+                f"llmproxy cannot load its AWS credentials to sign this request: {exc}", "upstream_credentials_failed"
+            ) from None
         if credentials is None:
             raise UpstreamRequestError(
                 "llmproxy has no AWS credentials to sign this request for the Bedrock upstream "
