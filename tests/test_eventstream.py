@@ -224,3 +224,47 @@ def botocore_frames(data: bytes) -> list[bytes]:
         frames.append(data[offset : offset + total])
         offset += total
     return frames
+
+
+header_values = st.one_of(
+    st.tuples(st.just(0), st.just(True)),
+    st.tuples(st.just(1), st.just(False)),
+    st.tuples(st.just(2), st.integers(-128, 127)),
+    st.tuples(st.just(3), st.integers(-(2**15), 2**15 - 1)),
+    st.tuples(st.just(4), st.integers(-(2**31), 2**31 - 1)),
+    st.tuples(st.just(5), st.integers(-(2**63), 2**63 - 1)),
+    st.tuples(st.just(6), st.binary(max_size=20)),
+    st.tuples(st.just(7), st.text(max_size=20)),
+    st.tuples(st.just(8), st.integers(0, 2**62)),
+    st.tuples(st.just(9), st.binary(min_size=16, max_size=16)),
+)
+payloads = st.one_of(
+    st.binary(max_size=40),
+    st.dictionaries(st.text(max_size=5), st.integers() | st.floats(allow_nan=False) | st.text(max_size=5)).map(
+        lambda value: json.dumps(value).encode()
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    frames=st.lists(
+        st.tuples(st.lists(st.tuples(st.text(min_size=1, max_size=8), header_values), max_size=4), payloads),
+        max_size=5,
+    ),
+    flip=st.integers(min_value=-1, max_value=10_000),
+    cut=st.integers(min_value=0, max_value=30),
+)
+def test_any_frames_render_back_exactly(frames: list[Any], flip: int, cut: int) -> None:
+    data = bytearray(
+        b"".join(
+            encode_frame([(name, code, value) for name, (code, value) in headers], payload)
+            for headers, payload in frames
+        )
+    )
+    if data and flip >= 0:
+        data[flip % len(data)] ^= 0x41  # a corrupted byte anywhere: CRC, length, header or payload
+    raw = bytes(data[: max(0, len(data) - cut)])
+    captured = EVENTSTREAM.capture(raw, lambda value: "x")
+    stored = orjson.loads(orjson.dumps({"body": captured.body, "framing": captured.framing}))
+    assert b"".join(render_segments(stored["body"], stored["framing"])) == raw

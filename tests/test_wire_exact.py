@@ -87,7 +87,14 @@ CASES: dict[str, tuple[str, str, str, bytes, str | None]] = {
         "openai",
         "/v1/chat/completions",
         "application/json",
-        (py(COMPLETION, indent=2) + "\n").encode(),
+        (py(COMPLETION, indent=2, ensure_ascii=False) + "\n").encode(),  # as OpenAI pretty-prints
+        "indent-2-unicode",
+    ),
+    "json_unreproducible_spacing": (
+        "openai",
+        "/v1/chat/completions",
+        "application/json",
+        b'{ "id" : "x",\t"n" : 1.5e-7 }',
         None,
     ),
     "sse_python_spacing": (
@@ -97,6 +104,19 @@ CASES: dict[str, tuple[str, str, str, bytes, str | None]] = {
         # The first events are plain ASCII integers (every style fits); the floats decide.
         sse([{"i": 0}, {"i": 1, "t": "\u00e9"}, EXPONENTS, {"n": 12345678901234567890123}]),
         "python",
+    ),
+    "sse_gemini_crlf": (
+        "gemini",
+        "/v1beta/models/m:streamGenerateContent?alt=sse",
+        "text/event-stream",
+        b"".join(
+            f"data: {py(value, separators=(',', ': '), ensure_ascii=False)}\r\n\r\n".encode()
+            for value in [
+                {"candidates": [{"content": {"parts": [{"text": "H\u00e9"}], "role": "model"}, "index": 0}]},
+                {"candidates": [{"finishReason": "STOP", "avgLogprobs": -0.000123}], "modelVersion": "g"},
+            ]
+        ),
+        "key-spaced",
     ),
     "ndjson_python_spacing": (
         "ollama",
@@ -175,6 +195,7 @@ def test_replayed_bytes_equal_the_upstream_bytes(loop_thread: LoopThread, tmp_pa
     verbatim = set(response["framing"].get("verbatim", {}))
     if case.startswith("json_"):
         assert verbatim == ({"0"} if style is None else set())
+        assert response["framing"].get("end") == ("\n" if case == "json_pretty_with_newline" else None)
     elif case == "sse_python_spacing":
         assert verbatim == {"3"}  # the integer past 64 bits, which orjson would read as a float
         assert chunks[1]["__data__"] == {"i": 1, "t": "\u00e9"}

@@ -16,7 +16,9 @@ import orjson
 from yarl import URL
 
 from llmproxy.wire.framing import Format, data_of
+from llmproxy.wire.json import JSON
 from llmproxy.wire.registry import default_content_type
+from llmproxy.wire.sse import SSE
 
 JSON_LABEL = "json"
 
@@ -184,8 +186,8 @@ class Provider:
     def default_framing(self, path: str, streaming: bool) -> dict[str, Any]:
         """Framing for recordings that carry none (the seed and other recorders' files)."""
         if streaming:
-            return {"format": Format.SSE.value, "line_ending": "\n", "event_field": None, "end": ""}
-        return {"format": Format.JSON.value}
+            return SSE.default_framing()
+        return JSON.default_framing()
 
     def stream_complete(self, path: str, chunks: list[Any], end: str) -> bool:
         """Whether a stream reached its end marker; a stream cut short must not be replayed

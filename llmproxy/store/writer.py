@@ -29,6 +29,7 @@ from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse
 from llmproxy.store.secrets import SecretScanner
 from llmproxy.upstream.client import Exchange
 from llmproxy.wire.framing import CapturedBody, Codec, Format, data_of
+from llmproxy.wire.opaque import OPAQUE
 from llmproxy.wire.registry import codec_for_content_type
 
 log = structlog.get_logger("llmproxy.record")
@@ -201,6 +202,14 @@ def capture_response(provider: Provider, path: str, codec: Codec, raw: bytes) ->
         # Compared as bytes, not as values: key order must survive the packing too.
         if packed is not None and orjson.dumps(provider.json_value(packed)) == orjson.dumps(value):
             captured.body = packed
+    # The codecs promise this; checked here so a codec bug costs a readable file, never a byte.
+    try:
+        exact = b"".join(codec.render(captured.body, captured.framing, provider.json_value)) == raw
+    except ValueError:
+        exact = False
+    if not exact:
+        log.warning("body does not render back exactly; stored whole", path=path, codec=codec.name)
+        return OPAQUE.capture(raw)
     return captured
 
 

@@ -216,6 +216,9 @@ class EventStreamCodec:
     def splitter(self) -> EventStreamSplitter:
         return EventStreamSplitter()
 
+    def default_framing(self) -> dict[str, Any]:
+        return {"format": self.format.value, "end": ""}
+
     def capture(self, raw: bytes, labeler: Labeler) -> CapturedBody:
         splitter = EventStreamSplitter()
         frames = splitter.feed(raw)

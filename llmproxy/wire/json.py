@@ -1,9 +1,10 @@
 """JSON: whole-body codec, and how an upstream spells JSON (its style), for every codec.
 
-Upstreams write the same value differently: orjson/Go/Rust servers compactly, Python servers
-with `json.dumps` defaults (`", "`, `": "`, `\\uXXXX` escapes, `5.978460467304103e-05`). A
-recording stores the parsed value (readable) plus its style, so replay writes the exact bytes;
-texts no style reproduces (exotic spacing, numbers past 64 bits) are kept verbatim.
+Upstreams write the same value differently: many compactly as orjson does (Node's JSON.stringify
+differs only for floats of 1e20 and up), Python servers with `json.dumps` defaults (`", "`,
+`": "`, `\\uXXXX` escapes, `5.978460467304103e-05`). A recording stores the parsed value
+(readable) plus its style, so replay writes the exact bytes; texts no style reproduces (exotic
+spacing, numbers past 64 bits) are kept verbatim.
 """
 
 from __future__ import annotations
@@ -22,16 +23,22 @@ class JsonStyle(StrEnum):
 
     ORJSON = "orjson"  # compact, UTF-8 as is (the default: files without json_style)
     PYTHON = "python"  # json.dumps defaults: ", " and ": ", non-ASCII as \uXXXX
-    PYTHON_COMPACT = "python-compact"  # separators=(",", ":"), non-ASCII as \uXXXX
     PYTHON_UNICODE = "python-unicode"  # ", " and ": ", ensure_ascii=False
+    PYTHON_COMPACT = "python-compact"  # separators=(",", ":"), non-ASCII as \uXXXX
     PYTHON_COMPACT_UNICODE = "python-compact-unicode"  # separators=(",", ":"), ensure_ascii=False
+    KEY_SPACED = "key-spaced"  # "," and ": ", UTF-8 as is (Gemini and Vertex stream events)
+    INDENT_2 = "indent-2"  # json.dumps(indent=2): pretty-printed bodies
+    INDENT_2_UNICODE = "indent-2-unicode"  # json.dumps(indent=2, ensure_ascii=False)
 
 
 _PYTHON_OPTIONS: dict[JsonStyle, dict[str, Any]] = {
     JsonStyle.PYTHON: {"separators": (", ", ": "), "ensure_ascii": True},
-    JsonStyle.PYTHON_COMPACT: {"separators": (",", ":"), "ensure_ascii": True},
     JsonStyle.PYTHON_UNICODE: {"separators": (", ", ": "), "ensure_ascii": False},
+    JsonStyle.PYTHON_COMPACT: {"separators": (",", ":"), "ensure_ascii": True},
     JsonStyle.PYTHON_COMPACT_UNICODE: {"separators": (",", ":"), "ensure_ascii": False},
+    JsonStyle.KEY_SPACED: {"separators": (",", ": "), "ensure_ascii": False},
+    JsonStyle.INDENT_2: {"indent": 2, "ensure_ascii": True},
+    JsonStyle.INDENT_2_UNICODE: {"indent": 2, "ensure_ascii": False},
 }
 
 
@@ -112,6 +119,9 @@ class JsonCodec:
 
     def splitter(self) -> Splitter:
         return WholeBody()
+
+    def default_framing(self) -> dict[str, Any]:
+        return {"format": Format.JSON.value}
 
     def capture(self, raw: bytes, labeler: Labeler) -> CapturedBody:
         from llmproxy.wire.opaque import OPAQUE  # a body that is not JSON after all

@@ -29,6 +29,9 @@ class OpaqueCodec:
     def splitter(self) -> Splitter:
         return WholeBody()
 
+    def default_framing(self) -> dict[str, Any]:
+        return {"format": Format.TEXT.value}
+
     def capture(self, raw: bytes, labeler: Labeler | None = None) -> CapturedBody:
         try:
             return CapturedBody(typed(TEXT_LABEL, raw.decode("utf-8")), {"format": Format.TEXT.value})

@@ -47,6 +47,14 @@ class TextStreamCodec:
     def extra_framing(self, framing: dict[str, Any], event_field: str | None) -> None:
         """Codec-specific framing fields written at capture."""
 
+    def default_framing(
+        self, *, line_ending: str = "\n", end: str = "", event_field: str | None = None
+    ) -> dict[str, Any]:
+        framing: dict[str, Any] = {"format": self.format.value, "line_ending": line_ending}
+        self.extra_framing(framing, event_field)
+        framing["end"] = end
+        return framing
+
     def split(self, raw: bytes) -> tuple[list[bytes], bytes]:
         splitter = self.splitter()
         events = splitter.feed(raw)
