@@ -479,6 +479,9 @@ def test_aws_credentials_never_reach_another_provider_and_other_keys_never_reach
         app.stop()
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
     assert caught.value.response["ResponseMetadata"]["HTTPHeaders"]["x-llmproxy-error"] == "credential_mismatch"
+    # Answered in Bedrock's error shape (the client's own provider), so boto3 shows code and message.
+    assert caught.value.response["Error"]["Code"] == "credential_mismatch"
+    assert "x-amz-date" in caught.value.response["Error"]["Message"]
     assert status == 400
     assert body["code"] == "credential_mismatch" and "authorization" in body["message"]  # Bedrock's error shape
     assert upstream.requests == []
