@@ -69,11 +69,14 @@ def client_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[st
     return [(name, value) for name, value in headers if name.lower() not in dropped]
 
 
-def recorded_response_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+def recorded_response_headers(
+    headers: Iterable[tuple[str, str]], extra: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """The response headers a recording keeps: the common ones plus a provider's `extra`."""
     kept: dict[str, str] = {}
     for name, value in headers:
         lowered = name.lower()
-        if lowered in RECORDED_RESPONSE_HEADERS and lowered not in kept:
+        if (lowered in RECORDED_RESPONSE_HEADERS or lowered in extra) and lowered not in kept:
             kept[lowered] = value
     return kept
 

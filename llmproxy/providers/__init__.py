@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from llmproxy.providers.anthropic import AnthropicProvider
 from llmproxy.providers.base import ClientSetting, Provider
+from llmproxy.providers.bedrock import BedrockProvider
 from llmproxy.providers.gemini import GeminiProvider
 from llmproxy.providers.ollama import OllamaProvider
 from llmproxy.providers.openai import AzureOpenAIProvider, OpenAIProvider
@@ -20,6 +21,7 @@ PROVIDERS: dict[str, Provider] = {
         AnthropicProvider(),
         OllamaProvider(),
         GeminiProvider(),
+        BedrockProvider(),
     )
 }
 

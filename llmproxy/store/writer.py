@@ -297,7 +297,7 @@ def build_recording(exchange: Exchange) -> Recording:
         timing = {"headers_ms": round(exchange.headers_ms, 1), "chunk_ms": chunk_ms}
     response = RecordedResponse(
         status=exchange.status,
-        headers=recorded_response_headers(exchange.headers),
+        headers=recorded_response_headers(exchange.headers, provider.response_headers),
         body=captured.body,
         framing=captured.framing,
         timing=timing,
