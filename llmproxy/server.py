@@ -106,6 +106,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
+async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind the request's context once for every log line it causes (a connection may carry many
+    requests, so whatever an earlier one bound is cleared first)."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(method=request.method, path=request.path)
+    return await handler(request)
+
+
+@web.middleware
 async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     token = settings.token
@@ -197,6 +206,7 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
                 key_query = [(name, scanner.redact_text(value, credentials)) for name, value in query]
             canonical = canonical_for_route(route, request.method, match.path, key_query, headers, body_value)
             keys.put(memo_key, (body_value, canonical), len(body))
+        structlog.contextvars.bind_contextvars(route=route.name, key=canonical.key[:16])
         call = Call(
             route=route,
             method=request.method.upper(),
@@ -218,7 +228,7 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[token_middleware, method_middleware, body_middleware],
+        middlewares=[context_middleware, token_middleware, method_middleware, body_middleware],
     )
     app[SETTINGS] = settings
     app[ROUTER] = router
