@@ -823,12 +823,15 @@ class UIServer:
 
 
 async def serve_ui(server: UIServer) -> None:
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before listening: a signal right after the `listening` line must still stop cleanly.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()
     try:
         await stop.wait()
     finally:
         await server.stop()
+        # Every serving command ends with one summary line, as the proxy does.
+        log.info("summary", mode="ui", url=server.url.split("#")[0])
