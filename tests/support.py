@@ -74,10 +74,12 @@ def start_proxy(
 class RunningApp:
     """A plain aiohttp app (a fake upstream) on an ephemeral port."""
 
-    def __init__(self, loop: LoopThread, app: web.Application) -> None:
+    def __init__(self, loop: LoopThread, app: web.Application, *, handler_cancellation: bool = False) -> None:
         self.loop = loop
         self.app = app
-        self.runner = web.AppRunner(app, access_log=None)
+        # handler_cancellation: its handlers are cancelled when the proxy drops the connection,
+        # so a test can see an upstream call closed while the upstream was silent.
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=handler_cancellation)
         self.port = 0
 
     def start(self) -> RunningApp:
