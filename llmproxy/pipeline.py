@@ -177,7 +177,6 @@ class Pipeline:
         time in a session, its old files are removed (only its own); they are returned."""
         if record is not None and record is not self.record and not self.switchable:
             raise ValueError(f"this pipeline cannot switch to {record.value}")
-        self.scope, self.scope_record = scope, record
         removed: list[Path] = []
         if scope is not None and (record or self.record) is RecordPolicy.ALL and scope not in self._replaced:
             self._replaced.add(scope)
@@ -188,6 +187,7 @@ class Pipeline:
                 self.playback.forget_scope(scope)
             if removed:
                 log.info("recording the scope again: its old recordings removed", scope=scope, files=len(removed))
+        self.scope, self.scope_record = scope, record  # once its old files are gone
         return removed
 
     def leave_scope(self) -> None:
