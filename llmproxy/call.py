@@ -5,6 +5,7 @@ Routing, body parsing and the key are done once, in the server, before any mode 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -32,10 +33,23 @@ class Call:
     canonical: CanonicalRequest
     # The client's headers as received (names as sent, repeats kept): what goes upstream.
     raw_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Whose recordings answer it: a pytest node id, an x-llmproxy-scope header, None for shared.
+    scope: str | None = None
 
     @property
     def model(self) -> str | None:
         return self.route.provider.model_of(self.path, self.body_value)
+
+    @property
+    def scoped_key(self) -> str:
+        """The request key within its scope: what repeats are counted and flights shared by."""
+        return key_in_scope(self.scope, self.canonical.key)
+
+
+def key_in_scope(scope: str | None, key: str) -> str:
+    if scope is None:
+        return key
+    return hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
 
 
 class Result(StrEnum):
@@ -101,6 +115,7 @@ class Outcome:
             "route": call.route.name,
             "model": call.model,
             "key": call.canonical.key,
+            "scope": call.scope,
             # What the browser compares with the nearest recording (the report drops secrets).
             "query": [list(pair) for pair in call.canonical.query],
             "headers": dict(call.canonical.headers),

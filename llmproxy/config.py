@@ -230,6 +230,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("secret_allow", (), list, "Values or regexes the secret scanner lets through (test keys)."),
     Option("max_file_mb", 256, (int, float), "Replay and check: larger recording files are reported and skipped."),
     Option(
+        "scope_fallback",
+        True,
+        bool,
+        "A request in a scope (a pytest test, an x-llmproxy-scope header) with no recording there is "
+        "answered by the shared recordings (true), or is a miss (false).",
+    ),
+    Option(
         "max_pause", 60.0, (int, float), "Paced replay (realtime, xN): no single recorded pause is longer (seconds)."
     ),
 )
@@ -271,6 +278,7 @@ class Settings:
     max_file_bytes: int = int(default("max_file_mb") * 1024 * 1024)
     max_pause: float = default("max_pause")
     ui: bool = default("ui")
+    scope_fallback: bool = default("scope_fallback")
     # What a replay miss tells the user to run; None: the CLI command (pytest and `run` set theirs).
     record_hint: str | None = None
 
@@ -486,6 +494,7 @@ def load_settings(
         max_file_bytes=_megabytes("max_file_mb", pick("max_file_mb")),
         max_pause=max_pause,
         ui=bool(pick("ui")),
+        scope_fallback=bool(pick("scope_fallback")),
         record_hint=overrides.get("record_hint"),
     )
 

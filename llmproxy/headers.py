@@ -37,7 +37,15 @@ def credential_headers() -> frozenset[str]:
 
 # Set by aiohttp for the upstream leg (it decompresses, so the client's encodings do not apply:
 # the request body is forwarded decoded, so its content-encoding would lie about it too).
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "content-encoding", "x-llmproxy-token"}
+# llmproxy's own headers (token, scope) are for the proxy alone.
+NOT_FORWARDED = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "accept-encoding",
+    "content-encoding",
+    "x-llmproxy-token",
+    "x-llmproxy-scope",
+}
 
 # Response headers worth keeping in a recording: the SDKs read these. Everything else
 # (dates, rate-limit counters, cf-ray) changes on every call and would only make noisy diffs.

@@ -9,6 +9,10 @@ live upstream, unrecorded). The CLI modes are points on that grid:
     record --missing            MISSING (a miss is forwarded and recorded)
     record                      ALL     (every call is forwarded and recorded)
 
+A call may belong to a scope (the pytest test running, or an x-llmproxy-scope header): its
+recordings are that scope's, and the pytest plugin may switch the record policy per test
+(`enter_scope`) on a pipeline built `switchable`, with every part any policy needs.
+
 Only this module writes to the client: the playback finds recordings, the upstream hands back a
 response to read, a flight fans it out to every identical call in flight, and the recorder
 writes what the flight received once it ended, whether or not its clients stayed.
@@ -82,6 +86,7 @@ class Pipeline:
         share_inflight: bool = True,
         record_after_disconnect: bool = True,
         max_recording_bytes: int = 64 * 1024 * 1024,
+        switchable: bool = False,
     ) -> None:
         if record is not RecordPolicy.OFF and (upstream is None or recorder is None):
             raise ValueError("recording needs an upstream and a recorder")
@@ -89,6 +94,8 @@ class Pipeline:
             raise ValueError("replaying needs a playback")
         if on_miss is MissPolicy.FORWARD and upstream is None:
             raise ValueError("forwarding misses needs an upstream")
+        if switchable and (upstream is None or recorder is None or playback is None):
+            raise ValueError("a switchable pipeline needs an upstream, a recorder and a playback")
         self.name = name
         self.record = record
         self.on_miss = on_miss
@@ -108,6 +115,12 @@ class Pipeline:
         self._locks: dict[str, Lock] = {}  # cross-process locks held, by key
         self.serving = 0  # clients being fed from a flight right now
         self.stop_by: float | None = None  # time.monotonic() by which close() must be done
+        self.switchable = switchable
+        # The scope of calls without an x-llmproxy-scope header (the pytest test running), and
+        # its record policy when it has its own (a mark); set by the plugin between tests.
+        self.scope: str | None = None
+        self.scope_record: RecordPolicy | None = None
+        self._replaced: set[str] = set()  # scopes whose old files were removed this session
 
     @property
     def index(self) -> Any:
@@ -145,17 +158,46 @@ class Pipeline:
 
     def unused(self) -> list[Path] | None:
         """Recordings loaded but never served (None when nothing was loaded)."""
-        if self.playback is None:
+        if self.playback is None or self.record is RecordPolicy.ALL:
             return None
         return [entry.source for entry in self.playback.unused() if entry.source is not None]
 
     def recorded(self) -> list[str]:
         return list(self.recorder.written) if self.recorder is not None else []
 
+    # -- scopes -----------------------------------------------------------------------------
+
+    def policy(self) -> RecordPolicy:
+        """The record policy for calls right now: the current scope's own, or the pipeline's."""
+        return self.scope_record or self.record
+
+    async def enter_scope(self, scope: str | None, record: RecordPolicy | None = None) -> list[Path]:
+        """Calls without a scope header belong to `scope` from now on, recorded per `record`
+        (None: the pipeline's policy). Recording a scope ALL replaces its recordings: the first
+        time in a session, its old files are removed (only its own); they are returned."""
+        if record is not None and record is not self.record and not self.switchable:
+            raise ValueError(f"this pipeline cannot switch to {record.value}")
+        removed: list[Path] = []
+        if scope is not None and (record or self.record) is RecordPolicy.ALL and scope not in self._replaced:
+            self._replaced.add(scope)
+            assert self.recorder is not None
+            store = self.recorder.store
+            removed = await asyncio.get_running_loop().run_in_executor(None, store.remove_scope, scope)
+            if self.playback is not None:
+                self.playback.forget_scope(scope)
+            if removed:
+                log.info("recording the scope again: its old recordings removed", scope=scope, files=len(removed))
+        self.scope, self.scope_record = scope, record  # once its old files are gone
+        return removed
+
+    def leave_scope(self) -> None:
+        self.scope, self.scope_record = None, None
+
     # -- the handler ------------------------------------------------------------------------
 
     async def handle(self, request: web.Request, call: Call) -> web.StreamResponse:
-        if self.playback is not None:
+        record = self.policy()
+        if self.playback is not None and record is not RecordPolicy.ALL:
             found = await self.playback.lookup(call)
             if isinstance(found, Found):
                 self.outcome.count(Result.HIT)
@@ -163,10 +205,10 @@ class Pipeline:
             if isinstance(found, Unreadable):
                 self.outcome.count(Result.ERROR)
                 return self.playback.unreadable_response(call, found)
-            if isinstance(found, Exhausted) and self.record is not RecordPolicy.MISSING:
+            if isinstance(found, Exhausted) and record is not RecordPolicy.MISSING:
                 self.outcome.note_miss(call)
                 return self.playback.exhausted_response(call, found.recorded)
-        if self.record is RecordPolicy.OFF:
+        if record is RecordPolicy.OFF:
             assert self.playback is not None
             self.outcome.note_miss(call)
             if self.on_miss is MissPolicy.ERROR:
@@ -176,7 +218,7 @@ class Pipeline:
             )
             return await self._forward(request, call, record=False)
         miss = None
-        if self.record is RecordPolicy.MISSING:
+        if record is RecordPolicy.MISSING:
             miss = self.outcome.note_miss(call)
             log.info("live call: no recording yet", method=call.method, path=call.path, route=call.route.name)
         return await self._forward(request, call, record=True, miss=miss)
@@ -185,7 +227,7 @@ class Pipeline:
         self, request: web.Request, call: Call, *, record: bool, miss: dict[str, Any] | None = None
     ) -> web.StreamResponse:
         assert self.upstream is not None
-        key = call.canonical.key
+        key = call.scoped_key  # identical calls of different scopes are recorded apart
         share = record and self.share_inflight
         if share:
             joined = self._join(key, miss)
@@ -211,7 +253,9 @@ class Pipeline:
         sequence = 0
         if record:
             assert self.recorder is not None
-            sequence = self.recorder.next_sequence(key, self.playback.recorded(key) if self.playback else 0)
+            # record --missing (a miss noted) adds to what is recorded; record starts again.
+            after = self.playback.recorded(call) if self.playback is not None and miss is not None else 0
+            sequence = self.recorder.next_sequence(key, after)
         flight = Flight(
             call,
             self.upstream,
@@ -306,7 +350,7 @@ class Pipeline:
     async def _land(self, flight: Flight, record: bool, sequence: int, lock: Lock | None) -> None:
         """After the flight: write its exchange, or say loudly why not; then free its lock."""
         call = flight.call
-        key = call.canonical.key
+        key = call.scoped_key
         written = False
         try:
             await flight.finished()
@@ -388,10 +432,10 @@ class Pipeline:
         assert self.inflight is not None and self.recorder is not None and self.upstream is not None
         started = time.time()
         log.info("identical call in flight in another proxy: waiting", path=call.path, key=call.canonical.key[:16])
-        if not await self.inflight.wait(call.canonical.key, self.upstream.read_timeout):
+        if not await self.inflight.wait(call.scoped_key, self.upstream.read_timeout):
             return None
         store = self.recorder.store
-        path = store.newest_recording(call.route.name, call.canonical.key, since=started - 1)
+        path = store.newest_recording(call.route.name, call.canonical.key, since=started - 1, scope=call.scope)
         if path is None:
             return None  # the other call recorded nothing (an error, a cut): go upstream ourselves
         loop = asyncio.get_running_loop()

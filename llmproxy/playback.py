@@ -17,7 +17,7 @@ from llmproxy.call import Call, error_response
 from llmproxy.canonical import CanonicalRequest, request_differences
 from llmproxy.errors import LlmproxyError
 from llmproxy.store.directory import RecordingStore
-from llmproxy.store.index import Entry, RecordingIndex, Rendered
+from llmproxy.store.index import Entry, Group, RecordingIndex, Rendered
 
 log = structlog.get_logger("llmproxy.playback")
 
@@ -48,7 +48,12 @@ Lookup = Found | Exhausted | Unreadable | None
 
 
 class Playback:
-    """Recordings by key: the Nth identical request gets the Nth recording."""
+    """Recordings by key: the Nth identical request gets the Nth recording.
+
+    A call in a scope (a test) is answered by that scope's recordings, its repeats counted in
+    that scope alone, so a test gets the same answers whatever else runs; with none there, by
+    the shared recordings (`fallback`), counted as shared (as they were recorded).
+    """
 
     def __init__(
         self,
@@ -59,6 +64,7 @@ class Playback:
         repeat_last: bool = True,
         record_command: str = "llmproxy record --missing",
         max_pause: float = MAX_PAUSE_MS / 1000,
+        fallback: bool = True,
     ) -> None:
         self.index = index
         self.store = store
@@ -69,7 +75,9 @@ class Playback:
         self.record_command = record_command
         # Paced replay never waits longer than this at once (seconds), whatever a file says.
         self.max_pause = max_pause
-        self._served: dict[str, int] = {}
+        # A scoped call with no recording in its scope: answered by the shared recordings.
+        self.fallback = fallback
+        self._served: dict[Group, int] = {}
         self._loading: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
@@ -113,25 +121,39 @@ class Playback:
     def unused(self) -> list[Entry]:
         """Recordings no request reached (for repeats: the ones past the last served)."""
         unused = []
-        for key in self.index.keys():
-            unused.extend(self.index.get(key)[self._served.get(key, 0) :])
+        for scope, key in self.index.groups():
+            unused.extend(self.index.get(key, scope)[self._served.get((scope, key), 0) :])
         return unused
 
-    def recorded(self, key: str) -> int:
-        return len(self.index.get(key))
+    def recorded(self, call: Call) -> int:
+        """How many recordings of this call its own scope has (a new one comes after them)."""
+        return len(self.index.get(call.canonical.key, call.scope))
+
+    def forget_scope(self, scope: str) -> None:
+        self.index.drop_scope(scope)
+        for group in [group for group in self._served if group[0] == scope]:
+            del self._served[group]
+
+    def _entries(self, call: Call) -> tuple[Group, list[Entry]]:
+        key, scope = call.canonical.key, call.scope
+        entries = self.index.get(key, scope)
+        if entries or scope is None or not self.fallback:
+            return (scope, key), entries
+        return (None, key), self.index.get(key)
 
     async def lookup(self, call: Call) -> Lookup:
         """The recording that answers this call (None: nothing recorded for it)."""
-        key = call.canonical.key
-        entries = self.index.get(key)
-        while not entries and self._loading is not None and not self._loading.done():
-            # Perhaps not loaded yet: look again as the index grows, until loading ends.
+        group, entries = self._entries(call)
+        while (not entries or group[0] != call.scope) and self._loading is not None and not self._loading.done():
+            # Perhaps not loaded yet (or only the shared one so far): look again as the index
+            # grows, until loading ends.
             await asyncio.wait([self._loading], timeout=0.02)
-            entries = self.index.get(key)
+            group, entries = self._entries(call)
         if not entries:
             return None
-        served = self._served.get(key, 0)
-        self._served[key] = served + 1
+        key = group[1]
+        served = self._served.get(group, 0)
+        self._served[group] = served + 1
         if served >= len(entries) and not self.repeat_last:
             return Exhausted(len(entries))
         entry = entries[min(served, len(entries) - 1)]
@@ -142,7 +164,14 @@ class Playback:
             except LlmproxyError as exc:
                 log.error("recording cannot be replayed", file=str(entry.source), reason=str(exc))
                 return Unreadable(entry, str(exc))
-        log.debug("replay hit", path=call.path, key=key[:16], file=str(entry.source) if entry.source else None)
+        log.debug(
+            "replay hit",
+            path=call.path,
+            key=key[:16],
+            scope=call.scope,
+            shared=group[0] != call.scope,
+            file=str(entry.source) if entry.source else None,
+        )
         return Found(rendered, entry)
 
     def _pause_ms(self, value: Any) -> float:
@@ -201,8 +230,12 @@ class Playback:
         model = call.model or "-"
         message = (
             f"llmproxy has no recording for {canonical.describe()} "
-            f"(route {call.route.name}, model {model}, key {canonical.key[:16]})."
+            f"(route {call.route.name}, model {model}, key {canonical.key[:16]})"
         )
+        if call.scope is not None:
+            shared = " or shared" if self.fallback else ""
+            message += f" in scope {call.scope}{shared}"
+        message += "."
         # Comparing with many recordings (and diffing large bodies) is CPU work: off the loop,
         # so other clients go on.
         closest, differences = await asyncio.get_running_loop().run_in_executor(
@@ -211,7 +244,9 @@ class Playback:
         closest_file = None
         if closest is not None:
             closest_file = str(closest.source) if closest.source else None
-            message += f" Closest recording: {closest_file or '(in memory)'}; it differs in: {'; '.join(differences)}."
+            where = "" if closest.scope == call.scope else f" (in scope {closest.scope or 'shared'})"
+            differ = "; ".join(differences) or "its scope only"
+            message += f" Closest recording: {closest_file or '(in memory)'}{where}; it differs in: {differ}."
         message += f" To record it, run `{self.record_command}` and repeat this request through it."
         log.warning(
             "replay miss",
@@ -220,6 +255,7 @@ class Playback:
             route=call.route.name,
             model=model,
             key=canonical.key[:16],
+            scope=call.scope,
             closest=closest_file,
             differences=differences,
             compared=self.index.compared,

@@ -42,20 +42,21 @@ def record_command(settings: Settings) -> str:
     return " ".join(parts)
 
 
-def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
-    """The pipeline for a CLI mode: `record`, `record-missing` or `replay` (see pipeline.MODES)."""
+def build_pipeline(settings: Settings, mode_name: str, *, switchable: bool = False) -> Pipeline:
+    """The pipeline for a CLI mode: `record`, `record-missing` or `replay` (see pipeline.MODES).
+    `switchable` (the pytest plugin) builds every part, so a test can have a mode of its own."""
     try:
         record = MODES[mode_name]
     except KeyError:
         raise ValueError(f"unknown mode {mode_name!r}") from None
-    on_miss = MissPolicy(settings.on_miss) if record is RecordPolicy.OFF else MissPolicy.ERROR
+    on_miss = MissPolicy(settings.on_miss) if record is RecordPolicy.OFF or switchable else MissPolicy.ERROR
     store = RecordingStore(settings.recordings, durable=settings.durable_writes, max_file_bytes=settings.max_file_bytes)
     outcome = Outcome()
     upstream = None
-    if record is not RecordPolicy.OFF or on_miss is MissPolicy.FORWARD:
+    if record is not RecordPolicy.OFF or on_miss is MissPolicy.FORWARD or switchable:
         upstream = AiohttpUpstream(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
     playback = None
-    if record is not RecordPolicy.ALL:
+    if record is not RecordPolicy.ALL or switchable:
         playback = Playback(
             RecordingIndex(settings.router()),
             store,
@@ -65,9 +66,10 @@ def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
             repeat_last=settings.after_last == "repeat",
             record_command=record_command(settings),
             max_pause=settings.max_pause,
+            fallback=settings.scope_fallback,
         )
     recorder = None
-    if record is not RecordPolicy.OFF:
+    if record is not RecordPolicy.OFF or switchable:
         recorder = Recorder(
             store,
             outcome,
@@ -87,6 +89,7 @@ def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
         share_inflight=settings.share_inflight,
         record_after_disconnect=settings.client_disconnect == "drain",
         max_recording_bytes=settings.max_recording_bytes,
+        switchable=switchable,
     )
 
 
@@ -94,6 +97,8 @@ ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "O
 TOKEN_HEADER = "x-llmproxy-token"
 # Reserved for llmproxy's own pages and endpoints: no provider's path starts with it.
 UI_PREFIX = "/_llmproxy"
+SCOPE_HEADER = "x-llmproxy-scope"  # the client's choice of scope; never forwarded, recorded or keyed
+MAX_SCOPE_CHARS = 1024
 
 SETTINGS = web.AppKey("settings", Settings)
 ROUTER = web.AppKey("router", Router)
@@ -176,6 +181,14 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
         body = await request.read()
         query = parse_qsl(request.query_string, keep_blank_values=True)
         headers = {name.lower(): value for name, value in request.headers.items()}
+        scope = pipeline.scope
+        if SCOPE_HEADER in headers:  # the header wins over the test running; empty: shared
+            chosen = headers.pop(SCOPE_HEADER).strip()
+            if len(chosen) > MAX_SCOPE_CHARS or not chosen.isprintable():
+                message = f"{SCOPE_HEADER} must be printable text of at most {MAX_SCOPE_CHARS} characters"
+                log.warning("request refused", code="bad_scope", path=request.path)
+                return error_response(route, 400, message, "bad_scope")
+            scope = chosen or None
         content_type = request.headers.get("Content-Type", "")
         memo_key = (route.name, request.method, match.path, request.query_string, content_type, body)
         memo_key += tuple(headers.get(name) for name in route.key_headers)  # type: ignore[assignment]
@@ -218,8 +231,9 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
             body_value=body_value,
             canonical=canonical,
             raw_headers=list(request.headers.items()),
+            scope=scope,
         )
-        return await request.app[PIPELINE].handle(request, call)
+        return await pipeline.handle(request, call)
 
     async def pipeline_context(app: web.Application) -> AsyncIterator[None]:
         await app[PIPELINE].start()
@@ -256,10 +270,10 @@ def _is_loopback(host: str) -> bool:
 class ProxyServer:
     """The proxy bound to a socket; port 0 picks a free port (see `.port` after start)."""
 
-    def __init__(self, settings: Settings, mode_name: str) -> None:
+    def __init__(self, settings: Settings, mode_name: str, *, switchable: bool = False) -> None:
         self.settings = settings
         self.router = settings.router()
-        self.pipeline = build_pipeline(settings, mode_name)
+        self.pipeline = build_pipeline(settings, mode_name, switchable=switchable)
         self.app = build_app(settings, self.router, self.pipeline)
         self._runner: web.AppRunner | None = None
         self.port: int = settings.port

@@ -1,7 +1,7 @@
 """The recording format: one exchange as the seed's JSON document, and back.
 
     {
-      "request":  {"method", "url", "headers", "body", "endpoint", "model", "route"},
+      "request":  {"method", "url", "headers", "body", "endpoint", "model", "route", "scope"},
       "response": {"status", "headers", "body", "is_streaming", "framing", "timing"},
       "provenance": {"tool", "version", "recorded_at", "client_user_agent"}
     }
@@ -46,6 +46,8 @@ class RecordedRequest:
     raw_body: bytes | None = None  # the bytes behind a RawBody, kept to write them back
     # 1 for the first recording of a request, N for its Nth repeat in one recording run.
     sequence: int = 1
+    # The test (pytest node id) or x-llmproxy-scope it was recorded for; None: shared.
+    scope: str | None = None
 
 
 @dataclass(slots=True)
@@ -92,6 +94,8 @@ def to_document(recording: Recording) -> dict[str, Any]:
         "model": request.model or "",
         "route": request.route,
     }
+    if request.scope is not None:
+        document["request"]["scope"] = request.scope
     if request.sequence != 1:
         document["request"]["sequence"] = request.sequence
     response_doc: dict[str, Any] = {
@@ -180,7 +184,11 @@ def _read_own(request_doc: dict, response_doc: dict, resolve_provider: ProviderR
     sequence = request_doc.get("sequence", 1)
     if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 1:
         raise RecordingError("request.sequence must be a whole number from 1")
+    scope = request_doc.get("scope")
+    if scope is not None and (not isinstance(scope, str) or not scope):
+        raise RecordingError("request.scope must be a non-empty string (a test's node id)")
     request = RecordedRequest(
+        scope=scope,
         sequence=sequence,
         method=method,
         url=url,

@@ -66,8 +66,9 @@ class Recorder:
         return self.record_errors or (status < 500 and status != 429)
 
     def next_sequence(self, key: str, after: int = 0) -> int:
-        """The sequence the next recording of `key` gets: 1, then 2, 3, ... for repeats. `after`
-        is how many recordings of it exist already (record --missing adds to them)."""
+        """The sequence the next recording of `key` (a call's scoped key) gets: 1, then 2, 3, ...
+        for repeats. `after` is how many recordings of it exist already (record --missing adds
+        to them)."""
         sequence = self._sequences[key] = max(self._sequences.get(key, 0), after) + 1
         return sequence
 
@@ -78,7 +79,12 @@ class Recorder:
 
     def target(self, call: Call, sequence: int) -> Path:
         return self.store.name_for(
-            route=call.route.name, path=call.path, model=call.model, key=call.canonical.key, sequence=sequence
+            route=call.route.name,
+            path=call.path,
+            model=call.model,
+            key=call.canonical.key,
+            sequence=sequence,
+            scope=call.scope,
         )
 
     async def schedule(
@@ -201,6 +207,7 @@ class Recorder:
             status=exchange.status,
             file=str(path),
             key=call.canonical.key[:16],
+            scope=call.scope,
         )
         return path
 
@@ -208,14 +215,18 @@ class Recorder:
         """Write under the first free sequence from the one assigned: create-only, so a repeat
         recorded by another process (or an earlier run) on this directory is never replaced.
         Taking a name is one atomic link; losing the race just moves on to the next number."""
-        key = call.canonical.key
+        key = call.scoped_key
         sequence = int(document["request"].get("sequence", 1))
         for attempt in range(MAX_NAME_ATTEMPTS):
             try:
                 path = self.store.write(self.target(call, sequence), data)
             except FileExistsError:
                 # Jump past every repeat already on disk once, then step (races are rare).
-                taken = self.store.highest_sequence(call.route.name, key) if attempt == 0 else sequence
+                taken = (
+                    self.store.highest_sequence(call.route.name, call.canonical.key, call.scope)
+                    if attempt == 0
+                    else sequence
+                )
                 sequence = max(sequence, taken) + 1
                 document["request"]["sequence"] = sequence
                 data = self.store.serialize(document)
@@ -286,6 +297,7 @@ def build_recording(exchange: Exchange) -> Recording:
         model=call.model,
         route=call.route.name,
         headers=dict(call.canonical.headers),
+        scope=call.scope,
     )
     timing = None
     if captured.is_streaming and exchange.reads:

@@ -66,10 +66,15 @@ def explain(request_doc: Any, router: Router, index: RecordingIndex) -> str:
         f"rules       {'; '.join(rules)}",
         f"key         {canonical.key}",
     ]
-    entries = index.get(canonical.key)
+    entries = index.in_any_scope(canonical.key)
     if entries:
-        for number, entry in enumerate(entries, 1):
-            lines.append(f"hit         {entry.source} (replayed {'first' if number == 1 else f'as repeat {number}'})")
+        numbers: dict[str | None, int] = {}
+        for entry in entries:
+            number = numbers[entry.scope] = numbers.get(entry.scope, 0) + 1
+            where = f" in scope {entry.scope}" if entry.scope is not None else ""
+            lines.append(
+                f"hit         {entry.source} (replayed {'first' if number == 1 else f'as repeat {number}'}{where})"
+            )
     else:
         lines.append("hit         none: replay would answer 404 recording_not_found")
         for number, entry in enumerate(index.nearest(canonical, 3), 1):

@@ -3,6 +3,8 @@
 `llmproxy prune --report FILE` trusts a report only when the run had no misses left
 unrecorded: a run that missed may have skipped code paths, so "unused" would not mean "stale";
 a miss that `record --missing` recorded ran its code path like a hit.
+
+Each miss names its `scope`: the test (pytest node id) or x-llmproxy-scope it came from, or null.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ def prunable(report: dict[str, Any]) -> list[Path]:
     misses = report.get("misses") or []
     if misses:
         raise ReportError(
-            f"the run had {len(misses)} miss(es) (first: {misses[0].get('method')} {misses[0].get('path')}); "
+            f"the run had {len(misses)} miss(es) (first: {misses[0].get('method')} {misses[0].get('path')}"
+            f"{' in ' + misses[0]['scope'] if misses[0].get('scope') else ''}); "
             "a run with misses may not have exercised everything, so nothing is pruned"
         )
     if report.get("unused") is None:
