@@ -109,8 +109,10 @@ class Playback:
     def replayed(self) -> list[tuple[Entry, int]]:
         """Each recording this run replayed and how often (what replay saved going upstream)."""
         counts: dict[int, tuple[Entry, int]] = {}
-        for key, served in self._served.items():
-            entries = self.index.get(key)
+        for (scope, key), served in self._served.items():
+            entries = self.index.get(key, scope)
+            if not entries:
+                continue  # a scope re-recorded since: its old recordings are gone
             for number in range(served):
                 if number >= len(entries) and not self.repeat_last:
                     break
