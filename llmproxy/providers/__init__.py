@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from llmproxy.providers.anthropic import AnthropicProvider
 from llmproxy.providers.base import Provider
+from llmproxy.providers.cohere import CohereProvider
 from llmproxy.providers.gemini import GeminiProvider
 from llmproxy.providers.ollama import OllamaProvider
 from llmproxy.providers.openai import AzureOpenAIProvider, OpenAIProvider
@@ -16,6 +17,7 @@ PROVIDERS: dict[str, Provider] = {
         AnthropicProvider(),
         OllamaProvider(),
         GeminiProvider(),
+        CohereProvider(),
     )
 }
 

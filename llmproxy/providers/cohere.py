@@ -1,0 +1,51 @@
+"""Cohere v2 (chat, embed, rerank): SSE with an `event:` line repeating each event's `type`.
+
+The SDK reads the event kind from the JSON `type` and ignores `event:` lines, but it raises
+unless the stream's Content-Type is text/event-stream, so the recorded type is replayed as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from llmproxy.providers.base import JSON_LABEL, Provider
+
+CHAT = "cohere.v2.types.v2chat_response.V2ChatResponse"
+CHAT_STREAM_EVENT = "cohere.v2.types.v2chat_stream_response.V2ChatStreamResponse"
+EMBED = "cohere.types.embed_by_type_response.EmbedByTypeResponse"
+RERANK = "cohere.v2.types.v2rerank_response.V2RerankResponse"
+LABELS = {"/v2/chat": CHAT, "/v2/embed": EMBED, "/v2/rerank": RERANK}
+
+# The last event of a whole chat stream (the API may add `data: [DONE]` after it).
+FINAL_EVENT = "message-end"
+
+
+class CohereProvider(Provider):
+    name = "cohere"
+    default_upstream = "https://api.cohere.com"
+    claim_priority = 20
+
+    def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
+        # Only v2: v1's /v1/models would shadow OpenAI's, and no other provider uses /v2/.
+        return path.startswith("/v2/")
+
+    def label(self, path: str, streaming: bool, value: Any) -> str:
+        if path == "/v2/chat":
+            return CHAT_STREAM_EVENT if streaming else CHAT
+        return LABELS.get(path, JSON_LABEL)
+
+    def default_framing(self, path: str, streaming: bool) -> dict[str, Any]:
+        if streaming:
+            return {"format": "sse", "line_ending": "\n", "event_field": "type", "end": ""}
+        return {"format": "json"}
+
+    def stream_complete(self, path: str, chunks: list[Any], end: str) -> bool:
+        last = chunks[-1] if chunks else {}
+        return "[DONE]" in end or (isinstance(last, dict) and last.get("type") == FINAL_EVENT)
+
+    def error_body(self, status: int, message: str, code: str) -> bytes:
+        # Cohere's errors are {"message": ...} (the SDK wraps the parsed body in ApiError).
+        return orjson.dumps({"message": message})

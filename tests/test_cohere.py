@@ -1,0 +1,86 @@
+"""Cohere v2 chat through the proxy with the official `cohere` SDK: record against a local upstream
+speaking Cohere's wire format, stop it, replay, and compare parsed results and wire bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cohere
+import pytest
+
+from tests.support import LoopThread, assert_no_secret, files_under
+from tests.test_providers import dump, record_and_replay
+from tests.upstreams.cohere_wire import CohereWire
+
+COHERE_KEY = "co-test-SECRET-key-0123456789abcdef"
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+def _calls(base_url: str) -> dict[str, Any]:
+    client = cohere.ClientV2(api_key=COHERE_KEY, base_url=base_url)
+    no_retry: Any = {"max_retries": 0}
+    messages: Any = [{"role": "user", "content": "Hello there"}]
+    out: dict[str, Any] = {}
+    out["chat"] = dump(client.chat(model="command-a-03-2025", messages=messages, request_options=no_retry))
+    out["stream"] = dump(
+        list(client.chat_stream(model="command-a-03-2025", messages=messages, request_options=no_retry))
+    )
+    model = "command-a-03-2025"
+    out["tools"] = dump(client.chat(model=model, messages=messages, tools=TOOLS, request_options=no_retry))
+    out["tools_stream"] = dump(
+        list(client.chat_stream(model="command-a-03-2025", messages=messages, tools=TOOLS, request_options=no_retry))
+    )
+    return out
+
+
+@pytest.mark.parametrize("done_marker", [False, True], ids=["ends-at-message-end", "ends-with-DONE"])
+def test_cohere_chat_and_chat_stream_record_then_replay(
+    loop_thread: LoopThread, tmp_path: Path, done_marker: bool
+) -> None:
+    upstream = CohereWire(done_marker=done_marker)
+    recorded, replayed, recordings = record_and_replay(
+        loop_thread, tmp_path, upstream, [{"name": "cohere", "provider": "cohere"}], _calls
+    )
+    assert replayed == recorded
+    assert recorded["chat"]["message"]["content"][0]["text"] == "Echo: Hello there"
+    streamed = "".join(
+        e["delta"]["message"]["content"]["text"] for e in recorded["stream"] if e["type"] == "content-delta"
+    )
+    assert streamed == "Echo: Hello there"
+    kinds = [e["type"] for e in recorded["stream"]]
+    assert kinds[:2] == ["message-start", "content-start"] and kinds[-2:] == ["content-end", "message-end"]
+    assert recorded["tools"]["finish_reason"] == "TOOL_CALL"
+    assert recorded["tools_stream"][-1]["delta"]["finish_reason"] == "TOOL_CALL"
+    assert {e["type"] for e in recorded["tools_stream"]} >= {"tool-plan-delta", "tool-call-start", "tool-call-delta"}
+    # The key went upstream as the SDK sent it, and nowhere to disk.
+    assert all(r["headers"]["Authorization"] == f"Bearer {COHERE_KEY}" for r in upstream.requests)
+    assert [r["path"] for r in upstream.requests] == ["/v2/chat"] * 4
+    assert_no_secret(recordings, COHERE_KEY)
+    documents = [json.loads(p.read_text()) for p in files_under(recordings)]
+    assert len(documents) == 4
+    assert {p.parent.name for p in files_under(recordings)} == {"cohere"}
+    streams = [d for d in documents if d["response"]["is_streaming"]]
+    assert len(streams) == 2
+    for document in streams:
+        framing = document["response"]["framing"]
+        assert framing["event_field"] == "type"
+        assert framing["end"] == ("data: [DONE]\n\n" if done_marker else "")
+        assert "verbatim" not in framing
+        assert document["response"]["headers"]["content-type"] == "text/event-stream"
+        assert document.get("response", {}).get("truncated") is not True
+        labels = {item["__type__"] for item in document["response"]["body"]}
+        assert labels == {"cohere.v2.types.v2chat_stream_response.V2ChatStreamResponse"}
+        assert document["request"]["model"] == "command-a-03-2025"
+    [plain] = [d for d in documents if not d["response"]["is_streaming"] and "tools" not in d["request"]["body"]]
+    assert plain["response"]["body"]["__type__"] == "cohere.v2.types.v2chat_response.V2ChatResponse"
