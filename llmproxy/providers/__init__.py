@@ -8,6 +8,7 @@ from llmproxy.providers.cohere import CohereProvider
 from llmproxy.providers.gemini import GeminiProvider
 from llmproxy.providers.ollama import OllamaProvider
 from llmproxy.providers.openai import AzureOpenAIProvider, OpenAIProvider
+from llmproxy.providers.vertex import VertexProvider
 
 PROVIDERS: dict[str, Provider] = {
     provider.name: provider
@@ -18,6 +19,7 @@ PROVIDERS: dict[str, Provider] = {
         OllamaProvider(),
         GeminiProvider(),
         CohereProvider(),
+        VertexProvider(),
     )
 }
 
