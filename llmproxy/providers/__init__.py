@@ -6,6 +6,7 @@ from llmproxy.providers.anthropic import AnthropicProvider
 from llmproxy.providers.base import Provider
 from llmproxy.providers.cohere import CohereProvider
 from llmproxy.providers.gemini import GeminiProvider
+from llmproxy.providers.mistral import MistralProvider
 from llmproxy.providers.ollama import OllamaProvider
 from llmproxy.providers.openai import AzureOpenAIProvider, OpenAIProvider
 from llmproxy.providers.vertex import VertexProvider
@@ -20,6 +21,7 @@ PROVIDERS: dict[str, Provider] = {
         GeminiProvider(),
         CohereProvider(),
         VertexProvider(),
+        MistralProvider(),
     )
 }
 
