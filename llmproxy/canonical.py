@@ -7,6 +7,7 @@ user-agent, x-stainless-*, content-length, auth or any other per-call header.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -16,10 +17,19 @@ from typing import Any
 
 import orjson
 
-# Query parameters that carry credentials: never in a key, a file or a log line.
-SECRET_QUERY_PARAMS = frozenset(
-    {"key", "api_key", "api-key", "apikey", "access_token", "token", "sig", "signature", "x-goog-api-key"}
-)
+# Query parameters that carry credentials: never in a key, a file or a log line. These are the
+# generic names; each provider declares its own (see secret_query_params()).
+GENERIC_SECRET_QUERY_PARAMS = frozenset({"api_key", "api-key", "apikey", "access_token", "token", "sig", "signature"})
+
+
+@functools.cache
+def secret_query_params() -> frozenset[str]:
+    """Every query parameter that carries a credential: the generic ones and each provider's."""
+    # Imported here: the providers import the wire layer, which must stay free to import this module.
+    from llmproxy.providers import CREDENTIAL_QUERY
+
+    return GENERIC_SECRET_QUERY_PARAMS | CREDENTIAL_QUERY
+
 
 METHODS_WITHOUT_BODY = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 
@@ -88,7 +98,7 @@ def parse_multipart(data: bytes, content_type: str) -> list[dict[str, Any]] | No
 
 
 def public_query(pairs: Iterable[tuple[str, str]], ignore: Iterable[str] = ()) -> list[tuple[str, str]]:
-    dropped = SECRET_QUERY_PARAMS.union(name.lower() for name in ignore)
+    dropped = secret_query_params().union(name.lower() for name in ignore)
     return [(name, value) for name, value in pairs if name.lower() not in dropped]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 HOP_BY_HOP = frozenset(
@@ -18,19 +19,21 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-# Never written to disk or logged: they carry credentials or session state.
-CREDENTIAL_HEADERS = frozenset(
-    {
-        "authorization",
-        "x-api-key",
-        "api-key",
-        "x-goog-api-key",
-        "cookie",
-        "set-cookie",
-        "proxy-authorization",
-        "x-llmproxy-token",
-    }
+# Never written to disk or logged: session state and the proxy's own token, plus every
+# provider's credential headers (declared by the providers, see credential_headers()).
+GENERIC_CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "cookie", "set-cookie", "proxy-authorization", "x-llmproxy-token"}
 )
+
+
+@functools.cache
+def credential_headers() -> frozenset[str]:
+    """Every header that carries a credential: the generic ones and each provider's."""
+    # Imported here: the providers import the wire layer, which must stay free to import this module.
+    from llmproxy.providers import CREDENTIAL_HEADERS
+
+    return GENERIC_CREDENTIAL_HEADERS | CREDENTIAL_HEADERS
+
 
 # Set by aiohttp for the upstream leg (it decompresses, so the client's encodings do not apply).
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "x-llmproxy-token"}
@@ -75,5 +78,5 @@ def recorded_response_headers(headers: Iterable[tuple[str, str]]) -> dict[str, s
 
 
 def replay_headers(recorded: Mapping[str, str]) -> dict[str, str]:
-    dropped = HOP_BY_HOP | BODY_HEADERS | CREDENTIAL_HEADERS
+    dropped = HOP_BY_HOP | BODY_HEADERS | credential_headers()
     return {name: value for name, value in recorded.items() if name.lower() not in dropped}

@@ -19,7 +19,7 @@ from llmproxy.config import Settings, validate_timing
 from llmproxy.modes.base import Mode
 from llmproxy.modes.record import RecordMode
 from llmproxy.modes.replay import Replayer, ReplayMode
-from llmproxy.routing import Router
+from llmproxy.routing import Refusal, Router
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex, canonical_for_route
 from llmproxy.store.secrets import SecretScanner
@@ -100,10 +100,10 @@ def build_app(settings: Settings, router: Router, mode: Mode) -> web.Application
         if request.method not in ALLOWED_METHODS:
             log.warning("method not allowed", method=request.method, path=request.path)
             return error_response(None, 405, f"method {request.method} is not proxied", "method_not_allowed")
-        match = router.resolve(request.method, request.path, request.headers)
-        if match is None:
-            log.warning("no route", method=request.method, path=request.path)
-            return error_response(None, 404, f"no route for {request.method} {request.path}", "no_route")
+        match = router.route(request.method, request.path, request.headers, request.query_string, request.host)
+        if isinstance(match, Refusal):
+            log.warning("request refused", code=match.code, method=request.method, path=request.path)
+            return error_response(match.route, match.status, match.message, match.code)
         route = match.route
         try:
             body = await request.read()

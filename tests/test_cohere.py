@@ -29,6 +29,8 @@ TOOLS = [
 
 def _calls(base_url: str) -> dict[str, Any]:
     client = cohere.ClientV2(api_key=COHERE_KEY, base_url=base_url)
+    # The provider's own prefix, as `llmproxy run` sets CO_API_URL.
+    prefixed = cohere.ClientV2(api_key=COHERE_KEY, base_url=base_url + "/cohere")
     no_retry: Any = {"max_retries": 0}
     messages: Any = [{"role": "user", "content": "Hello there"}]
     out: dict[str, Any] = {}
@@ -39,7 +41,7 @@ def _calls(base_url: str) -> dict[str, Any]:
     model = "command-a-03-2025"
     out["tools"] = dump(client.chat(model=model, messages=messages, tools=TOOLS, request_options=no_retry))
     out["tools_stream"] = dump(
-        list(client.chat_stream(model="command-a-03-2025", messages=messages, tools=TOOLS, request_options=no_retry))
+        list(prefixed.chat_stream(model="command-a-03-2025", messages=messages, tools=TOOLS, request_options=no_retry))
     )
     return out
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import openai
@@ -44,9 +43,8 @@ def test_mistral_chat_stream_and_fim_record_then_replay_beside_openai(loop_threa
     openai_app = RunningApp(loop_thread, oai.app()).start()
     routes = [
         {"name": "openai", "provider": "openai", "upstream": openai_app.url},
-        {"name": "mistral", "provider": "mistral", "prefix": "/mistral", "upstream": mistral_app.url},
-        # A route with a prefix is chosen by its prefix only; this one claims by the provider's rules.
-        {"name": "mistral-root", "provider": "mistral", "upstream": mistral_app.url},
+        # No prefix configured: /mistral is the provider's own, and its rules claim root paths.
+        {"name": "mistral", "provider": "mistral", "upstream": mistral_app.url},
     ]
     config = write_config(tmp_path / "llmproxy.toml", routes)
     recordings = tmp_path / "recordings"
@@ -60,9 +58,8 @@ def test_mistral_chat_stream_and_fim_record_then_replay_beside_openai(loop_threa
     replay = start_proxy(loop_thread, "replay", recordings, config=config)
     try:
         replayed = _calls(replay.url)
-        # The bytes check sends raw requests (no SDK user-agent), so only the prefixed ones.
-        prefixed = SimpleNamespace(requests=mistral.requests[:3], sent=mistral.sent[:3])
-        assert replayed_bytes_equal_upstream(loop_thread, prefixed, replay.url, prefix="/mistral") == 3
+        # Raw requests without the SDK's user-agent: through the prefix (the root one's too, same route).
+        assert replayed_bytes_equal_upstream(loop_thread, mistral, replay.url, prefix="/mistral") == 4
     finally:
         replay.stop()
     assert replay.server.mode.outcome.misses == 0
@@ -82,7 +79,7 @@ def test_mistral_chat_stream_and_fim_record_then_replay_beside_openai(loop_threa
     by_route: dict[str, list[dict[str, Any]]] = {}
     for path in files_under(recordings):
         by_route.setdefault(path.parent.name, []).append(json.loads(path.read_text()))
-    assert sorted(by_route) == ["mistral", "mistral-root", "openai"] and len(by_route["mistral"]) == 3
+    assert sorted(by_route) == ["mistral", "openai"] and len(by_route["mistral"]) == 4
     [stream_doc] = [d for d in by_route["mistral"] if d["response"]["is_streaming"]]
     assert stream_doc["response"]["framing"]["end"] == "data: [DONE]\n\n"
     assert stream_doc["response"]["headers"]["content-type"] == "text/event-stream; charset=utf-8"

@@ -41,12 +41,13 @@ def _calls(base_url: str) -> dict[str, Any]:
         http_options=options,
     )
     express = genai.Client(vertexai=True, api_key=EXPRESS_KEY, http_options=options)
+    # Through the provider's own prefix (as `llmproxy run` sets GOOGLE_VERTEX_BASE_URL), on v1.
     v1 = genai.Client(
         vertexai=True,
         project="my-project",
         location="global",
         credentials=Credentials(token=OAUTH_TOKEN),
-        http_options=genai_types.HttpOptions(base_url=base_url, api_version="v1"),
+        http_options=genai_types.HttpOptions(base_url=base_url + "/vertex", api_version="v1"),
     )
     out: dict[str, Any] = {}
     out["generate"] = dump(project.models.generate_content(model=MODEL, contents="Why is the sky blue?"))

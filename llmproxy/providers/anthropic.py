@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from llmproxy.providers.base import JSON_LABEL, Provider
+from llmproxy.providers.base import JSON_LABEL, ClientSetting, Provider, text_of
 
 MESSAGE = "anthropic.types.message.Message"
 STREAM_EVENT = "anthropic.types.raw_message_stream_event.RawMessageStreamEvent"
@@ -20,12 +20,43 @@ class AnthropicProvider(Provider):
     name = "anthropic"
     default_upstream = "https://api.anthropic.com"
     claim_priority = 20
+    api_roots = ("/v1",)
+    credential_headers = frozenset({"x-api-key"})
+    identity_headers = frozenset({"anthropic-version", "anthropic-beta"})
+    client_settings = (ClientSetting("ANTHROPIC_BASE_URL"),)
+    placeholder_keys = {"ANTHROPIC_API_KEY": "sk-ant-llmproxy-replay-placeholder"}
 
     def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
-        if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        if path in ("/v1/messages", "/v1/complete") or path.startswith("/v1/messages/"):
             return True
-        # GET /v1/models is OpenAI's too; the anthropic-version header tells them apart.
-        return path.startswith("/v1/models") and "anthropic-version" in headers
+        # GET /v1/models (or /v1/files...) is OpenAI's too; the anthropic-version header tells them apart.
+        return path.startswith("/v1/") and "anthropic-version" in headers
+
+    def accepts_header(self, name: str, headers: Mapping[str, str]) -> bool:
+        # The SDK's auth_token (ANTHROPIC_AUTH_TOKEN, OAuth) is a Bearer token; it comes with
+        # anthropic-version, which no OpenAI-style client sends. A bare Bearer token is refused.
+        if name == "authorization":
+            return "anthropic-version" in headers
+        return super().accepts_header(name, headers)
+
+    def response_model(self, values: list[Any]) -> str | None:
+        first = values[0] if values else None
+        if isinstance(first, dict) and isinstance(first.get("message"), dict):  # message_start
+            model = first["message"].get("model")
+            return model if isinstance(model, str) else None
+        return super().response_model(values)
+
+    def response_text(self, values: list[Any]) -> str:
+        pieces: list[str] = []
+        for value in values:
+            if not isinstance(value, dict):
+                continue
+            if value.get("type") == "content_block_delta":  # stream
+                delta = value.get("delta")
+                pieces.append((delta.get("text") if isinstance(delta, dict) else None) or "")
+            if value.get("type") == "message":
+                pieces.append(text_of(value.get("content")))
+        return "".join(pieces)
 
     def label(self, path: str, streaming: bool, value: Any) -> str:
         if isinstance(value, dict) and value.get("type") == "error":

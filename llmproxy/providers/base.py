@@ -1,4 +1,5 @@
-"""What every provider module supplies: its paths, stream formats, type labels and error shape.
+"""What every provider module supplies: its paths, credentials, client settings, stream formats,
+type labels, model/transcript extraction and error shape.
 
 A provider owns one wire format. The rest of llmproxy asks it questions and never looks at
 provider-specific fields itself, so adding a provider touches only its own module and the
@@ -8,6 +9,7 @@ registry in `llmproxy.providers`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
@@ -21,22 +23,92 @@ NDJSON_CONTENT_TYPE = "application/x-ndjson"
 JSON_CONTENT_TYPE = "application/json"
 
 
+@dataclass(frozen=True, slots=True)
+class ClientSetting:
+    """An environment variable one of the provider's SDKs reads to find its API.
+
+    `llmproxy run` and the pytest plugin set it to the proxy's URL + the provider's prefix +
+    `suffix` (what that SDK's base-URL convention expects, e.g. "/v1" for OPENAI_BASE_URL)."""
+
+    variable: str
+    suffix: str = ""
+
+
+def text_of(content: Any) -> str:
+    """The readable text in a message's content, whatever its shape (string, parts, blocks)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(text_of(part) for part in content)
+    if isinstance(content, dict):
+        for key in ("text", "content", "input", "thinking"):
+            if key in content and content[key] is not None:
+                return text_of(content[key])
+        if content.get("type") == "tool_use":
+            return f"[tool call {content.get('name')}({content.get('input')})]"
+    return ""
+
+
 class Provider:
     """Defaults shared by the providers; each subclass overrides what its format does differently."""
 
     name: ClassVar[str] = "generic"
     # Upstream used when the config names the provider but no upstream.
     default_upstream: ClassVar[str | None] = None
-    # Tried before lower numbers when several providers claim a path (OpenAI is the catch-all).
+    # Tried before lower numbers when several providers claim the same unprefixed path.
     claim_priority: ClassVar[int] = 0
+    # Path roots of the upstream API, the first being the one an SDK may leave out of its base
+    # URL: under the provider's prefix, "/messages" means "/v1/messages" (see upstream_path).
+    api_roots: ClassVar[tuple[str, ...]] = ()
+    # Headers that carry this provider's credentials (lower case): never on disk or in a log,
+    # never sent to another provider's upstream.
+    credential_headers: ClassVar[frozenset[str]] = frozenset()
+    # Query parameters that carry its credentials (lower case).
+    credential_query: ClassVar[frozenset[str]] = frozenset()
+    # Headers only this provider's clients send (not secret, e.g. anthropic-version): a request
+    # carrying one belongs to this provider and is never forwarded to another.
+    identity_headers: ClassVar[frozenset[str]] = frozenset()
+    # Environment variables its SDKs read for their base URL (for `run` and the pytest plugin).
+    client_settings: ClassVar[tuple[ClientSetting, ...]] = ()
+    # Placeholder keys set in replay so SDKs that refuse to start without one start; never sent.
+    placeholder_keys: ClassVar[Mapping[str, str]] = {}
     # Content types for recordings made by other tools, which do not store headers.
     stream_content_type: ClassVar[str] = SSE_CONTENT_TYPE
     # Labels that tell which real request a foreign recording answered: label -> (method, path).
     legacy_requests: ClassVar[Mapping[str, tuple[str, str]]] = {}
 
+    @property
+    def prefix(self) -> str:
+        """The path prefix of the provider's built-in route: http://proxy/{name}/... reaches it,
+        whatever the path after it, so every SDK's base URL can point there unambiguously."""
+        return "/" + self.name
+
     def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
-        """Whether a request with this path belongs to this provider's default route."""
+        """Whether an unprefixed request path is unmistakably this provider's (legacy base URLs).
+        Claim only the API's own paths: a path no provider claims is answered 404 no_route."""
         return False
+
+    def upstream_path(self, method: str, path: str, headers: Mapping[str, str]) -> str:
+        """The upstream API path for a path under a prefix of this provider's route. SDKs differ
+        in what their base URL includes (`@ai-sdk/anthropic` posts `{base}/messages`, the
+        anthropic SDK `{base}/v1/messages`): both reach, and are recorded as, `/v1/messages`.
+        A path that is not one of the API's with its root added (e.g. a custom server's
+        /health) is left as it is."""
+        if path == "/" or not self.api_roots:
+            return path
+        if any(path == root or path.startswith(root + "/") for root in self.api_roots):
+            return path
+        rooted = self.api_roots[0] + path
+        return rooted if self.claims(method, rooted, headers) else path
+
+    def accepts_header(self, name: str, headers: Mapping[str, str]) -> bool:
+        """Whether this provider's upstream may receive the request header `name` (lower case),
+        one of some provider's credential or identity headers."""
+        return name in self.credential_headers or name in self.identity_headers
+
+    def accepts_query(self, name: str) -> bool:
+        """Whether this provider's upstream may receive the credential query parameter `name`."""
+        return name in self.credential_query
 
     def stream_format(self, path: str, body: Any) -> str | None:
         """The stream format a request asks for ("sse", "ndjson"), or None for a plain response."""
@@ -45,9 +117,44 @@ class Provider:
         return None
 
     def model_of(self, path: str, body: Any) -> str | None:
+        """The model a request asks for."""
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             return body["model"]
         return None
+
+    def response_model(self, values: list[Any]) -> str | None:
+        """The model that really answered, from the response's JSON values (body or chunks)."""
+        first = values[0] if values else None
+        if isinstance(first, dict) and isinstance(first.get("model"), str):
+            return first["model"]
+        return None
+
+    def request_turns(self, body: Any) -> list[tuple[str, str]]:
+        """The conversation a request sends, as (role, text) pairs, for `llmproxy show`."""
+        if not isinstance(body, dict):
+            return [("request", "<non-JSON body>")] if body is not None else []
+        turns: list[tuple[str, str]] = []
+        if body.get("system"):
+            turns.append(("system", text_of(body["system"])))
+        for message in body.get("messages") or []:
+            if isinstance(message, dict):
+                turns.append((str(message.get("role", "?")), text_of(message.get("content"))))
+        for key in ("prompt", "input"):
+            if key in body and not turns:
+                turns.append(("user", text_of(body[key])))
+        return turns
+
+    def response_text(self, values: list[Any]) -> str:
+        """The assistant's text, assembled from the response's JSON values (body or chunks)."""
+        pieces: list[str] = []
+        for value in values:
+            if isinstance(value, dict):
+                for choice in value.get("choices") or []:
+                    if isinstance(choice, dict):  # chat (message or delta) and completions (text)
+                        delta = choice.get("delta") or choice.get("message") or {}
+                        text = (delta.get("content") if isinstance(delta, dict) else None) or choice.get("text")
+                        pieces.append(text if isinstance(text, str) else "")
+        return "".join(pieces)
 
     def label(self, path: str, streaming: bool, value: Any) -> str:
         """The `__type__` label for one chunk or body: the SDK type name a reader expects."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from llmproxy.providers.base import JSON_LABEL, Provider
+from llmproxy.providers.base import JSON_LABEL, ClientSetting, Provider, text_of
 
 CHAT = "cohere.v2.types.v2chat_response.V2ChatResponse"
 CHAT_STREAM_EVENT = "cohere.v2.types.v2chat_stream_response.V2ChatStreamResponse"
@@ -27,10 +27,28 @@ class CohereProvider(Provider):
     name = "cohere"
     default_upstream = "https://api.cohere.com"
     claim_priority = 20
+    api_roots = ("/v2", "/v1")
+    credential_headers = frozenset({"authorization"})
+    # The SDK appends /v2/chat to its base URL (a path prefix is kept); read once, at first import.
+    client_settings = (ClientSetting("CO_API_URL"),)
+    placeholder_keys = {"CO_API_KEY": "llmproxy-replay-placeholder"}
 
     def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
         # Only v2: v1's /v1/models would shadow OpenAI's, and no other provider uses /v2/.
         return path.startswith("/v2/")
+
+    def response_text(self, values: list[Any]) -> str:
+        pieces: list[str] = []
+        for value in values:
+            if not isinstance(value, dict):
+                continue
+            message = value.get("message")
+            if isinstance(message, dict):  # a whole chat response
+                pieces.append(text_of(message.get("content")))
+            if value.get("type") == "content-delta":  # stream
+                content = ((value.get("delta") or {}).get("message") or {}).get("content")
+                pieces.append(text_of(content) if isinstance(content, dict) else "")
+        return "".join(pieces)
 
     def label(self, path: str, streaming: bool, value: Any) -> str:
         if path == "/v2/chat":

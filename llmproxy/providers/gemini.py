@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from llmproxy.providers.base import JSON_LABEL, Provider
+from llmproxy.providers.base import JSON_LABEL, ClientSetting, Provider, text_of
 
 _MODEL_METHOD = re.compile(r"^/v1[a-z0-9]*/(?:tunedModels|models)/([^/:]+):([A-Za-z]+)$")
 _VERSIONED = re.compile(r"^/v1(?:alpha|beta)[0-9]*(?:/|$)")
@@ -22,6 +22,16 @@ class GeminiProvider(Provider):
     name = "gemini"
     default_upstream = "https://generativelanguage.googleapis.com"
     claim_priority = 15
+    # @ai-sdk/google's base URL ends in /v1beta, google-genai's does not: "/models/m:x" is v1beta.
+    api_roots = ("/v1beta", "/v1", "/v1alpha", "/upload")
+    # OAuth (Bearer) works too; `?key=` is how REST examples and older clients send the key.
+    credential_headers = frozenset({"x-goog-api-key", "authorization"})
+    credential_query = frozenset({"key", "x-goog-api-key"})
+    client_settings = (ClientSetting("GOOGLE_GEMINI_BASE_URL"),)
+    placeholder_keys = {
+        "GEMINI_API_KEY": "llmproxy-replay-placeholder",
+        "GOOGLE_API_KEY": "llmproxy-replay-placeholder",
+    }
 
     def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
         return bool(_MODEL_METHOD.match(path) or _VERSIONED.match(path))
@@ -34,6 +44,32 @@ class GeminiProvider(Provider):
     def model_of(self, path: str, body: Any) -> str | None:
         match = _MODEL_METHOD.match(path)
         return match.group(1) if match else super().model_of(path, body)
+
+    def response_model(self, values: list[Any]) -> str | None:
+        first = values[0] if values else None
+        if isinstance(first, dict) and isinstance(first.get("modelVersion"), str):
+            return first["modelVersion"]
+        return super().response_model(values)
+
+    def request_turns(self, body: Any) -> list[tuple[str, str]]:
+        turns = super().request_turns(body)
+        if not isinstance(body, dict):
+            return turns
+        instruction = body.get("systemInstruction") or body.get("system_instruction")
+        if isinstance(instruction, dict):
+            turns.insert(0, ("system", text_of(instruction.get("parts"))))
+        for content in body.get("contents") or []:
+            if isinstance(content, dict):
+                turns.append((str(content.get("role", "user")), text_of(content.get("parts"))))
+        return turns
+
+    def response_text(self, values: list[Any]) -> str:
+        pieces: list[str] = []
+        for value in values:
+            for candidate in (value.get("candidates") if isinstance(value, dict) else None) or []:
+                if isinstance(candidate, dict):
+                    pieces.append(text_of((candidate.get("content") or {}).get("parts")))
+        return "".join(pieces)
 
     def label(self, path: str, streaming: bool, value: Any) -> str:
         match = _MODEL_METHOD.match(path)

@@ -35,7 +35,11 @@ SDK_USER_AGENT = "mistral-client-"
 class MistralProvider(Provider):
     name = "mistral"
     default_upstream = "https://api.mistral.ai"
-    claim_priority = 5  # before OpenAI's catch-all, after every provider with paths of its own
+    claim_priority = 5  # before OpenAI, after every provider with paths of its own
+    api_roots = ("/v1",)
+    credential_headers = frozenset({"authorization"})
+    # The SDK has no base-URL variable: `Mistral(server_url="http://proxy/mistral")`.
+    placeholder_keys = {"MISTRAL_API_KEY": "llmproxy-replay-placeholder"}
 
     def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
         if path in MISTRAL_ONLY:

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from llmproxy.providers.base import JSON_LABEL, NDJSON_CONTENT_TYPE, Provider
+from llmproxy.providers.base import JSON_LABEL, NDJSON_CONTENT_TYPE, ClientSetting, Provider
 
 STREAMING_PATHS = ("/api/chat", "/api/generate", "/api/pull", "/api/push", "/api/create")
 LABELS = {
@@ -29,6 +29,11 @@ class OllamaProvider(Provider):
     default_upstream = "http://127.0.0.1:11434"
     claim_priority = 10
     stream_content_type = NDJSON_CONTENT_TYPE
+    # /v1 is Ollama's OpenAI-compatible API: under /ollama it stays as it is.
+    api_roots = ("/api", "/v1")
+    # ollama.com and authenticating reverse proxies take a Bearer token (OLLAMA_API_KEY).
+    credential_headers = frozenset({"authorization"})
+    client_settings = (ClientSetting("OLLAMA_HOST"),)
     legacy_requests = {
         "ollama._types.ChatResponse": ("POST", "/api/chat"),
         "ollama._types.GenerateResponse": ("POST", "/api/generate"),
@@ -52,6 +57,16 @@ class OllamaProvider(Provider):
 
     def label(self, path: str, streaming: bool, value: Any) -> str:
         return LABELS.get(path, JSON_LABEL)
+
+    def response_text(self, values: list[Any]) -> str:
+        pieces = [super().response_text(values)]  # the OpenAI-compatible /v1 API
+        for value in values:
+            if isinstance(value, dict) and isinstance(value.get("message"), dict):  # chat
+                content = value["message"].get("content")
+                pieces.append(content if isinstance(content, str) else "")
+            if isinstance(value, dict) and isinstance(value.get("response"), str):  # generate
+                pieces.append(value["response"])
+        return "".join(pieces)
 
     def default_framing(self, path: str, streaming: bool) -> dict[str, Any]:
         if streaming:

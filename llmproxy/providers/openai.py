@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from llmproxy.providers.base import JSON_LABEL, Provider
+from llmproxy.providers.base import JSON_LABEL, ClientSetting, Provider, text_of
 from llmproxy.wire.framing import data_of, typed
 
 CHAT_COMPLETION = "openai.types.chat.chat_completion.ChatCompletion"
@@ -22,6 +22,33 @@ ERROR = "openai.types.error"
 
 RESPONSES_FINAL_EVENTS = ("response.completed", "response.failed", "response.incomplete", "error")
 
+# The API's resources (first segment after /v1): the unprefixed paths OpenAI claims. Anything
+# else needs the /openai prefix (or a configured route), so no path is claimed by default.
+RESOURCES = frozenset(
+    {
+        "chat",
+        "completions",
+        "embeddings",
+        "models",
+        "responses",
+        "moderations",
+        "images",
+        "audio",
+        "files",
+        "uploads",
+        "batches",
+        "fine_tuning",
+        "assistants",
+        "threads",
+        "vector_stores",
+        "realtime",
+        "conversations",
+        "containers",
+        "evals",
+        "organization",
+    }
+)
+
 
 def _ends_in_error(chunks: list[Any]) -> bool:
     # A mid-stream error event is how the API ends a failed stream: complete, as sent.
@@ -31,7 +58,13 @@ def _ends_in_error(chunks: list[Any]) -> bool:
 class OpenAIProvider(Provider):
     name = "openai"
     default_upstream = "https://api.openai.com"
-    claim_priority = -100  # the catch-all for every path no other provider claims
+    claim_priority = -100  # /v1/models is Anthropic's too when it carries anthropic-version
+    api_roots = ("/v1",)
+    # Bearer is the shared scheme of OpenAI-style APIs: the OpenAI, Azure, Ollama and Gemini
+    # routes all take it; Anthropic's only in a request its own SDK made (see AnthropicProvider).
+    credential_headers = frozenset({"authorization"})
+    client_settings = (ClientSetting("OPENAI_BASE_URL", "/v1"),)
+    placeholder_keys = {"OPENAI_API_KEY": "sk-llmproxy-replay-placeholder"}
     legacy_requests = {
         CHAT_COMPLETION: ("POST", "/v1/chat/completions"),
         CHAT_COMPLETION_CHUNK: ("POST", "/v1/chat/completions"),
@@ -43,7 +76,26 @@ class OpenAIProvider(Provider):
     }
 
     def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
-        return True
+        parts = path.split("/", 3)
+        return len(parts) > 2 and parts[0] == "" and parts[1] == "v1" and parts[2] in RESOURCES
+
+    def response_model(self, values: list[Any]) -> str | None:
+        first = values[0] if values else None
+        if isinstance(first, dict) and isinstance(first.get("response"), dict):  # Responses stream event
+            model = first["response"].get("model")
+            return model if isinstance(model, str) else None
+        return super().response_model(values)
+
+    def response_text(self, values: list[Any]) -> str:
+        pieces = [super().response_text(values)]
+        for value in values:
+            if not isinstance(value, dict):
+                continue
+            if value.get("type") == "response.output_text.delta":  # Responses stream
+                pieces.append(value.get("delta") or "")
+            if value.get("object") == "response" and value.get("output"):
+                pieces.append(text_of([item.get("content") for item in value["output"] if isinstance(item, dict)]))
+        return "".join(pieces)
 
     def label(self, path: str, streaming: bool, value: Any) -> str:
         if isinstance(value, dict) and "error" in value and not streaming:
@@ -97,9 +149,16 @@ class AzureOpenAIProvider(OpenAIProvider):
     name = "azure"
     default_upstream = None  # every Azure resource has its own endpoint: the config must name it
     claim_priority = 10
+    api_roots = ("/openai",)
+    credential_headers = frozenset({"api-key", "authorization"})
+    # AzureOpenAI(azure_endpoint=...) appends /openai/deployments/...: the endpoint is the prefix.
+    client_settings = (ClientSetting("AZURE_OPENAI_ENDPOINT"),)
+    placeholder_keys = {"AZURE_OPENAI_API_KEY": "llmproxy-replay-placeholder"}
 
     def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
-        return path == "/openai" or path.startswith("/openai/")
+        # Unprefixed, only the deployments paths are unmistakably Azure's: /openai/v1/... is the
+        # OpenAI prefix, so Azure's v1 API goes through /azure/openai/v1/ (or a configured prefix).
+        return path.startswith("/openai/deployments/")
 
     def model_of(self, path: str, body: Any) -> str | None:
         parts = path.split("/")

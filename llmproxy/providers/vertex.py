@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-from llmproxy.providers.base import JSON_LABEL
+from llmproxy.providers.base import JSON_LABEL, ClientSetting
 from llmproxy.providers.gemini import COUNT, GENERATE, GeminiProvider
 
 # Project-scoped publisher models, deployed endpoints, and express mode's bare publisher path.
@@ -27,6 +27,12 @@ class VertexProvider(GeminiProvider):
     # The global endpoint; a regional location needs its host ({location}-aiplatform...) configured.
     default_upstream = "https://aiplatform.googleapis.com"
     claim_priority = 16  # before Gemini, whose versioned-path rule also matches /v1beta1/...
+    api_roots = ("/v1beta1", "/v1")  # the SDK's default version first
+    # Gemini's credential headers (Bearer OAuth token, express mode's x-goog-api-key) are inherited.
+    # google-genai with vertexai=True appends /{version}/projects/... to this (prefix kept).
+    client_settings = (ClientSetting("GOOGLE_VERTEX_BASE_URL"),)
+    # It authenticates with ADC or an OAuth token, which no placeholder can stand in for.
+    placeholder_keys: ClassVar[Mapping[str, str]] = {}
 
     def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
         return bool(_VERTEX_METHOD.match(path))

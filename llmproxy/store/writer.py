@@ -204,17 +204,9 @@ def capture_response(provider: Provider, path: str, fmt: str, raw: bytes) -> Cap
     return captured
 
 
-def _answering_model(body: Any) -> str | None:
-    """The model named in the response (the one that really answered), if any."""
-    first = body[0] if isinstance(body, list) and body else body
-    data = data_of(first)
-    if isinstance(data, dict):
-        for candidate in (data, data.get("message"), data.get("response")):
-            if isinstance(candidate, dict) and isinstance(candidate.get("model"), str):
-                return candidate["model"]
-        if isinstance(data.get("modelVersion"), str):
-            return data["modelVersion"]
-    return None
+def _values(body: Any) -> list[Any]:
+    """The JSON values of a stored body: its chunks, or the whole body as one."""
+    return [data_of(item) for item in body] if isinstance(body, list) else [data_of(body)]
 
 
 def build_recording(exchange: Exchange) -> Recording:
@@ -254,7 +246,7 @@ def build_recording(exchange: Exchange) -> Recording:
         "tool": TOOL_NAME,
         "version": __version__,
         "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "response_model": _answering_model(captured.body),
+        "response_model": provider.response_model(_values(captured.body)),
         "client_user_agent": call.headers.get("user-agent", ""),
     }
     return Recording(request, response, provenance)

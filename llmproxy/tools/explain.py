@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from llmproxy.canonical import request_differences
+from llmproxy.providers import Provider
 from llmproxy.routing import Router
 from llmproxy.store.document import ProviderResolver, Recording, from_document
 from llmproxy.store.index import RecordingIndex, canonical_for_route
@@ -134,64 +135,6 @@ def listings(
     return sorted(found, key=lambda item: str(item.path))
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(_text_of(part) for part in content)
-    if isinstance(content, dict):
-        for key in ("text", "content", "input", "thinking"):
-            if key in content and content[key] is not None:
-                return _text_of(content[key])
-        if content.get("type") == "tool_use":
-            return f"[tool call {content.get('name')}({content.get('input')})]"
-    return ""
-
-
-def _request_turns(body: Any) -> list[tuple[str, str]]:
-    if not isinstance(body, dict):
-        return [("request", "<non-JSON body>")] if body is not None else []
-    turns: list[tuple[str, str]] = []
-    if body.get("system"):
-        turns.append(("system", _text_of(body["system"])))
-    for message in body.get("messages") or []:
-        if isinstance(message, dict):
-            turns.append((str(message.get("role", "?")), _text_of(message.get("content"))))
-    for content in body.get("contents") or []:  # Gemini
-        if isinstance(content, dict):
-            turns.append((str(content.get("role", "user")), _text_of(content.get("parts"))))
-    for key in ("prompt", "input"):
-        if key in body and not turns:
-            turns.append(("user", _text_of(body[key])))
-    return turns
-
-
-def _response_text(values: list[Any]) -> str:
-    """The assistant's text, assembled from chunks or a whole body, whatever the provider."""
-    pieces: list[str] = []
-    for value in values:
-        if not isinstance(value, dict):
-            continue
-        for choice in value.get("choices") or []:  # OpenAI chat and completions
-            delta = choice.get("delta") or choice.get("message") or {}
-            pieces.append(delta.get("content") or choice.get("text") or "")
-        if value.get("type") == "content_block_delta":  # Anthropic stream
-            pieces.append(value.get("delta", {}).get("text") or "")
-        if value.get("type") == "message":  # Anthropic message
-            pieces.append(_text_of(value.get("content")))
-        if value.get("type") == "response.output_text.delta":  # Responses stream
-            pieces.append(value.get("delta") or "")
-        if value.get("object") == "response" and value.get("output"):
-            pieces.append(_text_of([item.get("content") for item in value["output"] if isinstance(item, dict)]))
-        if isinstance(value.get("message"), dict):  # Ollama chat
-            pieces.append(value["message"].get("content") or "")
-        if isinstance(value.get("response"), str):  # Ollama generate
-            pieces.append(value["response"])
-        for candidate in value.get("candidates") or []:  # Gemini
-            pieces.append(_text_of((candidate.get("content") or {}).get("parts")))
-    return "".join(pieces)
-
-
 def show(path: Path, document: Any, resolve_provider: ProviderResolver) -> str:
     recording = from_document(document, resolve_provider)
     request, response = recording.request, recording.response
@@ -206,9 +149,11 @@ def show(path: Path, document: Any, resolve_provider: ProviderResolver) -> str:
         f"status     {response.status}{streamed}",
         "",
     ]
-    for role, text in _request_turns(request.body):
+    # A file no route serves still shows, read as the common (OpenAI-like) shapes.
+    provider = resolve_provider(request.method, request.path) or Provider()
+    for role, text in provider.request_turns(request.body):
         lines.append(f"[{role}] {text}")
     values = [data_of(item) for item in response.body] if isinstance(response.body, list) else [data_of(response.body)]
-    answer = _response_text(values)
+    answer = provider.response_text(values)
     lines.append(f"[assistant] {answer}" if answer else "[response] " + str(values[0] if values else "")[:500])
     return "\n".join(lines)

@@ -8,37 +8,23 @@ import signal
 
 import structlog
 
+from llmproxy import providers
 from llmproxy.config import Settings
 from llmproxy.server import ProxyServer
 
 log = structlog.get_logger("llmproxy.run")
 
-# Placeholder keys so SDKs that refuse to start without one start in replay; never sent anywhere.
-DUMMY_KEYS = {
-    "OPENAI_API_KEY": "sk-llmproxy-replay-placeholder",
-    "ANTHROPIC_API_KEY": "sk-ant-llmproxy-replay-placeholder",
-    "GEMINI_API_KEY": "llmproxy-replay-placeholder",
-    "GOOGLE_API_KEY": "llmproxy-replay-placeholder",
-    "AZURE_OPENAI_API_KEY": "llmproxy-replay-placeholder",
-}
-
 
 def client_environment(base_url: str, mode: str, environ: dict[str, str]) -> dict[str, str]:
-    """The environment that points every supported SDK at the proxy."""
+    """The environment that points every registered provider's SDKs at the proxy, each through
+    its provider's prefix (OPENAI_BASE_URL=http://127.0.0.1:PORT/openai/v1, ...); in replay,
+    placeholder keys too, so SDKs that refuse to start without one start (never sent anywhere)."""
     env = dict(environ)
-    env.update(
-        {
-            "LLMPROXY_URL": base_url,
-            "OPENAI_BASE_URL": base_url + "/v1",
-            "ANTHROPIC_BASE_URL": base_url,
-            "OLLAMA_HOST": base_url,
-            "GOOGLE_GEMINI_BASE_URL": base_url,
-            "AZURE_OPENAI_ENDPOINT": base_url,
-        }
-    )
+    env["LLMPROXY_URL"] = base_url
+    env.update(providers.client_environment(base_url))
     if mode == "replay":
-        for name, value in DUMMY_KEYS.items():
-            env.setdefault(name, value)
+        for name, value in providers.PLACEHOLDER_KEYS.items():
+            env.setdefault(name, value)  # a real key the user has stays
     return env
 
 
