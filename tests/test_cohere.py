@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import cohere
 import pytest
 
-from tests.support import LoopThread, assert_no_secret, files_under
+from llmproxy.routing import Router, default_routes
+from llmproxy.tools.explain import show
+from tests.providers_support import write_config
+from tests.support import LoopThread, RunningApp, assert_no_secret, files_under, start_proxy
 from tests.test_providers import dump, record_and_replay
 from tests.upstreams.cohere_wire import CohereWire
 
@@ -86,3 +90,39 @@ def test_cohere_chat_and_chat_stream_record_then_replay(
         assert document["request"]["model"] == "command-a-03-2025"
     [plain] = [d for d in documents if not d["response"]["is_streaming"] and "tools" not in d["request"]["body"]]
     assert plain["response"]["body"]["__type__"] == "cohere.v2.types.v2chat_response.V2ChatResponse"
+    # `llmproxy show` reads the conversation out of both shapes.
+    router = Router(default_routes())
+
+    def resolve(method: str, path: str) -> Any:
+        match = router.resolve(method, path, {})
+        return match.route.provider if match else None
+
+    [text_stream] = [d for d in streams if "tools" not in d["request"]["body"]]
+    for document in (plain, text_stream):
+        shown = show(Path("x.json"), document, resolve)
+        assert "[user] Hello there" in shown and "[assistant] Echo: Hello there" in shown, shown
+
+
+def test_another_providers_key_on_the_cohere_path_never_reaches_cohere(loop_thread: LoopThread, tmp_path: Path) -> None:
+    upstream = CohereWire()
+    app = RunningApp(loop_thread, upstream.app()).start()
+    config = write_config(tmp_path / "llmproxy.toml", [{"name": "cohere", "provider": "cohere", "upstream": app.url}])
+    proxy = start_proxy(loop_thread, "record", tmp_path / "recordings", config=config)
+    anthropic_key = "sk-ant-api03-SECRET-0123456789abcdef"
+
+    async def send() -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "command-a-03-2025", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+            headers = {"x-api-key": anthropic_key, "anthropic-version": "2023-06-01"}
+            async with session.post(proxy.url + "/cohere/v2/chat", json=body, headers=headers) as response:
+                return response.status, await response.json()
+
+    try:
+        status, answer = loop_thread.run(send())
+    finally:
+        proxy.stop()
+        app.stop()
+    assert status == 400
+    assert "x-api-key" in answer["message"]  # Cohere's error shape: the SDK shows `message`
+    assert upstream.requests == []
+    assert not (tmp_path / "recordings").exists() or not files_under(tmp_path / "recordings")
