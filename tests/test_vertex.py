@@ -109,3 +109,23 @@ def test_vertex_paths_route_to_vertex_and_gemini_paths_stay_gemini() -> None:
         assert match is not None and match.route.name == "gemini", path
     match = router.resolve("POST", "/v2/chat", {})
     assert match is not None and match.route.name == "cohere"
+
+
+def test_requests_for_the_default_upstream_go_to_their_locations_host() -> None:
+    vertex = get_provider("vertex")
+    path = "/v1beta1/projects/p/locations/{}/publishers/google/models/m:streamGenerateContent?alt=sse"
+    headers = [("Authorization", "Bearer t")]
+    for location, host in (
+        ("us-central1", "us-central1-aiplatform.googleapis.com"),
+        ("europe-west4", "europe-west4-aiplatform.googleapis.com"),
+        ("global", "aiplatform.googleapis.com"),
+        ("eu", "aiplatform.eu.rep.googleapis.com"),
+    ):
+        url, sent = vertex.prepare_upstream("POST", vertex.default_upstream + path.format(location), headers, b"{}")
+        assert url == f"https://{host}" + path.format(location)
+        assert sent == headers
+    # A configured upstream (a test server, a private endpoint) is used as it is.
+    local = "http://127.0.0.1:8080" + path.format("us-central1")
+    assert vertex.prepare_upstream("POST", local, headers, b"{}") == (local, headers)
+    express = vertex.default_upstream + "/v1beta1/publishers/google/models/m:generateContent"
+    assert vertex.prepare_upstream("POST", express, headers, b"{}") == (express, headers)

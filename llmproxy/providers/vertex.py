@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 from llmproxy.providers.base import JSON_LABEL, ClientSetting
 from llmproxy.providers.gemini import COUNT, GENERATE, GeminiProvider
@@ -21,11 +22,24 @@ _VERTEX_METHOD = re.compile(
     r"(?:publishers/[^/]+/models|endpoints)/([^/:]+):([A-Za-z]+)$"
 )
 
+_LOCATION = re.compile(r"/projects/[^/]+/locations/([a-z0-9-]+)/")
+GLOBAL_HOST = "aiplatform.googleapis.com"
+
+
+def location_host(location: str) -> str:
+    """The host google-genai uses for a location: global, the multi-region `us`/`eu`, or a region."""
+    if location == "global":
+        return GLOBAL_HOST
+    if location in ("us", "eu"):
+        return f"aiplatform.{location}.rep.googleapis.com"
+    return f"{location}-aiplatform.googleapis.com"
+
 
 class VertexProvider(GeminiProvider):
     name = "vertex"
-    # The global endpoint; a regional location needs its host ({location}-aiplatform...) configured.
-    default_upstream = "https://aiplatform.googleapis.com"
+    # The global endpoint; a request for a regional location goes to that location's host
+    # (see prepare_upstream), as the SDK itself would send it.
+    default_upstream = "https://" + GLOBAL_HOST
     claim_priority = 16  # before Gemini, whose versioned-path rule also matches /v1beta1/...
     api_roots = ("/v1beta1", "/v1")  # the SDK's default version first
     # Gemini's credential headers (Bearer OAuth token, express mode's x-goog-api-key) are inherited.
@@ -49,3 +63,16 @@ class VertexProvider(GeminiProvider):
         if method == "countTokens":
             return COUNT
         return JSON_LABEL
+
+    def prepare_upstream(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """Vertex serves a regional location only on its own host: a request bound for the
+        default (global) upstream goes to the host of the location in its path. A configured
+        upstream is used as it is."""
+        parts = urlsplit(url)
+        match = _LOCATION.search(parts.path)
+        if parts.hostname != GLOBAL_HOST or match is None:
+            return url, headers
+        netloc = location_host(match.group(1)) + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc)), headers
