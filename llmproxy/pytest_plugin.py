@@ -5,8 +5,9 @@
     pytest --llmproxy-mode record              # re-record everything
 
 Tests ask for the `llmproxy` fixture (or use `@pytest.mark.usefixtures("llmproxy")`, or set
-`llmproxy_autouse = true` in the ini file); SDKs then find the proxy through OPENAI_BASE_URL,
-ANTHROPIC_BASE_URL, OLLAMA_HOST and GOOGLE_GEMINI_BASE_URL. A replay miss is an HTTP 404 the
+`llmproxy_autouse = true` in the ini file); SDKs then find the proxy through the variables each
+registered provider names (OPENAI_BASE_URL, ANTHROPIC_BASE_URL, OLLAMA_HOST, GOOGLE_GEMINI_BASE_URL,
+...), each pointing at its provider's prefix (http://127.0.0.1:PORT/anthropic). A replay miss is an HTTP 404 the
 SDK raises, so the test fails at once with the miss message (never a hang). The plugin does
 nothing for a session that does not use the fixture.
 """

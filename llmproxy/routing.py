@@ -157,7 +157,7 @@ class Router:
         return Refusal(
             400,
             "credential_mismatch",
-            f"{mismatch} route {match.route.name!r} forwards {method} {path} to {match.route.provider.name}, "
+            f"{mismatch}: route {match.route.name!r} forwards {method} {path} to {match.route.provider.name}, "
             f"so nothing was sent. Use a provider's base URL: {self.describe_base_urls(host)}",
             match.route,
         )
@@ -203,7 +203,7 @@ def credential_mismatch(provider: Provider, headers: Mapping[str, str], query_st
             if (other.accepts_query(bare) if name.startswith("?") else other.accepts_header(bare, headers))
         ]
         parts.append(f"{name} (used by {', '.join(owners) or 'another provider'})")
-    return f"the request carries {'; '.join(parts)}, which {provider.name} does not take:"
+    return f"the request carries {'; '.join(parts)}, which {provider.name} does not take"
 
 
 def default_routes(openai_upstream: str | None = None) -> list[Route]:

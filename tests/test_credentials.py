@@ -48,7 +48,8 @@ def test_no_credential_style_reaches_recordings_or_logs(loop_thread: LoopThread,
         async with aiohttp.ClientSession() as session:
             requests = [
                 (
-                    "/v1/chat/completions?key=" + SECRETS["openai_query"],
+                    # ?key= is Gemini's credential (refused on other routes); api_key is a generic name.
+                    "/v1/chat/completions?api_key=" + SECRETS["openai_query"],
                     chat,
                     {"Authorization": f"Bearer {SECRETS['bearer']}", "Cookie": f"session={SECRETS['cookie']}"},
                 ),

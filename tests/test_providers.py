@@ -34,7 +34,12 @@ def dump(value: Any) -> Any:
 
 
 def record_and_replay(
-    loop: LoopThread, tmp_path: Path, upstream: Any, routes: list[dict[str, Any]], calls: Callable[[str], Any]
+    loop: LoopThread,
+    tmp_path: Path,
+    upstream: Any,
+    routes: list[dict[str, Any]],
+    calls: Callable[[str], Any],
+    prefix: str = "",
 ) -> tuple[Any, Any, Any]:
     """Run `calls` through a recording proxy, stop the upstream, run them again on replay."""
     app = RunningApp(loop, upstream.app()).start()
@@ -49,7 +54,7 @@ def record_and_replay(
     replay = start_proxy(loop, "replay", recordings, config=config)
     try:
         replayed = calls(replay.url)
-        compared = replayed_bytes_equal_upstream(loop, upstream, replay.url)
+        compared = replayed_bytes_equal_upstream(loop, upstream, replay.url, prefix)
         assert compared == len(upstream.requests)
     finally:
         replay.stop()
@@ -155,12 +160,13 @@ def test_azure_openai_deployments_and_v1_paths(loop_thread: LoopThread, tmp_path
             )
         )
         out["embed"] = dump(client.embeddings.create(model="my-embedder", input="x"))
-        v1 = openai.OpenAI(base_url=base_url + "/openai/v1/", api_key=azure_key, max_retries=0)
+        # Unprefixed, /openai/v1/ is the OpenAI prefix: Azure's v1 API goes through the /azure prefix.
+        v1 = openai.OpenAI(base_url=base_url + "/azure/openai/v1/", api_key=azure_key, max_retries=0)
         out["v1"] = dump(v1.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "v1"}]))
         return out
 
     recorded, replayed, recordings = record_and_replay(
-        loop_thread, tmp_path, upstream, [{"name": "azure", "provider": "azure"}], calls
+        loop_thread, tmp_path, upstream, [{"name": "azure", "provider": "azure"}], calls, prefix="/azure"
     )
     assert replayed == recorded
     first = upstream.requests[0]
@@ -168,7 +174,8 @@ def test_azure_openai_deployments_and_v1_paths(loop_thread: LoopThread, tmp_path
     assert first["headers"]["api-key"] == azure_key
     assert_no_secret(recordings, azure_key)
     names = {p.name.split("-")[0] for p in files_under(recordings)}
-    assert names == {"openai"}  # openai-deployments-my-gpt4o-chat-completions-...
+    assert names == {"openai"}  # openai-deployments-my-gpt4o-chat-completions-..., openai-v1-chat-...
+    assert upstream.requests[-1]["path"] == "/openai/v1/chat/completions"
     # api-version is part of the request identity: another version is a miss, not a wrong answer.
     replay = start_proxy(loop_thread, "replay", recordings, config=tmp_path / "llmproxy.toml")
     try:

@@ -15,6 +15,10 @@ TOKEN_COUNT = "anthropic.types.message_tokens_count.MessageTokensCount"
 MODEL = "anthropic.types.model_info.ModelInfo"
 ERROR = "anthropic.types.error_response.ErrorResponse"
 
+# The API's resources (first segment after /v1): its own, and those OpenAI has too.
+OWN_RESOURCES = frozenset({"messages", "complete", "skills", "organizations"})
+SHARED_RESOURCES = frozenset({"models", "files"})
+
 
 class AnthropicProvider(Provider):
     name = "anthropic"
@@ -27,10 +31,11 @@ class AnthropicProvider(Provider):
     placeholder_keys = {"ANTHROPIC_API_KEY": "sk-ant-llmproxy-replay-placeholder"}
 
     def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
-        if path in ("/v1/messages", "/v1/complete") or path.startswith("/v1/messages/"):
-            return True
-        # GET /v1/models (or /v1/files...) is OpenAI's too; the anthropic-version header tells them apart.
-        return path.startswith("/v1/") and "anthropic-version" in headers
+        parts = path.split("/", 3)
+        if len(parts) < 3 or parts[0] != "" or parts[1] != "v1":
+            return False
+        # /v1/models and /v1/files are OpenAI's too: the anthropic-version header tells them apart.
+        return parts[2] in OWN_RESOURCES or (parts[2] in SHARED_RESOURCES and "anthropic-version" in headers)
 
     def accepts_header(self, name: str, headers: Mapping[str, str]) -> bool:
         # The SDK's auth_token (ANTHROPIC_AUTH_TOKEN, OAuth) is a Bearer token; it comes with

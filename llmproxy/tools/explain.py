@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from llmproxy.canonical import request_differences
 from llmproxy.providers import Provider
-from llmproxy.routing import Router
+from llmproxy.routing import Router, credential_mismatch
 from llmproxy.store.document import ProviderResolver, Recording, from_document
 from llmproxy.store.index import RecordingIndex, canonical_for_route
 from llmproxy.wire.framing import data_of
@@ -45,8 +45,14 @@ def explain(request_doc: Any, router: Router, index: RecordingIndex) -> str:
         body = request_doc.get("body")
     match = router.resolve(method, path, headers)
     if match is None:
-        return f"request     {method} {path}\nroute       none: no route serves this path (llmproxy answers 404)"
+        return (
+            f"request     {method} {path}\nroute       none: no route serves this path (llmproxy answers 404 "
+            f"no_route); the prefixed base URLs are {router.describe_base_urls()}"
+        )
     route = match.route
+    mismatch = credential_mismatch(route.provider, headers, urlencode(query))
+    if mismatch is not None:
+        return f"request     {method} {path}\nroute       {route.name}, refused (400 credential_mismatch): {mismatch}"
     canonical = canonical_for_route(route, method, match.path, query, headers, body)
     rules = [
         f"key headers: {', '.join(route.key_headers) or '-'}",
