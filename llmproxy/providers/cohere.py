@@ -34,8 +34,8 @@ class CohereProvider(Provider):
     placeholder_keys = {"CO_API_KEY": "llmproxy-replay-placeholder"}
 
     def claims(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
-        # Only v2: v1's /v1/models would shadow OpenAI's, and no other provider uses /v2/.
-        return path.startswith("/v2/")
+        # The v2 endpoints, which no other provider has (v1's /v1/models would shadow OpenAI's).
+        return path in LABELS
 
     def response_text(self, values: list[Any]) -> str:
         pieces: list[str] = []
