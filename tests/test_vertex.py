@@ -13,7 +13,8 @@ from google.genai import types as genai_types
 from google.oauth2.credentials import Credentials
 
 from llmproxy.providers import get_provider
-from llmproxy.routing import Route, Router
+from llmproxy.routing import Route, Router, default_routes
+from llmproxy.tools.explain import show
 from tests.support import LoopThread, assert_no_secret, files_under
 from tests.test_providers import dump, record_and_replay
 from tests.upstreams.vertex_wire import VertexWire
@@ -90,6 +91,17 @@ def test_vertex_generate_stream_count_and_express_mode_record_then_replay(
         assert document["response"]["framing"]["line_ending"] == "\r\n"
         assert document["response"]["framing"]["end"] == ""
         assert {i["__type__"] for i in document["response"]["body"]} == {"google.genai.types.GenerateContentResponse"}
+    # `llmproxy show` reads the conversation through the vertex provider.
+    router = Router(default_routes())
+
+    def resolve(method: str, path: str) -> Any:
+        match = router.resolve(method, path, {})
+        return match.route.provider if match else None
+
+    story = next(d for d in streams if "Tell me a story" in json.dumps(d["request"]["body"]))
+    shown = show(Path("x.json"), story, resolve)
+    assert "[user] Tell me a story" in shown
+    assert "[assistant] Vertex gemini-2.5-flash says: Tell me a story" in shown, shown
 
 
 def test_vertex_paths_route_to_vertex_and_gemini_paths_stay_gemini() -> None:
