@@ -126,3 +126,19 @@ def test_another_providers_key_on_the_cohere_path_never_reaches_cohere(loop_thre
     assert "x-api-key" in answer["message"]  # Cohere's error shape: the SDK shows `message`
     assert upstream.requests == []
     assert not (tmp_path / "recordings").exists() or not files_under(tmp_path / "recordings")
+
+
+def test_a_replay_miss_is_the_cohere_sdks_own_not_found_error(loop_thread: LoopThread, tmp_path: Path) -> None:
+    (tmp_path / "recordings").mkdir()
+    proxy = start_proxy(loop_thread, "replay", tmp_path / "recordings")
+    try:
+        client = cohere.ClientV2(api_key="placeholder", base_url=proxy.url + "/cohere")
+        messages: Any = [{"role": "user", "content": "never recorded"}]
+        with pytest.raises(cohere.NotFoundError) as plain:
+            client.chat(model="command-a-03-2025", messages=messages, request_options={"max_retries": 0})
+        with pytest.raises(cohere.NotFoundError) as streamed:
+            list(client.chat_stream(model="command-a-03-2025", messages=messages))
+    finally:
+        proxy.stop()
+    for caught in (plain, streamed):
+        assert "no recording for POST /v2/chat" in caught.value.body["message"]
