@@ -142,3 +142,40 @@ def test_a_replay_miss_is_the_cohere_sdks_own_not_found_error(loop_thread: LoopT
         proxy.stop()
     for caught in (plain, streamed):
         assert "no recording for POST /v2/chat" in caught.value.body["message"]
+
+
+def test_a_cohere_stream_file_without_framing_replays_with_event_lines(loop_thread: LoopThread, tmp_path: Path) -> None:
+    # A hand-written (or other recorder's) file stores no framing: Cohere's default names each event.
+    events = [
+        {"id": "c1", "type": "message-start", "delta": {"message": {"role": "assistant"}}},
+        {"type": "content-delta", "index": 0, "delta": {"message": {"content": {"text": "Hi"}}}},
+        {"type": "message-end", "delta": {"finish_reason": "COMPLETE"}},
+    ]
+    label = "cohere.v2.types.v2chat_stream_response.V2ChatStreamResponse"
+    body = {"model": "command-a-03-2025", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    document = {
+        "request": {"method": "POST", "url": "https://api.cohere.com/v2/chat", "endpoint": "/v2/chat", "body": body},
+        "response": {"body": [{"__type__": label, "__data__": e} for e in events], "is_streaming": True},
+        "provenance": {"tool": "llmproxy"},
+    }
+    (tmp_path / "cohere").mkdir()
+    (tmp_path / "cohere" / "chat.json").write_text(json.dumps(document, indent=2))
+    proxy = start_proxy(loop_thread, "replay", tmp_path)
+
+    async def send() -> bytes:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(proxy.url + "/cohere/v2/chat", json=body) as response:
+                assert response.status == 200 and response.content_type == "text/event-stream"
+                return await response.read()
+
+    try:
+        wire = loop_thread.run(send())
+        client = cohere.ClientV2(api_key="placeholder", base_url=proxy.url)
+        parsed = list(client.chat_stream(model=body["model"], messages=body["messages"]))
+    finally:
+        proxy.stop()
+    assert wire == b"".join(
+        b"event: " + e["type"].encode() + b"\ndata: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n"
+        for e in events
+    )
+    assert [e.type for e in parsed] == ["message-start", "content-delta", "message-end"]

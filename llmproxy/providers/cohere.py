@@ -56,9 +56,9 @@ class CohereProvider(Provider):
         return LABELS.get(path, JSON_LABEL)
 
     def default_framing(self, path: str, streaming: bool) -> dict[str, Any]:
-        if streaming:
-            return {"format": "sse", "line_ending": "\n", "event_field": "type", "end": ""}
-        return {"format": "json"}
+        framing = super().default_framing(path, streaming)
+        # The usual SSE (or JSON) shape, with each event's `type` repeated on its `event:` line.
+        return {**framing, "event_field": "type"} if streaming else framing
 
     def stream_complete(self, path: str, chunks: list[Any], end: str) -> bool:
         last = chunks[-1] if chunks else {}

@@ -30,6 +30,7 @@ LABELS = {
 # Paths no other provider has.
 MISTRAL_ONLY = ("/v1/fim/completions", "/v1/agents/completions", "/v1/chat/moderations", "/v1/ocr")
 SDK_USER_AGENT = "mistral-client-"
+DONE = "data: [DONE]\n\n"  # the stream's end marker, after the last chunk
 
 
 class MistralProvider(Provider):
@@ -52,12 +53,11 @@ class MistralProvider(Provider):
         return LABELS.get(path, JSON_LABEL)
 
     def default_framing(self, path: str, streaming: bool) -> dict[str, Any]:
-        if streaming:
-            return {"format": "sse", "line_ending": "\n", "event_field": None, "end": "data: [DONE]\n\n"}
-        return {"format": "json"}
+        framing = super().default_framing(path, streaming)
+        return {**framing, "end": DONE} if streaming else framing
 
     def stream_complete(self, path: str, chunks: list[Any], end: str) -> bool:
-        return "[DONE]" in end
+        return DONE.strip() in end
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
         return orjson.dumps({"object": "error", "message": message, "type": code, "param": None, "code": code})
