@@ -2,7 +2,8 @@
 it may go there at all.
 
 A request reaches a route in one of three ways, tried in this order:
-1. a configured route's `prefix` ("/local/..."), stripped before forwarding;
+1. a configured route's `prefix` ("/local/..."), stripped before forwarding (and the SDK's
+   base-URL convention undone as under 3: "/local/chat/completions" is "/v1/chat/completions");
 2. an unprefixed path one provider claims as its own API's (legacy base URLs: /v1/chat/completions,
    /v1/messages, /api/chat, /v1beta/models/...). No provider claims every path;
 3. a provider's built-in prefix (/openai, /anthropic, /ollama, /gemini, /azure, one per registered
@@ -159,7 +160,8 @@ class Router:
             "credential_mismatch",
             f"{mismatch}: route {match.route.name!r} forwards {method} {path} to {match.route.provider.name}, "
             f"so nothing was sent. Use a provider's base URL: {self.describe_base_urls(host)}",
-            match.route,
+            # In the shape of the client's own provider, whose SDK then shows the message.
+            self._route_telling(lowered) or match.route,
         )
 
     def describe_base_urls(self, host: str = "") -> str:

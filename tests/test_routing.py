@@ -3,6 +3,11 @@ and no credential ever forwarded to another provider's upstream."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,7 @@ from llmproxy.routing import Route, Router, default_routes
 from llmproxy.store.directory import RecordingStore
 from llmproxy.tools.run import client_environment
 from tests.providers_support import normalise_json_whitespace, write_config
-from tests.support import LoopThread, RunningApp, assert_no_secret, files_under, start_proxy
+from tests.support import REPO, LoopThread, RunningApp, assert_no_secret, files_under, start_proxy
 from tests.upstreams.anthropic_wire import AnthropicWire
 from tests.upstreams.gemini_wire import GeminiWire
 from tests.upstreams.ollama_wire import OllamaWire
@@ -290,6 +295,29 @@ def test_unclaimed_path_is_a_404_naming_the_base_urls(loop_thread: LoopThread, t
         proxy.stop()
 
 
+def test_an_sdk_pointed_at_another_providers_prefix_gets_a_clear_error(loop_thread: LoopThread, tmp_path: Path) -> None:
+    """The anthropic SDK given the OpenAI base URL: a 400 its own error class shows, naming the
+    header and the base URL to use, and nothing forwarded (replay would have nothing to forward
+    either; record mode is the one with an upstream)."""
+    upstreams = _start_upstreams(loop_thread)
+    config = write_config(tmp_path / "llmproxy.toml", _routes(upstreams))
+    proxy = start_proxy(loop_thread, "record", tmp_path / "recordings", config=config)
+    try:
+        client = anthropic.Anthropic(base_url=proxy.url + "/openai", api_key=ANTHROPIC_KEY, max_retries=0)
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            client.messages.create(model="claude-test", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 400
+        assert caught.value.body["type"] == "error"  # type: ignore[index]  # Anthropic's own error shape
+        message = caught.value.body["error"]["message"]  # type: ignore[index]
+        # anthropic 2.x sends its key as a Bearer token, always with anthropic-version.
+        assert "anthropic-version (used by anthropic)" in message and proxy.url + "/anthropic" in message
+    finally:
+        proxy.stop()
+        for up in upstreams.values():
+            up.app.stop()
+    assert {name: up.received for name, up in upstreams.items()} == {name: [] for name in upstreams}
+
+
 def test_every_registered_provider_has_a_prefix_and_no_provider_claims_every_path() -> None:
     router = Router(default_routes())
     for provider in PROVIDERS.values():
@@ -313,3 +341,70 @@ def test_a_configured_prefix_undoes_the_sdk_convention_only_for_the_apis_paths()
         "/health": "/health",
         "/tokenize": "/tokenize",
     }
+
+
+AI_SDK_SCRIPT = """
+const { createAnthropic } = await import(process.env.AI_SDK_ANTHROPIC);
+const model = createAnthropic()("claude-test");  // base URL and key from ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY
+const ask = (text) => ({ prompt: [{ role: "user", content: [{ type: "text", text }] }], maxOutputTokens: 20 });
+const generated = await model.doGenerate(ask("from the vercel ai sdk"));
+const { stream } = await model.doStream(ask("streamed by the vercel ai sdk"));
+let streamed = "";
+for await (const part of stream) {
+  if (part.type === "text-delta") streamed += part.delta;
+  if (part.type === "error") throw new Error(JSON.stringify(part.error));
+}
+console.log(JSON.stringify({ base: process.env.ANTHROPIC_BASE_URL, generated: generated.content, streamed }));
+"""
+
+
+def _ai_sdk_anthropic() -> str | None:
+    candidates = [
+        os.environ.get("AI_SDK_ANTHROPIC"),
+        str(REPO / ".venv-node" / "node_modules" / "@ai-sdk" / "anthropic" / "dist" / "index.js"),
+    ]
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+def test_the_real_ai_sdk_anthropic_under_llmproxy_run_records_and_replays(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    """The real `@ai-sdk/anthropic` (Node), configured only by the ANTHROPIC_BASE_URL `llmproxy run`
+    sets: it posts `{base}/messages`, which reaches Anthropic's /v1/messages and replays offline."""
+    module, node = _ai_sdk_anthropic(), shutil.which("node")
+    if module is None or node is None:
+        pytest.skip("node or @ai-sdk/anthropic is not installed (.ci/run installs it into .venv-node)")
+    upstream = Counted(loop_thread, "anthropic", AnthropicWire())
+    config = write_config(tmp_path / "llmproxy.toml", _routes({"anthropic": upstream}))
+    script = tmp_path / "ai_sdk.mjs"
+    script.write_text(AI_SDK_SCRIPT)
+    recordings = tmp_path / "recordings"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "OPENAI_"))}
+    env.update({"AI_SDK_ANTHROPIC": module, "ANTHROPIC_API_KEY": ANTHROPIC_KEY})
+
+    def run(mode: str) -> dict[str, Any]:
+        result = subprocess.run(
+            [sys.executable, "-m", "llmproxy", "run", mode, "--config", str(config), "--recordings", str(recordings)]
+            + ["--", node, str(script)],
+            capture_output=True,
+            text=True,
+            env=env if mode == "record" else {k: v for k, v in env.items() if k != "ANTHROPIC_API_KEY"},
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        output: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+        assert output.pop("base").endswith("/anthropic")
+        return output
+
+    try:
+        recorded = run("record")
+    finally:
+        upstream.app.stop()
+    assert [(method, path) for method, path, _ in upstream.received] == [("POST", "/v1/messages")] * 2
+    assert all(headers["x-api-key"] == ANTHROPIC_KEY for _, _, headers in upstream.received)
+    assert recorded["generated"] == [{"type": "text", "text": "Echo: from the vercel ai sdk"}]
+    assert recorded["streamed"] == "Echo: streamed by the vercel ai sdk"
+    assert run("replay") == recorded  # the upstream is gone: both answers come from the recordings
+    store = RecordingStore(recordings)
+    assert {store.read(p)["request"]["endpoint"] for p in store.paths()} == {"/v1/messages"}
+    assert_no_secret(recordings, ANTHROPIC_KEY)

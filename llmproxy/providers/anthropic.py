@@ -38,8 +38,9 @@ class AnthropicProvider(Provider):
         return parts[2] in OWN_RESOURCES or (parts[2] in SHARED_RESOURCES and "anthropic-version" in headers)
 
     def accepts_header(self, name: str, headers: Mapping[str, str]) -> bool:
-        # The SDK's auth_token (ANTHROPIC_AUTH_TOKEN, OAuth) is a Bearer token; it comes with
-        # anthropic-version, which no OpenAI-style client sends. A bare Bearer token is refused.
+        # anthropic 2.x sends its API key as a Bearer token (and auth_token/OAuth always did),
+        # always with anthropic-version, which no OpenAI-style client sends. A bare Bearer token
+        # (an OpenAI-style client's key) is refused.
         if name == "authorization":
             return "anthropic-version" in headers
         return super().accepts_header(name, headers)
