@@ -123,7 +123,8 @@ def test_another_providers_key_on_the_cohere_path_never_reaches_cohere(loop_thre
         proxy.stop()
         app.stop()
     assert status == 400
-    assert "x-api-key" in answer["message"]  # Cohere's error shape: the SDK shows `message`
+    # In the shape of the client's own provider (Anthropic's), whose SDK then shows the message.
+    assert answer["type"] == "error" and "x-api-key" in answer["error"]["message"]
     assert upstream.requests == []
     assert not (tmp_path / "recordings").exists() or not files_under(tmp_path / "recordings")
 
