@@ -47,6 +47,14 @@ def _calls(base_url: str) -> dict[str, Any]:
     out["tools_stream"] = dump(
         list(prefixed.chat_stream(model="command-a-03-2025", messages=messages, tools=TOOLS, request_options=no_retry))
     )
+    out["embed"] = dump(
+        prefixed.embed(
+            model="embed-v4.0", texts=["one", "two"], input_type="search_document", embedding_types=["float"]
+        )
+    )
+    out["rerank"] = dump(
+        client.rerank(model="rerank-v3.5", query="blue sky", documents=["the sky is blue", "grass"], top_n=2)
+    )
     return out
 
 
@@ -71,10 +79,21 @@ def test_cohere_chat_and_chat_stream_record_then_replay(
     assert {e["type"] for e in recorded["tools_stream"]} >= {"tool-plan-delta", "tool-call-start", "tool-call-delta"}
     # The key went upstream as the SDK sent it, and nowhere to disk.
     assert all(r["headers"]["Authorization"] == f"Bearer {COHERE_KEY}" for r in upstream.requests)
-    assert [r["path"] for r in upstream.requests] == ["/v2/chat"] * 4
+    assert [r["path"] for r in upstream.requests] == ["/v2/chat"] * 4 + ["/v2/embed", "/v2/rerank"]
+    assert recorded["embed"]["embeddings"]["float"][1] == [-0.0246913578, 0.0, 0.0246913578]
+    assert [r["index"] for r in recorded["rerank"]["results"]] == [0, 1]
     assert_no_secret(recordings, COHERE_KEY)
     documents = [json.loads(p.read_text()) for p in files_under(recordings)]
-    assert len(documents) == 4
+    assert len(documents) == 6
+    labels = {
+        d["request"]["endpoint"]: d["response"]["body"]["__type__"]
+        for d in documents
+        if "/v2/chat" not in d["request"]["endpoint"]
+    }
+    assert labels == {
+        "/v2/embed": "cohere.types.embed_by_type_response.EmbedByTypeResponse",
+        "/v2/rerank": "cohere.v2.types.v2rerank_response.V2RerankResponse",
+    }
     assert {p.parent.name for p in files_under(recordings)} == {"cohere"}
     streams = [d for d in documents if d["response"]["is_streaming"]]
     assert len(streams) == 2
@@ -88,7 +107,8 @@ def test_cohere_chat_and_chat_stream_record_then_replay(
         labels = {item["__type__"] for item in document["response"]["body"]}
         assert labels == {"cohere.v2.types.v2chat_stream_response.V2ChatStreamResponse"}
         assert document["request"]["model"] == "command-a-03-2025"
-    [plain] = [d for d in documents if not d["response"]["is_streaming"] and "tools" not in d["request"]["body"]]
+    chats = [d for d in documents if d["request"]["endpoint"] == "/v2/chat"]
+    [plain] = [d for d in chats if not d["response"]["is_streaming"] and "tools" not in d["request"]["body"]]
     assert plain["response"]["body"]["__type__"] == "cohere.v2.types.v2chat_response.V2ChatResponse"
     # `llmproxy show` reads the conversation out of both shapes.
     router = Router(default_routes())

@@ -26,7 +26,34 @@ class CohereWire(Upstream):
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v2/chat", self.chat)
+        app.router.add_post("/v2/embed", self.embed)
+        app.router.add_post("/v2/rerank", self.rerank)
         return app
+
+    async def embed(self, request: web.Request) -> web.Response:
+        body = await self.note(request)
+        texts = body["texts"]
+        vectors = [[round(0.0123456789 * (i + 1) * (j - 1), 10) for j in range(3)] for i in range(len(texts))]
+        meta = {"api_version": {"version": "2"}, "billed_units": {"input_tokens": len(texts)}}
+        embed_id = f"5807ee2e-0cda-445a-9ec8-{next(self._ids):012d}"
+        return self.json(
+            {
+                "id": embed_id,
+                "embeddings": {"float": vectors},
+                "texts": texts,
+                "meta": meta,
+                "response_type": "embeddings_by_type",
+            }
+        )
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        body = await self.note(request)
+        query = set(body["query"].lower().split())
+        scores = [len(query & set(doc.lower().split())) / (1 + len(query)) for doc in body["documents"]]
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.get("top_n") or len(scores)]
+        results = [{"index": i, "relevance_score": scores[i]} for i in order]
+        meta = {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}
+        return self.json({"id": f"rerank-{next(self._ids):06d}", "results": results, "meta": meta})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self.note(request)
