@@ -11,6 +11,7 @@ import aiohttp
 import cohere
 import pytest
 
+from llmproxy.providers import get_provider
 from llmproxy.routing import Router, default_routes
 from llmproxy.tools.explain import show
 from tests.providers_support import write_config
@@ -200,3 +201,15 @@ def test_a_cohere_stream_file_without_framing_replays_with_event_lines(loop_thre
         for e in events
     )
     assert [e.type for e in parsed] == ["message-start", "content-delta", "message-end"]
+
+
+def test_cohere_labels_name_the_sdk_types_and_errors_stay_plain_json() -> None:
+    cohere_provider = get_provider("cohere")
+    chat = {"id": "x", "finish_reason": "COMPLETE", "message": {"role": "assistant", "content": []}}
+    assert cohere_provider.label("/v2/chat", False, chat) == "cohere.v2.types.v2chat_response.V2ChatResponse"
+    assert cohere_provider.label("/v2/chat", False, {"message": "invalid api token"}) == "json"
+    assert cohere_provider.label("/v2/embed", False, {"message": "too many texts"}) == "json"
+    end = {"type": "message-end", "delta": {"finish_reason": "COMPLETE"}}
+    assert cohere_provider.stream_complete("/v2/chat", [end], "")
+    assert cohere_provider.stream_complete("/v2/chat", [{"type": "content-delta"}], "data: [DONE]\n\n")
+    assert not cohere_provider.stream_complete("/v2/chat", [{"type": "content-delta"}], "")

@@ -51,6 +51,8 @@ class CohereProvider(Provider):
         return "".join(pieces)
 
     def label(self, path: str, streaming: bool, value: Any) -> str:
+        if not streaming and isinstance(value, dict) and isinstance(value.get("message"), str):
+            return JSON_LABEL  # an error ({"message": "..."}); a chat response's message is an object
         if path == "/v2/chat":
             return CHAT_STREAM_EVENT if streaming else CHAT
         return LABELS.get(path, JSON_LABEL)
