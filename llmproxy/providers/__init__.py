@@ -9,9 +9,12 @@ from __future__ import annotations
 from llmproxy.providers.anthropic import AnthropicProvider
 from llmproxy.providers.base import ClientSetting, Provider
 from llmproxy.providers.bedrock import BedrockProvider
+from llmproxy.providers.cohere import CohereProvider
 from llmproxy.providers.gemini import GeminiProvider
+from llmproxy.providers.mistral import MistralProvider
 from llmproxy.providers.ollama import OllamaProvider
 from llmproxy.providers.openai import AzureOpenAIProvider, OpenAIProvider
+from llmproxy.providers.vertex import VertexProvider
 
 PROVIDERS: dict[str, Provider] = {
     provider.name: provider
@@ -22,6 +25,9 @@ PROVIDERS: dict[str, Provider] = {
         OllamaProvider(),
         GeminiProvider(),
         BedrockProvider(),
+        CohereProvider(),
+        VertexProvider(),
+        MistralProvider(),
     )
 }
 
