@@ -28,6 +28,7 @@ from aiohttp import web
 from llmproxy.call import Call, NotRecorded, Outcome, Result, error_response
 from llmproxy.errors import LlmproxyError
 from llmproxy.headers import client_response_headers
+from llmproxy.lastresort import report_unexpected
 from llmproxy.playback import Exhausted, Found, Playback, Unreadable
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.document import from_document
@@ -355,6 +356,11 @@ class Pipeline:
 
             written = True  # from here `done` releases the lock
             await self.recorder.schedule(exchange, sequence, done)
+        except Exception as exc:  # noqa: BLE001 - nobody awaits this task: a bug must not die unseen
+            written = False
+            report_unexpected(exc, call.headers, call.query, method=call.method, path=call.path)
+            if record:
+                self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
         finally:
             if not written:
                 self._landed(flight, key, lock, None)

@@ -17,9 +17,10 @@ from llmproxy.call import Call, Outcome, error_response
 from llmproxy.canonical import BadRequest, KeyMemo, RawBody, header_bytes, parse_body
 from llmproxy.config import Settings, validate_timing
 from llmproxy.intake import read_body, token_matches
+from llmproxy.lastresort import last_resort_middleware
 from llmproxy.pipeline import MODES, MissPolicy, Pipeline, RecordPolicy
 from llmproxy.playback import Playback
-from llmproxy.routing import Refusal, Router
+from llmproxy.routing import Refusal, Route, Router
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex, canonical_for_route
 from llmproxy.store.secrets import SecretScanner, request_credentials
@@ -146,6 +147,11 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+def _route_of(request: web.Request) -> Route | None:
+    match = request.app[ROUTER].resolve(request.method, request.path, request.headers)
+    return match.route if match else None
+
+
 def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.Application:
     # Parsing and hashing happen once per distinct request (by exact bytes), bounded in bytes.
     keys = KeyMemo()
@@ -212,7 +218,7 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[token_middleware, method_middleware, body_middleware],
+        middlewares=[last_resort_middleware(_route_of), token_middleware, method_middleware, body_middleware],
     )
     app[SETTINGS] = settings
     app[ROUTER] = router
