@@ -9,7 +9,9 @@ every known key shape, redacted.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -92,3 +94,44 @@ def last_resort_middleware(resolve: Callable[[web.Request], Route | None]) -> An
             return error_response(route, 500, message, "internal_error", headers={ERROR_ID_HEADER: error_id})
 
     return last_resort
+
+
+class LoopErrors:
+    """The event loop's exception handler: one line per kind of error, no traceback, and repeats
+    of a kind within `interval` seconds collapsed into a count on its next line. Out of
+    descriptors, asyncio reports every failed accept (hundreds a second, rising): one line
+    every `interval` seconds says it all."""
+
+    MAX_KINDS = 1000
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._repeated: dict[str, int] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message") or "event loop error").splitlines()[0]
+        exc = context.get("exception")
+        kind = f"{message}|{type(exc).__name__}"
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval:
+            self._repeated[kind] = self._repeated.get(kind, 0) + 1
+            return
+        if len(self._last) >= self.MAX_KINDS:
+            self._last.clear()
+            self._repeated.clear()
+        self._last[kind] = now
+        repeated = self._repeated.pop(kind, 0)
+        log.error(
+            "event loop error",
+            message=message,
+            error=type(exc).__name__ if exc is not None else None,
+            detail=redacted(str(exc), {}, ()) if exc is not None else None,
+            where=_where(exc) if exc is not None else None,
+            repeated_since_last=repeated if last is not None else None,
+        )
+
+
+def install_loop_errors(loop: asyncio.AbstractEventLoop) -> None:
+    loop.set_exception_handler(LoopErrors())

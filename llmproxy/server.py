@@ -17,7 +17,7 @@ from llmproxy.call import Call, Outcome, error_response
 from llmproxy.canonical import BadRequest, KeyMemo, RawBody, header_bytes, parse_body
 from llmproxy.config import Settings, validate_timing
 from llmproxy.intake import read_body, token_matches
-from llmproxy.lastresort import last_resort_middleware
+from llmproxy.lastresort import install_loop_errors, last_resort_middleware
 from llmproxy.pipeline import MODES, MissPolicy, Pipeline, RecordPolicy
 from llmproxy.playback import Playback
 from llmproxy.routing import Refusal, Route, Router
@@ -126,6 +126,7 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Read the body once (kept by aiohttp for the handler): over max_body_mb, undecodable or cut
     short by a client leaving, it is answered here in the route's error shape."""
     limit = request.app[SETTINGS].max_body_bytes
+    timeout = request.app[SETTINGS].body_timeout
     problem: BadRequest | None = None
     if request.content_length is not None and request.content_length > limit:
         problem = BadRequest(
@@ -133,9 +134,13 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
         )
     else:
         try:
-            await read_body(request, limit)
+            async with asyncio.timeout(timeout):  # a client that stalls mid-body holds no connection for ever
+                await read_body(request, limit)
         except BadRequest as exc:
             problem = exc
+        except TimeoutError:
+            message = f"the request body did not arrive within body_timeout ({timeout:g} s)"
+            problem = BadRequest(408, "request_timeout", message, "request body too slow: connection closed")
         except asyncio.CancelledError:
             # aiohttp cancels the handler when its client disconnects: one line, no traceback.
             log.warning("client left during the request body", path=request.path)
@@ -143,7 +148,14 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if problem is not None:
         log.warning(problem.event, path=request.path, reason=problem.message, code=problem.code, limit=limit)
         match = request.app[ROUTER].resolve(request.method, request.path, request.headers)
-        return error_response(match.route if match else None, problem.status, problem.message, problem.code)
+        response = error_response(match.route if match else None, problem.status, problem.message, problem.code)
+        if problem.status == 408 and request.transport is not None:
+            # Answer, then close: aiohttp would otherwise linger reading the rest of the body.
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            request.transport.close()
+        return response
     return await handler(request)
 
 
@@ -262,6 +274,9 @@ class ProxyServer:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.settings.shutdown_timeout,
+            # aiohttp closes a connection still without a whole request head this long after it
+            # opened (or after its previous answer): slow or idle clients free their descriptor.
+            keepalive_timeout=self.settings.header_timeout,
             # A client that leaves cancels its handler at once, also while the upstream is
             # silent: the pipeline then closes the upstream call (or reads it on to record it).
             handler_cancellation=True,
@@ -327,6 +342,7 @@ async def serve(settings: Settings, mode_name: str) -> None:
     server = ProxyServer(settings, mode_name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    install_loop_errors(loop)
     # Before listening: a signal right after the `listening` line must still stop cleanly.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
