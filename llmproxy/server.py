@@ -100,8 +100,22 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 
 
 KEY_MEMO = web.AppKey("key_memo", KeyMemo)
+HANDLERS = web.AppKey("handlers", set)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def tracking_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Keep each running handler's task, so shutting down can cancel them at its deadline."""
+    task = asyncio.current_task()
+    running = request.app[HANDLERS]
+    if task is not None:
+        running.add(task)
+    try:
+        return await handler(request)
+    finally:
+        running.discard(task)  # type: ignore[arg-type]
 
 
 @web.middleware
@@ -230,12 +244,19 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[last_resort_middleware(_route_of), token_middleware, method_middleware, body_middleware],
+        middlewares=[
+            last_resort_middleware(_route_of),
+            tracking_middleware,
+            token_middleware,
+            method_middleware,
+            body_middleware,
+        ],
     )
     app[SETTINGS] = settings
     app[ROUTER] = router
     app[PIPELINE] = pipeline
     app[KEY_MEMO] = keys
+    app[HANDLERS] = set()
     app.router.add_route("*", "/{tail:.*}", handle)
     app.cleanup_ctx.append(pipeline_context)
     return app
@@ -303,7 +324,14 @@ class ProxyServer:
             # One shutdown_timeout in all: what the handlers use of it is not given again to the
             # calls still reading their upstream to record it.
             self.pipeline.stop_by = time.monotonic() + self.settings.shutdown_timeout
-            await self._runner.cleanup()
+            cleanup = asyncio.ensure_future(self._runner.cleanup())
+            done, _ = await asyncio.wait([cleanup], timeout=self.settings.shutdown_timeout)
+            if not done:
+                # aiohttp would wait as long again before cancelling handlers still serving
+                # (its "cancel" only fails their request-body reads): cancel them now.
+                for task in list(self.app[HANDLERS]):
+                    task.cancel()
+            await cleanup
             self._runner = None
         report = self.report()
         if self.settings.report is not None:

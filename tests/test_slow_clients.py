@@ -5,6 +5,7 @@ clients; the proxy is real (in-process, or the CLI with its descriptor limit low
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -12,12 +13,14 @@ import socket
 import subprocess
 import sys
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
+from aiohttp import web
 
-from tests.support import REPO, SEED, LoopThread, start_proxy
+from tests.support import REPO, SEED, CliProxy, LoopThread, RunningApp, start_proxy
 
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 
@@ -163,3 +166,76 @@ def test_out_of_descriptors_new_clients_get_served_once_stalled_ones_time_out_an
     # Collapsed: one line per 10 s at most (unthrottled, asyncio logs hundreds a second).
     assert 1 <= len(accept_lines) <= 3, accept_lines
     assert not any("Traceback" in line for line in proxy.lines)
+
+
+class StalledUpstream:
+    """Sends its headers and one chunk, then nothing; says when the proxy closed the call."""
+
+    def __init__(self) -> None:
+        self.arrived = threading.Event()
+        self.closed = threading.Event()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"id":"c1","object":"chat.completion.chunk","choices":[]}\n\n')
+        self.arrived.set()
+        try:
+            await asyncio.Event().wait()  # a model thinking, for ever
+        finally:
+            self.closed.set()
+        return response
+
+
+class CancellableApp(RunningApp):
+    """A fake upstream whose handlers are cancelled when the proxy closes their connection."""
+
+    def __init__(self, loop: LoopThread, app: web.Application) -> None:
+        super().__init__(loop, app)
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+
+
+def _seconds_between(first: dict[str, Any], second: dict[str, Any]) -> float:
+    def at(event: dict[str, Any]) -> datetime:
+        return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+
+    return (at(second) - at(first)).total_seconds()
+
+
+def test_sigterm_with_a_stalled_upstream_call_exits_within_one_shutdown_timeout(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    upstream = StalledUpstream()
+    app = CancellableApp(loop_thread, upstream.app()).start()
+    config = tmp_path / "llmproxy.toml"
+    config.write_text("[proxy]\nshutdown_timeout = 3\n")
+    proxy = CliProxy(
+        "record", "--port", "0", "--upstream", app.url, "--recordings", str(tmp_path / "rec"), "--config", str(config)
+    )
+    client = socket.create_connection(("127.0.0.1", proxy.port), timeout=60)
+    try:
+        body = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "think"}], "stream": true}'
+        client.sendall(HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert upstream.arrived.wait(30)
+        events = proxy.stop()  # SIGTERM, then wait for the exit
+        assert proxy.process.returncode == 0
+        # The proxy gave up the call it could not finish: the upstream saw it closed.
+        assert upstream.closed.wait(30)
+        assert _read_to_close(client).startswith(b"HTTP/1.1 200")  # cut off after the first chunk
+    finally:
+        client.close()
+        app.stop()
+    names = [event["event"] for event in events]
+    assert "summary" in names and "not recorded" in names
+    summary = next(event for event in events if event["event"] == "summary")
+    assert summary["not_recorded"] == 1
+    # One shutdown_timeout in all (it used to be spent twice: handlers, then recordings), with
+    # room for a loaded machine: twice would be 6 s.
+    shutting_down = next(event for event in events if event["event"] == "shutting down")
+    assert _seconds_between(shutting_down, summary) < 4.5

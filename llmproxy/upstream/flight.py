@@ -121,7 +121,9 @@ class Flight:
         except asyncio.CancelledError:
             self.abandoned = True
         except Exception as exc:  # noqa: BLE001 - a bug must not die unseen in this task
-            error_id = report_unexpected(exc, self.call.headers, self.call.query, method=self.call.method, path=self.call.path)
+            error_id = report_unexpected(
+                exc, self.call.headers, self.call.query, method=self.call.method, path=self.call.path
+            )
             if self.response is None:
                 message = f"llmproxy failed calling upstream {self.call.route.name} (error id {error_id})"
                 self.failure = UpstreamFailure(502, "internal_error", message)
