@@ -16,6 +16,7 @@ from aiohttp import web
 from llmproxy.call import Call, error_response
 from llmproxy.canonical import CanonicalRequest, request_differences
 from llmproxy.errors import LlmproxyError
+from llmproxy.store import dropped
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import Entry, RecordingIndex, Rendered
 
@@ -70,6 +71,7 @@ class Playback:
         # Paced replay never waits longer than this at once (seconds), whatever a file says.
         self.max_pause = max_pause
         self._served: dict[str, int] = {}
+        self.dropped: dict[str, dict[str, Any]] = {}  # exchanges record runs did not write, by key
         self._loading: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
@@ -90,6 +92,7 @@ class Playback:
     def _load(self, store: RecordingStore) -> None:
         started = time.perf_counter()
         self.index.load_store(store)
+        self.dropped = dropped.read_notes(store.root)
         log.info(
             "recordings loaded",
             directory=str(store.root),
@@ -197,6 +200,9 @@ class Playback:
             None, self._closest, canonical, call.model
         )
         closest_file = None
+        note = self.dropped.get(canonical.key)
+        if note is not None:
+            message += " " + dropped.describe(note)
         if closest is not None:
             closest_file = str(closest.source) if closest.source else None
             message += f" Closest recording: {closest_file or '(in memory)'}; it differs in: {'; '.join(differences)}."
@@ -210,6 +216,7 @@ class Playback:
             key=canonical.key[:16],
             closest=closest_file,
             differences=differences,
+            not_recorded=(note.get("reason") or "unknown") if note is not None else None,
             compared=self.index.compared,
         )
         return error_response(call.route, 404, message, "recording_not_found")
