@@ -265,26 +265,36 @@ def check(directory: Path | None, fix: bool, config_path: Path | None) -> None:
 
 
 @main.command()
-@click.argument("request_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("request_file", type=click.Path(dir_okay=False, exists=True, allow_dash=True, path_type=Path))
 @click.option("--recordings", type=click.Path(file_okay=False, path_type=Path), envvar="LLMPROXY_RECORDINGS")
 @_config_options
 def explain(request_file: Path, recordings: Path | None, config_path: Path | None) -> None:
-    """Say what replay would do with a request.
+    """Say what replay would do with a request; exit 1 when replay would not answer it.
 
-    REQUEST_FILE is a recording, or {"method", "path" (or "url"), "headers", "body"}. Prints
-    its route, the rules applied, its key, the file it would hit, or the nearest recordings
-    and how they differ.
+    REQUEST_FILE (- for stdin) is a recording, or {"method", "path" (or "url"), "headers",
+    "body"}. Prints its route, the rules applied, its key, the file it would hit, or the
+    nearest recordings and how they differ.
     """
     import orjson
 
-    from llmproxy.tools.explain import explain as explain_request
+    from llmproxy.errors import LlmproxyError
+    from llmproxy.tools.explain import explanation
 
     settings = _settings(config_path, recordings=recordings, log_level="error")
+    name = "stdin" if str(request_file) == "-" else str(request_file)
     try:
-        document = orjson.loads(request_file.read_bytes())
-        click.echo(explain_request(document, settings.router(), _load_index(settings)))
-    except (orjson.JSONDecodeError, ValueError) as exc:
-        raise click.ClickException(f"{request_file}: {exc}") from None
+        data = sys.stdin.buffer.read() if name == "stdin" else request_file.read_bytes()
+        document = orjson.loads(data)
+        text, hit = explanation(document, settings.router(), _load_index(settings))
+    except OSError as exc:
+        raise click.ClickException(f"{name}: cannot read it: {exc.strerror}") from None
+    except orjson.JSONDecodeError as exc:
+        raise click.ClickException(f"{name}: not valid JSON: {exc}") from None
+    except (ValueError, LlmproxyError) as exc:
+        raise click.ClickException(f"{name}: {exc}") from None
+    click.echo(text)
+    if not hit:
+        raise SystemExit(1)
 
 
 @main.command(name="ls")

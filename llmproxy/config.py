@@ -216,6 +216,19 @@ OPTIONS: tuple[Option, ...] = (
         metavar="MB",
     ),
     Option("shutdown_timeout", 10.0, (int, float), "Seconds in-flight requests get to finish on SIGTERM/SIGINT."),
+    Option(
+        "header_timeout",
+        60.0,
+        (int, float),
+        "Seconds a client connection gets to send a request's headers (from connecting, or from its "
+        "previous answer; also how long an idle keep-alive connection stays open); then it is closed.",
+    ),
+    Option(
+        "body_timeout",
+        120.0,
+        (int, float),
+        "Seconds a client gets to send a request's whole body; then 408 and the connection is closed.",
+    ),
     Option("durable_writes", False, bool, "fsync every recording before renaming it into place."),
     Option("secret_patterns", (), list, "Extra regexes the secret scanner refuses to write."),
     Option("ui", False, bool, "Serve the recordings browser under /_llmproxy/ on the proxy (read-only)."),
@@ -271,6 +284,8 @@ class Settings:
     share_inflight: bool = default("share_inflight")
     max_recording_bytes: int = int(default("max_recording_mb") * 1024 * 1024)
     shutdown_timeout: float = default("shutdown_timeout")
+    header_timeout: float = default("header_timeout")
+    body_timeout: float = default("body_timeout")
     durable_writes: bool = default("durable_writes")
     allow_empty: bool = default("allow_empty")
     secrets: Secrets = default("secrets")
@@ -487,6 +502,8 @@ def load_settings(
         share_inflight=bool(pick("share_inflight")),
         max_recording_bytes=_megabytes("max_recording_mb", pick("max_recording_mb")),
         shutdown_timeout=float(pick("shutdown_timeout")),
+        header_timeout=_seconds("header_timeout", pick("header_timeout")),
+        body_timeout=_seconds("body_timeout", pick("body_timeout")),
         durable_writes=bool(pick("durable_writes")),
         allow_empty=bool(pick("allow_empty")),
         secrets=pick("secrets"),
@@ -497,6 +514,13 @@ def load_settings(
         scope_fallback=bool(pick("scope_fallback")),
         record_hint=overrides.get("record_hint"),
     )
+
+
+def _seconds(name: str, value: Any) -> float:
+    seconds = float(value)
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{name} must be a number of seconds more than 0")
+    return seconds
 
 
 def _megabytes(name: str, value: Any) -> int:

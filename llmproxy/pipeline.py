@@ -32,7 +32,9 @@ from aiohttp import web
 from llmproxy.call import Call, NotRecorded, Outcome, Result, error_response
 from llmproxy.errors import LlmproxyError
 from llmproxy.headers import client_response_headers
+from llmproxy.lastresort import report_unexpected
 from llmproxy.playback import Exhausted, Found, Playback, Unreadable
+from llmproxy.store import dropped
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.document import from_document
 from llmproxy.store.index import Rendered, render
@@ -113,6 +115,7 @@ class Pipeline:
         self._flight_misses: dict[Flight, list[dict[str, Any]]] = {}
         self._landing: set[asyncio.Task[None]] = set()
         self._locks: dict[str, Lock] = {}  # cross-process locks held, by key
+        self._drop_reasons: dict[Flight, str] = {}  # why a flight's exchange is not written
         self.serving = 0  # clients being fed from a flight right now
         self.stop_by: float | None = None  # time.monotonic() by which close() must be done
         self.switchable = switchable
@@ -367,6 +370,7 @@ class Pipeline:
             elif flight.response is None:
                 reason = NotRecorded.UPSTREAM_FAILED
             if reason is not None:
+                self._drop_reasons[flight] = reason.value
                 self.outcome.note_not_recorded(reason)
                 log.warning(
                     "not recorded",
@@ -399,11 +403,23 @@ class Pipeline:
 
             written = True  # from here `done` releases the lock
             await self.recorder.schedule(exchange, sequence, done)
+        except Exception as exc:  # noqa: BLE001 - nobody awaits this task: a bug must not die unseen
+            written = False
+            report_unexpected(exc, call.headers, call.query, method=call.method, path=call.path)
+            if record:
+                self._drop_reasons[flight] = NotRecorded.WRITE_FAILED.value
+                self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
         finally:
             if not written:
                 self._landed(flight, key, lock, None)
 
     def _landed(self, flight: Flight, key: str, lock: Lock | None, path: Path | None) -> None:
+        reason = self._drop_reasons.pop(flight, None)
+        if path is None and flight.keep_bytes is not None and self.recorder is not None:
+            # Meant for the recordings, not written: a later replay miss of it says so.
+            call = flight.call
+            note = (self.recorder.store.root, key, call.route.name, call.method, call.path, reason)
+            asyncio.get_running_loop().run_in_executor(None, dropped.note, *note)
         for miss in self._flight_misses.pop(flight, []):
             if path is not None:
                 miss["recorded"] = str(path)

@@ -16,6 +16,7 @@ from aiohttp import web
 from llmproxy.call import Call, error_response
 from llmproxy.canonical import CanonicalRequest, request_differences
 from llmproxy.errors import LlmproxyError
+from llmproxy.store import dropped
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import Entry, Group, RecordingIndex, Rendered
 
@@ -78,6 +79,7 @@ class Playback:
         # A scoped call with no recording in its scope: answered by the shared recordings.
         self.fallback = fallback
         self._served: dict[Group, int] = {}
+        self.dropped: dict[str, dict[str, Any]] = {}  # exchanges record runs did not write, by key
         self._loading: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
@@ -98,6 +100,7 @@ class Playback:
     def _load(self, store: RecordingStore) -> None:
         started = time.perf_counter()
         self.index.load_store(store)
+        self.dropped = dropped.read_notes(store.root)
         log.info(
             "recordings loaded",
             directory=str(store.root),
@@ -244,6 +247,9 @@ class Playback:
             None, self._closest, canonical, call.model
         )
         closest_file = None
+        note = self.dropped.get(canonical.key)
+        if note is not None:
+            message += " " + dropped.describe(note)
         if closest is not None:
             closest_file = str(closest.source) if closest.source else None
             where = "" if closest.scope == call.scope else f" (in scope {closest.scope or 'shared'})"
@@ -260,6 +266,7 @@ class Playback:
             scope=call.scope,
             closest=closest_file,
             differences=differences,
+            not_recorded=(note.get("reason") or "unknown") if note is not None else None,
             compared=self.index.compared,
         )
         return error_response(call.route, 404, message, "recording_not_found")

@@ -17,9 +17,10 @@ from llmproxy.call import Call, Outcome, error_response
 from llmproxy.canonical import BadRequest, KeyMemo, RawBody, header_bytes, parse_body
 from llmproxy.config import Settings, validate_timing
 from llmproxy.intake import read_body, token_matches
+from llmproxy.lastresort import install_loop_errors, last_resort_middleware
 from llmproxy.pipeline import MODES, MissPolicy, Pipeline, RecordPolicy
 from llmproxy.playback import Playback
-from llmproxy.routing import Refusal, Router
+from llmproxy.routing import Refusal, Route, Router
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex, canonical_for_route
 from llmproxy.store.secrets import SecretScanner, request_credentials
@@ -106,6 +107,7 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 
 
 KEY_MEMO = web.AppKey("key_memo", KeyMemo)
+HANDLERS = web.AppKey("handlers", set)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -117,6 +119,19 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(method=request.method, path=request.path)
     return await handler(request)
+
+
+@web.middleware
+async def tracking_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Keep each running handler's task, so shutting down can cancel them at its deadline."""
+    task = asyncio.current_task()
+    running = request.app[HANDLERS]
+    if task is not None:
+        running.add(task)
+    try:
+        return await handler(request)
+    finally:
+        running.discard(task)  # type: ignore[arg-type]
 
 
 @web.middleware
@@ -145,6 +160,7 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Read the body once (kept by aiohttp for the handler): over max_body_mb, undecodable or cut
     short by a client leaving, it is answered here in the route's error shape."""
     limit = request.app[SETTINGS].max_body_bytes
+    timeout = request.app[SETTINGS].body_timeout
     problem: BadRequest | None = None
     if request.content_length is not None and request.content_length > limit:
         problem = BadRequest(
@@ -152,9 +168,13 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
         )
     else:
         try:
-            await read_body(request, limit)
+            async with asyncio.timeout(timeout):  # a client that stalls mid-body holds no connection for ever
+                await read_body(request, limit)
         except BadRequest as exc:
             problem = exc
+        except TimeoutError:
+            message = f"the request body did not arrive within body_timeout ({timeout:g} s)"
+            problem = BadRequest(408, "request_timeout", message, "request body too slow: connection closed")
         except asyncio.CancelledError:
             # aiohttp cancels the handler when its client disconnects: one line, no traceback.
             log.warning("client left during the request body", path=request.path)
@@ -162,8 +182,20 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if problem is not None:
         log.warning(problem.event, path=request.path, reason=problem.message, code=problem.code, limit=limit)
         match = request.app[ROUTER].resolve(request.method, request.path, request.headers)
-        return error_response(match.route if match else None, problem.status, problem.message, problem.code)
+        response = error_response(match.route if match else None, problem.status, problem.message, problem.code)
+        if problem.status == 408 and request.transport is not None:
+            # Answer, then close: aiohttp would otherwise linger reading the rest of the body.
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            request.transport.close()
+        return response
     return await handler(request)
+
+
+def _route_of(request: web.Request) -> Route | None:
+    match = request.app[ROUTER].resolve(request.method, request.path, request.headers)
+    return match.route if match else None
 
 
 def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.Application:
@@ -242,12 +274,20 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[context_middleware, token_middleware, method_middleware, body_middleware],
+        middlewares=[
+            context_middleware,
+            last_resort_middleware(_route_of),
+            tracking_middleware,
+            token_middleware,
+            method_middleware,
+            body_middleware,
+        ],
     )
     app[SETTINGS] = settings
     app[ROUTER] = router
     app[PIPELINE] = pipeline
     app[KEY_MEMO] = keys
+    app[HANDLERS] = set()
     if settings.ui:  # the recordings browser, under a prefix no provider uses; before the catch-all
         from llmproxy.tools.ui import ui_subapp
 
@@ -291,6 +331,9 @@ class ProxyServer:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.settings.shutdown_timeout,
+            # aiohttp closes a connection still without a whole request head this long after it
+            # opened (or after its previous answer): slow or idle clients free their descriptor.
+            keepalive_timeout=self.settings.header_timeout,
             # A client that leaves cancels its handler at once, also while the upstream is
             # silent: the pipeline then closes the upstream call (or reads it on to record it).
             handler_cancellation=True,
@@ -317,7 +360,14 @@ class ProxyServer:
             # One shutdown_timeout in all: what the handlers use of it is not given again to the
             # calls still reading their upstream to record it.
             self.pipeline.stop_by = time.monotonic() + self.settings.shutdown_timeout
-            await self._runner.cleanup()
+            cleanup = asyncio.ensure_future(self._runner.cleanup())
+            done, _ = await asyncio.wait([cleanup], timeout=self.settings.shutdown_timeout)
+            if not done:
+                # aiohttp would wait as long again before cancelling handlers still serving
+                # (its "cancel" only fails their request-body reads): cancel them now.
+                for task in list(self.app[HANDLERS]):
+                    task.cancel()
+            await cleanup
             self._runner = None
         report = self.report()
         saved = report["saved"]  # what replay saved going upstream, for the summary
@@ -361,6 +411,7 @@ async def serve(settings: Settings, mode_name: str) -> None:
     server = ProxyServer(settings, mode_name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    install_loop_errors(loop)
     # Before listening: a signal right after the `listening` line must still stop cleanly.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from llmproxy.config import Settings, load_settings
 from llmproxy.server import ProxyServer
+from llmproxy.store.dropped import NOTES_NAME
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -131,7 +132,8 @@ def free_port() -> int:
 
 
 def files_under(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file())
+    """Every file under `directory` but the notes of exchanges not recorded (store/dropped.py)."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != NOTES_NAME)
 
 
 def assert_no_secret(directory: Path, *secrets: str) -> None:
