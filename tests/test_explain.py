@@ -123,10 +123,13 @@ def test_a_replay_miss_of_an_exchange_refused_for_a_credential_says_it_was_not_r
     secret = "sk-ant-api03-" + "K" * 40
     record = start_proxy(loop_thread, "record", recordings, upstream=app.url)
     try:
+        # The writer logs the refusal after the client was answered: capture until the proxy stopped.
         with structlog.testing.capture_logs() as logs:
-            _ask(record.url, f"my key is {secret}")
+            try:
+                _ask(record.url, f"my key is {secret}")
+            finally:
+                record.stop()
     finally:
-        record.stop()
         app.stop()
     refusal = next(e for e in logs if e["event"] == "recording refused: it would hold a credential")
     # The hint offers what works: redaction or an allow-list, never an ignore rule that would not help.
