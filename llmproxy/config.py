@@ -39,6 +39,7 @@ AfterLast = Literal["repeat", "error"]
 ClientDisconnect = Literal["discard", "drain"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Secrets = Literal["refuse", "redact"]
+JournalMode = Literal["on", "fsync", "off"]
 # Timing is "fast", "realtime" or "xN"; validated by validate_timing.
 
 SERVING = ("record", "replay", "run")  # the commands that start a proxy
@@ -217,6 +218,23 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("shutdown_timeout", 10.0, (int, float), "Seconds in-flight requests get to finish on SIGTERM/SIGINT."),
     Option("durable_writes", False, bool, "fsync every recording before renaming it into place."),
+    Option(
+        "journal",
+        "on",
+        str,
+        "Write-ahead journal of recordings not yet written (a dot-file in the recordings directory): "
+        "on (survives a kill of the proxy), fsync (also a power cut, one disk flush per recording) or off. "
+        "The next start or `check --fix` writes what a killed proxy left in it.",
+        choices=get_args(JournalMode),
+    ),
+    Option(
+        "max_pending_mb",
+        64,
+        (int, float),
+        "Record: bytes of responses and recordings waiting for the disk; past it new calls wait "
+        "before going upstream (backpressure).",
+        commands=("record", "run"),
+    ),
     Option("secret_patterns", (), list, "Extra regexes the secret scanner refuses to write."),
     Option(
         "secrets",
@@ -264,6 +282,8 @@ class Settings:
     max_recording_bytes: int = int(default("max_recording_mb") * 1024 * 1024)
     shutdown_timeout: float = default("shutdown_timeout")
     durable_writes: bool = default("durable_writes")
+    journal: JournalMode = default("journal")
+    max_pending_bytes: int = int(default("max_pending_mb") * 1024 * 1024)
     allow_empty: bool = default("allow_empty")
     secrets: Secrets = default("secrets")
     secret_allow: list[str] = field(default_factory=list)
@@ -478,6 +498,8 @@ def load_settings(
         max_recording_bytes=_megabytes("max_recording_mb", pick("max_recording_mb")),
         shutdown_timeout=float(pick("shutdown_timeout")),
         durable_writes=bool(pick("durable_writes")),
+        journal=pick("journal"),
+        max_pending_bytes=_megabytes("max_pending_mb", pick("max_pending_mb")),
         allow_empty=bool(pick("allow_empty")),
         secrets=pick("secrets"),
         secret_allow=list(secret_allow),

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode
 
 import orjson
@@ -26,6 +26,7 @@ from llmproxy.headers import recorded_response_headers
 from llmproxy.providers import Provider
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
+from llmproxy.store.journal import Journal, Target, write_create_only
 from llmproxy.store.secrets import SecretScanner, request_credentials
 from llmproxy.upstream.client import Exchange
 from llmproxy.wire.framing import CapturedBody, Codec, Format, data_of
@@ -40,24 +41,47 @@ class SecretFound(Exception):
 
 
 @dataclass(slots=True)
+class Prepared:
+    """A recording in its final form: the bytes its file gets, and where it goes."""
+
+    call: Call
+    status: int
+    target: Target
+    data: bytes
+    entry: int | None = None  # its journal entry
+
+
+JournalMode = Literal["on", "fsync", "off"]
+
+
+@dataclass(slots=True)
 class Recorder:
     store: RecordingStore
     outcome: Outcome
     scanner: SecretScanner = field(default_factory=SecretScanner)
     # 429 and 5xx answers would poison replay, so they are only kept when asked for.
     record_errors: bool = False
-    # Exchanges waiting for the writer may hold this many body bytes; past it, handlers wait
-    # (after their client was answered), so a burst is absorbed and a flood slows down.
+    # Exchanges waiting to be prepared or written hold at most about this many bytes (bodies and
+    # their recordings); past it, new calls wait before going upstream (`room`), so a flood is
+    # slowed down at its source and never a client's stream already under way.
     max_pending_bytes: int = 64 * 1024 * 1024
     # secrets = "redact": credentials found are replaced by placeholders instead of refusing.
     redact: bool = False
+    # The write-ahead journal (store/journal.py): "fsync" also survives a power cut, "off" none.
+    journal_mode: JournalMode = "on"
+    # Test hook: runs in the writer thread before each file (a slow or stuck disk).
+    before_write: Callable[[], None] | None = None
     written: list[str] = field(default_factory=list)
+    journal: Journal | None = None
     _sequences: dict[str, int] = field(default_factory=dict)
     _pending: set[asyncio.Future[Any]] = field(default_factory=set)
-    _room: asyncio.Condition | None = None
+    _waiting_room: list[asyncio.Future[None]] = field(default_factory=list)
     _pending_bytes: int = 0
-    # One writer thread: recordings are written in the order exchanges completed, and a burst
-    # of completions queues up instead of waking a crowd of threads that fight for the GIL.
+    # Two threads: one prepares (parse, check, scan, serialise, journal: the client's end waits
+    # for it), one only creates files, in the order exchanges completed.
+    _preparer: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmproxy-prepare")
+    )
     _writer: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmproxy-writer")
     )
@@ -81,70 +105,152 @@ class Recorder:
             route=call.route.name, path=call.path, model=call.model, key=call.canonical.key, sequence=sequence
         )
 
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    async def room(self) -> None:
+        """Wait until the queue of recordings is under its byte bound (before a new upstream call)."""
+        while self._pending_bytes > self.max_pending_bytes:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting_room.append(waiter)
+            await waiter
+
+    def _release(self, size: int) -> None:
+        self._pending_bytes -= size
+        if self._waiting_room and self._pending_bytes <= self.max_pending_bytes:
+            waiters, self._waiting_room = self._waiting_room, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
     async def schedule(
-        self, exchange: Exchange, sequence: int, done: Callable[[Path | None], None] | None = None
+        self,
+        exchange: Exchange,
+        sequence: int,
+        done: Callable[[Path | None], None] | None = None,
+        journaled: Callable[[], None] | None = None,
     ) -> None:
-        """Write the exchange in the writer thread, then call `done` there with the file written
-        (None when it was not).
-
-        When clients outpace the disk for long, this waits (after their response was sent),
-        which slows them down instead of letting the queue, and memory, grow."""
-        if not exchange.complete and not self.record_errors:
-            self.outcome.note_not_recorded(NotRecorded.TRUNCATED)
-            log.warning(
-                "not recorded: the upstream broke off the response",
-                route=exchange.call.route.name,
-                path=exchange.call.path,
-                hint="record_errors keeps such answers, marked truncated",
-            )
+        """Prepare the exchange's recording (journaled when this returns, then `journaled` is
+        called: the client may get its end), then write its file in the writer thread and call
+        `done` there with the file written (None when it was not)."""
+        try:
+            if not exchange.complete and not self.record_errors:
+                self.outcome.note_not_recorded(NotRecorded.TRUNCATED)
+                log.warning(
+                    "not recorded: the upstream broke off the response",
+                    route=exchange.call.route.name,
+                    path=exchange.call.path,
+                    hint="record_errors keeps such answers, marked truncated",
+                )
+                if done is not None:
+                    done(None)
+                return
+            if not self.should_record(exchange.status):
+                self.outcome.note_not_recorded(NotRecorded.UPSTREAM_STATUS)
+                log.warning(
+                    "not recorded: upstream error status",
+                    route=exchange.call.route.name,
+                    path=exchange.call.path,
+                    status=exchange.status,
+                    hint="record_errors keeps 429 and 5xx answers",
+                )
+                if done is not None:
+                    done(None)
+                return
+            loop = asyncio.get_running_loop()
+            body_size = len(exchange.body)
+            self._pending_bytes += body_size
+            try:
+                prepared = await loop.run_in_executor(self._preparer, self.prepare, exchange, sequence)
+            except BaseException:
+                self._release(body_size)
+                raise
+        finally:
+            if journaled is not None:
+                journaled()
+        if prepared is None:
+            self._release(body_size)
             if done is not None:
                 done(None)
             return
-        if not self.should_record(exchange.status):
-            self.outcome.note_not_recorded(NotRecorded.UPSTREAM_STATUS)
-            log.warning(
-                "not recorded: upstream error status",
-                route=exchange.call.route.name,
-                path=exchange.call.path,
-                status=exchange.status,
-                hint="record_errors keeps 429 and 5xx answers",
-            )
-            if done is not None:
-                done(None)
-            return
-        if self._room is None:
-            self._room = asyncio.Condition()
-        size = len(exchange.body)
-        async with self._room:
-            await self._room.wait_for(lambda: not self._pending or self._pending_bytes + size <= self.max_pending_bytes)
-            self._pending_bytes += size
-        future = asyncio.get_running_loop().run_in_executor(self._writer, self._write_then, exchange, sequence, done)
+        size = body_size + len(prepared.data)
+        self._pending_bytes += len(prepared.data)
+        future = loop.run_in_executor(self._writer, self._write_then, prepared, done)
         self._pending.add(future)
-        future.add_done_callback(lambda done: asyncio.ensure_future(self._written(done, size)))
+        future.add_done_callback(lambda finished: self._written(finished, size))
 
-    async def _written(self, future: asyncio.Future[Any], size: int) -> None:
-        assert self._room is not None
-        async with self._room:
-            self._pending.discard(future)
-            self._pending_bytes -= size
-            self._room.notify_all()
+    def _written(self, future: asyncio.Future[Any], size: int) -> None:
+        self._pending.discard(future)
+        self._release(size)
 
     async def drain(self) -> None:
-        """Wait for every scheduled write (at shutdown: nothing in flight is lost)."""
+        """Wait for every scheduled write (at shutdown: nothing in flight is lost), with progress."""
+        if self._pending:
+            log.info("shutting down: writing queued recordings", queued=len(self._pending))
         while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+            _, still = await asyncio.wait(list(self._pending), timeout=1.0)
+            if still:
+                log.info("shutting down: writing queued recordings", left=len(self._pending))
         self._writer.shutdown(wait=True)
+        self._preparer.shutdown(wait=True)
+        if self.journal is not None:
+            left = self.journal.close()
+            if left:
+                log.error(
+                    "recordings not written; kept in the journal for the next start or check --fix",
+                    count=left,
+                    journal=str(self.journal.path),
+                )
 
-    def _write_then(self, exchange: Exchange, sequence: int, done: Callable[[Path | None], None] | None) -> Path | None:
+    def write(self, exchange: Exchange, sequence: int = 1) -> Path | None:
+        """Prepare and write in the calling thread (tools and tests)."""
+        prepared = self.prepare(exchange, sequence)
+        return None if prepared is None else self._write_prepared(prepared)
+
+    def _write_then(self, prepared: Prepared, done: Callable[[Path | None], None] | None) -> Path | None:
         path = None
         try:
-            path = self.write(exchange, sequence)
+            path = self._write_prepared(prepared)
             return path
         finally:
             if done is not None:
                 done(path)
 
-    def write(self, exchange: Exchange, sequence: int = 1) -> Path | None:
+    def _write_prepared(self, prepared: Prepared) -> Path | None:
+        """The writer thread's part: only I/O."""
+        call = prepared.call
+        try:
+            if self.before_write is not None:
+                self.before_write()
+            path = write_create_only(self.store, prepared.target, prepared.data)
+        except Exception:
+            self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
+            log.exception(
+                "recording not written (kept in the journal)" if prepared.entry else "recording not written",
+                route=call.route.name,
+                path=call.path,
+            )
+            return None
+        if self.journal is not None and prepared.entry is not None:
+            self.journal.done(prepared.entry)
+        key = prepared.target.key
+        # GIL-atomic; a stale read elsewhere only costs one more FileExistsError.
+        self._sequences[key] = max(self._sequences.get(key, 0), prepared.target.sequence)
+        self.written.append(str(path))
+        log.debug(
+            "recorded",
+            route=call.route.name,
+            method=call.method,
+            path=call.path,
+            status=prepared.status,
+            file=str(path),
+            key=key[:16],
+        )
+        return path
+
+    def prepare(self, exchange: Exchange, sequence: int = 1) -> Prepared | None:
+        """The recording in its final bytes, scanned for secrets, journaled (None: not recorded)."""
         call = exchange.call
         try:
             recording = build_recording(exchange)
@@ -177,7 +283,14 @@ class Recorder:
                 findings = self.scanner.scan(document, data, values)
             if findings:
                 raise SecretFound("; ".join(str(finding) for finding in findings))
-            path = self._write_new(call, document, data)
+            target = Target(call.route.name, call.path, call.model, call.canonical.key, sequence)
+            prepared = Prepared(call, exchange.status, target, data)
+            if self.journal_mode != "off":
+                # Only what passed the scan is journaled: the journal never holds a credential.
+                if self.journal is None:
+                    self.journal = Journal(self.store.root, fsync="always" if self.journal_mode == "fsync" else "off")
+                prepared.entry = self.journal.append(target, data)
+            return prepared
         except SecretFound as exc:
             self.outcome.note_not_recorded(NotRecorded.SECRET)
             log.error(
@@ -192,38 +305,6 @@ class Recorder:
             self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
             log.exception("recording not written", route=call.route.name, path=call.path)
             return None
-        self.written.append(str(path))
-        log.info(
-            "recorded",
-            route=call.route.name,
-            method=call.method,
-            path=call.path,
-            status=exchange.status,
-            file=str(path),
-            key=call.canonical.key[:16],
-        )
-        return path
-
-    def _write_new(self, call: Call, document: dict[str, Any], data: bytes) -> Path:
-        """Write under the first free sequence from the one assigned: create-only, so a repeat
-        recorded by another process (or an earlier run) on this directory is never replaced.
-        Taking a name is one atomic link; losing the race just moves on to the next number."""
-        key = call.canonical.key
-        sequence = int(document["request"].get("sequence", 1))
-        for attempt in range(MAX_NAME_ATTEMPTS):
-            try:
-                path = self.store.write(self.target(call, sequence), data)
-            except FileExistsError:
-                # Jump past every repeat already on disk once, then step (races are rare).
-                taken = self.store.highest_sequence(call.route.name, key) if attempt == 0 else sequence
-                sequence = max(sequence, taken) + 1
-                document["request"]["sequence"] = sequence
-                data = self.store.serialize(document)
-                continue
-            # GIL-atomic; a stale read elsewhere only costs one more FileExistsError.
-            self._sequences[key] = max(self._sequences.get(key, 0), sequence)
-            return path
-        raise RuntimeError(f"no free sequence for key {key[:16]} after {MAX_NAME_ATTEMPTS} attempts")
 
 
 MAX_NAME_ATTEMPTS = 1000
