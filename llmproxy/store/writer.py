@@ -109,6 +109,11 @@ class Recorder:
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for room before going upstream."""
+        return len(self._waiting_room)
+
     async def room(self) -> None:
         """Wait until the queue of recordings is under its byte bound (before a new upstream call)."""
         while self._pending_bytes > self.max_pending_bytes:
