@@ -369,10 +369,9 @@ class Pipeline:
                 headers_ms=flight.response.headers_ms,
                 complete=flight.broken is None,
             )
-            loop = asyncio.get_running_loop()
 
-            def done(path: Path | None) -> None:
-                loop.call_soon_threadsafe(self._landed, flight, key, lock, path)
+            def done(path: Path | None) -> None:  # called on the loop
+                self._landed(flight, key, lock, path)
 
             written = True  # from here `done` releases the lock
             await self.recorder.schedule(exchange, sequence, done, lambda: self._settle(flight))

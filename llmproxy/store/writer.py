@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import queue
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +51,8 @@ class Prepared:
     target: Target
     data: bytes
     entry: int | None = None  # its journal entry
+    size: int = 0  # bytes it holds while queued (the body and the recording)
+    done: Callable[[Path | None], None] | None = None
 
 
 JournalMode = Literal["on", "fsync", "off"]
@@ -74,17 +78,20 @@ class Recorder:
     written: list[str] = field(default_factory=list)
     journal: Journal | None = None
     _sequences: dict[str, int] = field(default_factory=dict)
-    _pending: set[asyncio.Future[Any]] = field(default_factory=set)
+    _pending: int = 0  # recordings handed to the writer thread and not yet written
     _waiting_room: list[asyncio.Future[None]] = field(default_factory=list)
     _pending_bytes: int = 0
-    # Two threads: one prepares (parse, check, scan, serialise, journal: the client's end waits
-    # for it), one only creates files, in the order exchanges completed.
+    # Small exchanges are prepared (parsed, checked, scanned, serialised, journaled) on the event
+    # loop: handing them to a thread costs more, and a CPU-bound thread makes the loop wait for the
+    # GIL on every socket call. Bigger ones go to the preparer thread, so the loop is never held
+    # long. The writer thread only creates files, in the order exchanges completed.
     _preparer: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmproxy-prepare")
     )
-    _writer: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmproxy-writer")
-    )
+    _queue: queue.SimpleQueue[Prepared | None] = field(default_factory=queue.SimpleQueue)
+    _writer: threading.Thread | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _idle: asyncio.Event | None = None
 
     def should_record(self, status: int) -> bool:
         return self.record_errors or (status < 500 and status != 429)
@@ -117,7 +124,8 @@ class Recorder:
     async def room(self) -> None:
         """Wait until the queue of recordings is under its byte bound (before a new upstream call)."""
         while self._pending_bytes > self.max_pending_bytes:
-            waiter = asyncio.get_running_loop().create_future()
+            assert self._loop is not None  # bytes are pending only after a schedule
+            waiter = self._loop.create_future()
             self._waiting_room.append(waiter)
             await waiter
 
@@ -136,9 +144,9 @@ class Recorder:
         done: Callable[[Path | None], None] | None = None,
         journaled: Callable[[], None] | None = None,
     ) -> None:
-        """Prepare the exchange's recording (journaled when this returns, then `journaled` is
-        called: the client may get its end), then write its file in the writer thread and call
-        `done` there with the file written (None when it was not)."""
+        """Prepare the exchange's recording (journaled when `journaled` is called: the client may
+        get its end), then have the writer thread write its file; `done` is called on the event
+        loop with the file written (None when it was not)."""
         try:
             if not exchange.complete and not self.record_errors:
                 self.outcome.note_not_recorded(NotRecorded.TRUNCATED)
@@ -163,11 +171,15 @@ class Recorder:
                 if done is not None:
                     done(None)
                 return
-            loop = asyncio.get_running_loop()
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
             body_size = len(exchange.body)
             self._pending_bytes += body_size
             try:
-                prepared = await loop.run_in_executor(self._preparer, self.prepare, exchange, sequence)
+                if body_size + len(exchange.call.body) <= INLINE_PREPARE_BYTES:
+                    prepared = self.prepare(exchange, sequence)
+                else:
+                    prepared = await self._loop.run_in_executor(self._preparer, self.prepare, exchange, sequence)
             except BaseException:
                 self._release(body_size)
                 raise
@@ -179,25 +191,58 @@ class Recorder:
             if done is not None:
                 done(None)
             return
-        size = body_size + len(prepared.data)
+        prepared.size = body_size + len(prepared.data)
+        prepared.done = done
         self._pending_bytes += len(prepared.data)
-        future = loop.run_in_executor(self._writer, self._write_then, prepared, done)
-        self._pending.add(future)
-        future.add_done_callback(lambda finished: self._written(finished, size))
+        self._pending += 1
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_queued, name="llmproxy-writer", daemon=True)
+            self._writer.start()
+        self._queue.put(prepared)
 
-    def _written(self, future: asyncio.Future[Any], size: int) -> None:
-        self._pending.discard(future)
-        self._release(size)
+    def _write_queued(self) -> None:
+        """The writer thread: files for everything queued, in order; the loop hears of them in batches
+        (one wake-up for many files)."""
+        assert self._loop is not None
+        while True:
+            batch = [self._queue.get()]
+            while batch[-1] is not None and len(batch) < WRITE_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            written = [(prepared, self._write_prepared(prepared)) for prepared in batch if prepared is not None]
+            if written:
+                try:
+                    self._loop.call_soon_threadsafe(self._written, written)
+                except RuntimeError:  # the loop is closed: nobody is left to tell
+                    pass
+            if batch[-1] is None:
+                return
+
+    def _written(self, written: list[tuple[Prepared, Path | None]]) -> None:
+        for prepared, path in written:
+            self._pending -= 1
+            self._release(prepared.size)
+            if prepared.done is not None:
+                prepared.done(path)
+        if not self._pending and self._idle is not None:
+            self._idle.set()
 
     async def drain(self) -> None:
         """Wait for every scheduled write (at shutdown: nothing in flight is lost), with progress."""
         if self._pending:
-            log.info("shutting down: writing queued recordings", queued=len(self._pending))
+            log.info("shutting down: writing queued recordings", queued=self._pending)
         while self._pending:
-            _, still = await asyncio.wait(list(self._pending), timeout=1.0)
-            if still:
-                log.info("shutting down: writing queued recordings", left=len(self._pending))
-        self._writer.shutdown(wait=True)
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=1.0)
+            except TimeoutError:
+                log.info("shutting down: writing queued recordings", left=self._pending)
+        if self._writer is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+            self._writer = None
         self._preparer.shutdown(wait=True)
         if self.journal is not None:
             left = self.journal.close()
@@ -212,15 +257,6 @@ class Recorder:
         """Prepare and write in the calling thread (tools and tests)."""
         prepared = self.prepare(exchange, sequence)
         return None if prepared is None else self._write_prepared(prepared)
-
-    def _write_then(self, prepared: Prepared, done: Callable[[Path | None], None] | None) -> Path | None:
-        path = None
-        try:
-            path = self._write_prepared(prepared)
-            return path
-        finally:
-            if done is not None:
-                done(path)
 
     def _write_prepared(self, prepared: Prepared) -> Path | None:
         """The writer thread's part: only I/O."""
@@ -313,6 +349,10 @@ class Recorder:
 
 
 MAX_NAME_ATTEMPTS = 1000
+# Exchanges up to this size (request and response bodies) are prepared on the event loop.
+INLINE_PREPARE_BYTES = 64 * 1024
+# Files the writer thread writes before telling the loop.
+WRITE_BATCH = 64
 
 
 def _truncated(exchange: Exchange, recording: Recording) -> bool:
