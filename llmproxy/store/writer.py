@@ -88,7 +88,8 @@ class Recorder:
     _preparer: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmproxy-prepare")
     )
-    _queue: queue.SimpleQueue[Prepared | None] = field(default_factory=queue.SimpleQueue)
+    _queue: queue.SimpleQueue[list[Prepared] | None] = field(default_factory=queue.SimpleQueue)
+    _outbox: list[tuple[Prepared, asyncio.Future[None]]] = field(default_factory=list)
     _writer: threading.Thread | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _idle: asyncio.Event | None = None
@@ -183,42 +184,62 @@ class Recorder:
             except BaseException:
                 self._release(body_size)
                 raise
+            if prepared is None:
+                self._release(body_size)
+                if done is not None:
+                    done(None)
+                return
+            prepared.size = body_size + len(prepared.data)
+            prepared.done = done
+            self._pending_bytes += len(prepared.data)
+            self._pending += 1
+            queued = self._loop.create_future()
+            self._outbox.append((prepared, queued))
+            if len(self._outbox) == 1:
+                self._loop.call_soon(self._flush)
+            await queued  # journaled: from here a kill loses nothing the client gets
         finally:
             if journaled is not None:
                 journaled()
-        if prepared is None:
-            self._release(body_size)
-            if done is not None:
-                done(None)
+
+    def _flush(self) -> None:
+        """Once per loop iteration: journal what was prepared in one append, then hand it to the
+        writer thread in one wake-up (each wake-up of another thread costs the loop a GIL handoff)."""
+        batch, self._outbox = self._outbox, []
+        if not batch:
             return
-        prepared.size = body_size + len(prepared.data)
-        prepared.done = done
-        self._pending_bytes += len(prepared.data)
-        self._pending += 1
+        if self.journal_mode != "off":
+            try:
+                if self.journal is None:
+                    self.journal = Journal(self.store.root, fsync="always" if self.journal_mode == "fsync" else "off")
+                entries = self.journal.append_many([(prepared.target, prepared.data) for prepared, _ in batch])
+                for (prepared, _), entry in zip(batch, entries, strict=True):
+                    prepared.entry = entry
+            except OSError:
+                log.exception("journal not written: these recordings are lost if the proxy is killed", count=len(batch))
+        for _, queued in batch:
+            if not queued.done():
+                queued.set_result(None)
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_queued, name="llmproxy-writer", daemon=True)
             self._writer.start()
-        self._queue.put(prepared)
+        self._queue.put([prepared for prepared, _ in batch])
 
     def _write_queued(self) -> None:
         """The writer thread: files for everything queued, in order; the loop hears of them in batches
         (one wake-up for many files)."""
         assert self._loop is not None
         while True:
-            batch = [self._queue.get()]
-            while batch[-1] is not None and len(batch) < WRITE_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            written = [(prepared, self._write_prepared(prepared)) for prepared in batch if prepared is not None]
-            if written:
-                try:
-                    self._loop.call_soon_threadsafe(self._written, written)
-                except RuntimeError:  # the loop is closed: nobody is left to tell
-                    pass
-            if batch[-1] is None:
+            batch = self._queue.get()
+            if batch is None:
                 return
+            written = [(prepared, self._write_prepared(prepared)) for prepared in batch]
+            if self.journal is not None:
+                self.journal.done([prepared.entry for prepared, path in written if path and prepared.entry])
+            try:
+                self._loop.call_soon_threadsafe(self._written, written)
+            except RuntimeError:  # the loop is closed: nobody is left to tell
+                pass
 
     def _written(self, written: list[tuple[Prepared, Path | None]]) -> None:
         for prepared, path in written:
@@ -273,8 +294,6 @@ class Recorder:
                 path=call.path,
             )
             return None
-        if self.journal is not None and prepared.entry is not None:
-            self.journal.done(prepared.entry)
         key = prepared.target.key
         # GIL-atomic; a stale read elsewhere only costs one more FileExistsError.
         self._sequences[key] = max(self._sequences.get(key, 0), prepared.target.sequence)
@@ -325,13 +344,8 @@ class Recorder:
             if findings:
                 raise SecretFound("; ".join(str(finding) for finding in findings))
             target = Target(call.route.name, call.path, call.model, call.canonical.key, sequence)
-            prepared = Prepared(call, exchange.status, target, data)
-            if self.journal_mode != "off":
-                # Only what passed the scan is journaled: the journal never holds a credential.
-                if self.journal is None:
-                    self.journal = Journal(self.store.root, fsync="always" if self.journal_mode == "fsync" else "off")
-                prepared.entry = self.journal.append(target, data)
-            return prepared
+            # Only this, what passed the scan, is journaled: the journal never holds a credential.
+            return Prepared(call, exchange.status, target, data)
         except SecretFound as exc:
             self.outcome.note_not_recorded(NotRecorded.SECRET)
             log.error(
@@ -351,8 +365,6 @@ class Recorder:
 MAX_NAME_ATTEMPTS = 1000
 # Exchanges up to this size (request and response bodies) are prepared on the event loop.
 INLINE_PREPARE_BYTES = 64 * 1024
-# Files the writer thread writes before telling the loop.
-WRITE_BATCH = 64
 
 
 def _truncated(exchange: Exchange, recording: Recording) -> bool:
