@@ -289,7 +289,8 @@ async def time_loading(count: int) -> dict[str, float]:
 
 async def main_async(args: argparse.Namespace) -> None:
     scenarios = QUICK if args.quick else SCENARIOS
-    with tempfile.TemporaryDirectory(prefix="llmproxy-bench-rec-") as recordings:
+    # Where recordings go matters: on this machine creating a file in /tmp costs ~2 ms, on /work ~0.15 ms.
+    with tempfile.TemporaryDirectory(prefix="llmproxy-bench-rec-", dir=args.dir) as recordings:
         upstream = Target("direct", ["-m", "bench.upstream", "--port", str(port := free_port())], port)
         upstream.start()
         passthrough = Target(
@@ -372,6 +373,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer, smaller scenarios")
+    parser.add_argument("--dir", help="where the record-side targets write (default: the temp directory)")
     parser.add_argument(
         "--loading",
         type=int,
