@@ -7,20 +7,34 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
 from llmproxy.store.journal import journals
-from tests.support import CliProxy, LoopThread, RunningApp, async_wait_until, start_proxy, wait_until
+from tests.support import (
+    CliProxy,
+    LoopThread,
+    RunningApp,
+    assert_no_secret,
+    async_wait_until,
+    start_proxy,
+    wait_until,
+)
 from tests.upstreams.openai_wire import OpenAIWire
 
 
 def _body(number: int, *, stream: bool, size: int = 0) -> dict:
     content = f"nonce-{number:05d} " + "y" * size
     return {"model": "gpt-4o", "messages": [{"role": "user", "content": content}], "stream": stream}
+
+
+KEY = "sk-proj-journalsecret0123456789abcdefABCDEF"
 
 
 async def _fire(url: str, count: int, answered: list[int], *, stream: bool, limit: int = 0, size: int = 0) -> None:
@@ -36,7 +50,8 @@ async def _fire(url: str, count: int, answered: list[int], *, stream: bool, limi
         assert data.endswith(b"data: [DONE]\n\n") if stream else orjson.loads(data)["choices"]
         answered.append(number)
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit)) as session:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), headers=headers) as session:
         await asyncio.gather(*(one(session, n) for n in range(count)))
 
 
@@ -74,8 +89,9 @@ def test_sigterm_under_load_on_a_slow_disk_writes_every_answered_exchange(
     assert journals(recordings) == []  # everything written: the journal is gone
 
 
+@pytest.mark.parametrize("recover_with", ["restart", "check --fix"])
 def test_kill_9_under_load_then_a_restart_recovers_every_acknowledged_exchange(
-    loop_thread: LoopThread, tmp_path: Path
+    loop_thread: LoopThread, tmp_path: Path, recover_with: str
 ) -> None:
     wire = OpenAIWire()
     app = RunningApp(loop_thread, wire.app()).start()
@@ -95,6 +111,15 @@ def test_kill_9_under_load_then_a_restart_recovers_every_acknowledged_exchange(
         assert len(acknowledged) < 120  # killed under load
         assert _nonces_on_disk(recordings) == []  # nothing reached its file before the kill
         assert len(journals(recordings)) == 1
+        assert_no_secret(recordings, KEY)  # the journal holds what the recordings will: no credential
+        if recover_with == "check --fix":
+            command = [sys.executable, "-m", "llmproxy", "check", str(recordings)]
+            unfixed = subprocess.run(command, capture_output=True, text=True)
+            assert unfixed.returncode == 1 and "journal of a proxy that was killed" in unfixed.stdout
+            fixed = subprocess.run([*command, "--fix"], capture_output=True, text=True)
+            assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+            assert set(acknowledged) <= set(_nonces_on_disk(recordings))
+            assert journals(recordings) == []
         # The next start (here a replay) writes the journal's recordings, then serves them.
         replay = CliProxy("replay", "--recordings", str(recordings), "--port", "0", "--allow-empty")
         try:
@@ -106,8 +131,9 @@ def test_kill_9_under_load_then_a_restart_recovers_every_acknowledged_exchange(
     finally:
         app.stop()
     assert replayed == wire.sent[[r["body"] for r in wire.requests].index(_body(acknowledged[0], stream=False))]
-    recovered = next(e for e in events if e["event"].startswith("recovered recordings from the journal"))
-    assert recovered["written"] >= len(acknowledged) and recovered["failed"] == 0
+    if recover_with == "restart":
+        recovered = next(e for e in events if e["event"].startswith("recovered recordings from the journal"))
+        assert recovered["written"] >= len(acknowledged) and recovered["failed"] == 0
 
 
 async def _one(url: str, number: int) -> bytes:
