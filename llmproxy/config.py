@@ -229,7 +229,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_pending_mb",
-        64,
+        32,
         (int, float),
         "Record: bytes of responses and recordings waiting for the disk; past it new calls wait "
         "before going upstream (backpressure).",

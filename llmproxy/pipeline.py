@@ -108,6 +108,7 @@ class Pipeline:
         # Per recorded flight: set once its recording is journaled (or known not to be); its
         # clients get the end of the response only then, so an answer a client has is recoverable.
         self._journaled: dict[Flight, asyncio.Future[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._locks: dict[str, Lock] = {}  # cross-process locks held, by key
         self.serving = 0  # clients being fed from a flight right now
         self.stop_by: float | None = None  # time.monotonic() by which close() must be done
@@ -227,7 +228,9 @@ class Pipeline:
         reader = flight.join()  # before the flight's task first runs: it must see its reader
         self._flight_misses[flight] = [miss] if miss is not None else []
         if record:
-            self._journaled[flight] = asyncio.get_running_loop().create_future()
+            if self._loop is None:  # cached: on Python 3.11 each lookup is a getpid() system call
+                self._loop = asyncio.get_running_loop()
+            self._journaled[flight] = self._loop.create_future()
         if share:
             self._flights[key] = flight
         task = asyncio.create_task(self._land(flight, record, sequence, lock))

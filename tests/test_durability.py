@@ -174,7 +174,7 @@ def test_overload_on_a_stuck_disk_waits_before_the_upstream_and_loses_nothing(
         # Backpressure held the rest before the upstream; what is queued is the bound plus at most
         # one exchange per connection that passed before it filled (a body and its recording each).
         assert sent < count
-        assert bound < pending <= bound + connections * 4 * size
+        assert bound < pending <= bound + connections * 6 * size
         assert _nonces_on_disk(recordings) == []
         disk.set()
         future.result(60)

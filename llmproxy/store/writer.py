@@ -68,7 +68,7 @@ class Recorder:
     # Exchanges waiting to be prepared or written hold at most about this many bytes (bodies and
     # their recordings); past it, new calls wait before going upstream (`room`), so a flood is
     # slowed down at its source and never a client's stream already under way.
-    max_pending_bytes: int = 64 * 1024 * 1024
+    max_pending_bytes: int = 32 * 1024 * 1024
     # secrets = "redact": credentials found are replaced by placeholders instead of refusing.
     redact: bool = False
     # The write-ahead journal (store/journal.py): "fsync" also survives a power cut, "off" none.
@@ -174,10 +174,12 @@ class Recorder:
                 return
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
-            body_size = len(exchange.body)
+            # What a queued exchange holds beyond its bytes (its call, flight, headers): counted, so
+            # that many small recordings cannot hold much more memory than the bound says.
+            body_size = len(exchange.body) + len(exchange.call.body) + QUEUED_OVERHEAD
             self._pending_bytes += body_size
             try:
-                if body_size + len(exchange.call.body) <= INLINE_PREPARE_BYTES:
+                if body_size <= INLINE_PREPARE_BYTES:
                     prepared = self.prepare(exchange, sequence)
                 else:
                     prepared = await self._loop.run_in_executor(self._preparer, self.prepare, exchange, sequence)
@@ -365,6 +367,7 @@ class Recorder:
 MAX_NAME_ATTEMPTS = 1000
 # Exchanges up to this size (request and response bodies) are prepared on the event loop.
 INLINE_PREPARE_BYTES = 64 * 1024
+QUEUED_OVERHEAD = 8 * 1024
 
 
 def _truncated(exchange: Exchange, recording: Recording) -> bool:
