@@ -146,6 +146,21 @@ def journals(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(JOURNAL_PREFIX) and p.name.endswith(JOURNAL_SUFFIX))
 
 
+def abandoned(path: Path) -> bool:
+    """A journal whose proxy is gone (no one holds its lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def pending_entries(data: bytes) -> list[tuple[Target, bytes]]:
     """The complete entries of a journal's bytes that are not marked done, in order."""
     entries: dict[int, tuple[Target, bytes]] = {}

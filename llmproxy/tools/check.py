@@ -11,7 +11,7 @@ from llmproxy.errors import LlmproxyError
 from llmproxy.routing import Router
 from llmproxy.store.directory import DEFAULT_MAX_FILE_BYTES, TEMP_SUFFIX, RecordingStore
 from llmproxy.store.index import RecordingIndex
-from llmproxy.store.journal import journals, recover
+from llmproxy.store.journal import abandoned, journals, recover
 from llmproxy.store.secrets import SecretScanner
 
 # Names llmproxy gives its files: ...-<key16>.json, or ...-<key16>-<sequence>.json for repeats.
@@ -63,9 +63,8 @@ def check_directory(
             )
     else:
         for path in journals(root):
-            problems.append(
-                Problem(path, "leftover", "journal of a proxy that was killed (or is running): recover with --fix")
-            )
+            if abandoned(path):  # a running proxy's journal is its own business
+                problems.append(Problem(path, "leftover", "journal of a proxy that was killed: recover with --fix"))
     index = RecordingIndex(router, keep_recordings=True, cache_bytes=0)
     seen: dict[tuple[str, int], Path] = {}
     for path in progress(list(store.paths())):
