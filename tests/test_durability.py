@@ -6,6 +6,7 @@ Every request carries a nonce in its body, so each answered request is matched w
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import aiohttp
 import orjson
 import pytest
 
-from llmproxy.store.journal import journals
+from llmproxy.store.directory import RecordingStore
+from llmproxy.store.journal import Journal, Target, journals, recover
 from tests.support import (
     CliProxy,
     LoopThread,
@@ -185,3 +187,25 @@ def test_overload_on_a_stuck_disk_waits_before_the_upstream_and_loses_nothing(
     assert sorted(answered) == list(range(count))
     assert _nonces_on_disk(recordings) == list(range(count))
     assert journals(recordings) == []
+
+
+def test_a_torn_journal_tail_is_dropped_and_done_entries_are_not_rewritten(tmp_path: Path) -> None:
+    """What a kill mid-append leaves: the complete entries are recovered, the torn one (never
+    acknowledged) is dropped, entries marked done are not written again."""
+    store = RecordingStore(tmp_path)
+    journal = Journal(tmp_path)
+    documents = [{"request": {"sequence": 1, "n": n}, "response": {}} for n in range(3)]
+    targets = [Target("openai", "/v1/chat/completions", "gpt-4o", str(n + 1) * 64, 1) for n in range(3)]
+    entries = journal.append_many([(t, store.serialize(d)) for t, d in zip(targets, documents, strict=True)])
+    journal.done([entries[1]])
+    path = journal.path
+    with path.open("ab") as handle:  # a header and half a body: killed mid-append
+        handle.write(b'{"id":99,"size":500,"route":"openai","path":"/x","model":null,"key":"' + b"f" * 64)
+        handle.write(b'","sequence":1}\n{"request"')
+    journal._fd, fd = -1, journal._fd  # the process dies holding it: its lock goes with it
+    os.close(fd)
+    result = recover(store)
+    written = sorted(p.name for p in tmp_path.rglob("*.json"))
+    assert (result.written, result.failed) == (2, 0)
+    assert written == sorted(targets[n].relative(store).name for n in (0, 2))
+    assert not path.exists()
