@@ -39,6 +39,7 @@ AfterLast = Literal["repeat", "error"]
 ClientDisconnect = Literal["discard", "drain"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Secrets = Literal["refuse", "redact"]
+JournalMode = Literal["on", "fsync", "off"]
 # Timing is "fast", "realtime" or "xN"; validated by validate_timing.
 
 SERVING = ("record", "replay", "run")  # the commands that start a proxy
@@ -230,6 +231,23 @@ OPTIONS: tuple[Option, ...] = (
         "Seconds a client gets to send a request's whole body; then 408 and the connection is closed.",
     ),
     Option("durable_writes", False, bool, "fsync every recording before renaming it into place."),
+    Option(
+        "journal",
+        "on",
+        str,
+        "Write-ahead journal of recordings not yet written (a dot-file in the recordings directory): "
+        "on (survives a kill of the proxy), fsync (also a power cut, one disk flush per recording) or off. "
+        "The next start or `check --fix` writes what a killed proxy left in it.",
+        choices=get_args(JournalMode),
+    ),
+    Option(
+        "max_pending_mb",
+        32,
+        (int, float),
+        "Record: bytes of responses and recordings waiting for the disk; past it new calls wait "
+        "before going upstream (backpressure).",
+        commands=("record", "run"),
+    ),
     Option("secret_patterns", (), list, "Extra regexes the secret scanner refuses to write."),
     Option("ui", False, bool, "Serve the recordings browser under /_llmproxy/ on the proxy (read-only)."),
     Option(
@@ -287,6 +305,8 @@ class Settings:
     header_timeout: float = default("header_timeout")
     body_timeout: float = default("body_timeout")
     durable_writes: bool = default("durable_writes")
+    journal: JournalMode = default("journal")
+    max_pending_bytes: int = int(default("max_pending_mb") * 1024 * 1024)
     allow_empty: bool = default("allow_empty")
     secrets: Secrets = default("secrets")
     secret_allow: list[str] = field(default_factory=list)
@@ -505,6 +525,8 @@ def load_settings(
         header_timeout=_seconds("header_timeout", pick("header_timeout")),
         body_timeout=_seconds("body_timeout", pick("body_timeout")),
         durable_writes=bool(pick("durable_writes")),
+        journal=pick("journal"),
+        max_pending_bytes=_megabytes("max_pending_mb", pick("max_pending_mb")),
         allow_empty=bool(pick("allow_empty")),
         secrets=pick("secrets"),
         secret_allow=list(secret_allow),

@@ -114,6 +114,10 @@ class Pipeline:
         self._flights: dict[str, Flight] = {}  # shareable flights by request key
         self._flight_misses: dict[Flight, list[dict[str, Any]]] = {}
         self._landing: set[asyncio.Task[None]] = set()
+        # Per recorded flight: set once its recording is journaled (or known not to be); its
+        # clients get the end of the response only then, so an answer a client has is recoverable.
+        self._journaled: dict[Flight, asyncio.Future[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._locks: dict[str, Lock] = {}  # cross-process locks held, by key
         self._drop_reasons: dict[Flight, str] = {}  # why a flight's exchange is not written
         self.serving = 0  # clients being fed from a flight right now
@@ -256,6 +260,9 @@ class Pipeline:
         sequence = 0
         if record:
             assert self.recorder is not None
+            # Backpressure: when recordings queue up faster than the disk takes them, new calls
+            # wait here, before going upstream; streams already under way never wait.
+            await self.recorder.room()
             # record --missing (a miss noted) adds to what is recorded; record starts again.
             after = self.playback.recorded(call) if self.playback is not None and miss is not None else 0
             sequence = self.recorder.next_sequence(key, after)
@@ -267,6 +274,10 @@ class Pipeline:
         )
         reader = flight.join()  # before the flight's task first runs: it must see its reader
         self._flight_misses[flight] = [miss] if miss is not None else []
+        if record:
+            if self._loop is None:  # cached: on Python 3.11 each lookup is a getpid() system call
+                self._loop = asyncio.get_running_loop()
+            self._journaled[flight] = self._loop.create_future()
         if share:
             self._flights[key] = flight
         task = asyncio.create_task(self._land(flight, record, sequence, lock))
@@ -312,6 +323,7 @@ class Pipeline:
                         log.error("upstream broke off the response", route=call.route.name, error=flight.broken)
                         message = f"upstream {call.route.name} broke off: {flight.broken}"
                         return error_response(call.route, 502, message, "upstream_broken")
+                    await self._settled(flight)
                     if leader:
                         self.outcome.count(Result.FORWARDED)
                     return web.Response(status=head.status, body=b"".join(parts), headers=headers)
@@ -330,6 +342,7 @@ class Pipeline:
                 log.error("upstream broke off the response", route=call.route.name, error=flight.broken)
                 _abort(request)  # the client already has part of the answer: cut it off too
                 return response
+            await self._settled(flight)
             try:
                 await response.write_eof()
             except ConnectionError:
@@ -349,6 +362,17 @@ class Pipeline:
         finally:
             self.serving -= 1
             flight.leave(reader)
+
+    async def _settled(self, flight: Flight) -> None:
+        """Wait until the flight's recording is journaled (or will not be recorded)."""
+        settled = self._journaled.get(flight)
+        if settled is not None and not settled.done():
+            await asyncio.shield(settled)
+
+    def _settle(self, flight: Flight) -> None:
+        settled = self._journaled.pop(flight, None)
+        if settled is not None and not settled.done():
+            settled.set_result(None)
 
     async def _land(self, flight: Flight, record: bool, sequence: int, lock: Lock | None) -> None:
         """After the flight: write its exchange, or say loudly why not; then free its lock."""
@@ -396,13 +420,12 @@ class Pipeline:
                 headers_ms=flight.response.headers_ms,
                 complete=flight.broken is None,
             )
-            loop = asyncio.get_running_loop()
 
-            def done(path: Path | None) -> None:
-                loop.call_soon_threadsafe(self._landed, flight, key, lock, path)
+            def done(path: Path | None) -> None:  # called on the loop
+                self._landed(flight, key, lock, path)
 
             written = True  # from here `done` releases the lock
-            await self.recorder.schedule(exchange, sequence, done)
+            await self.recorder.schedule(exchange, sequence, done, lambda: self._settle(flight))
         except Exception as exc:  # noqa: BLE001 - nobody awaits this task: a bug must not die unseen
             written = False
             report_unexpected(exc, call.headers, call.query, method=call.method, path=call.path)
@@ -410,6 +433,7 @@ class Pipeline:
                 self._drop_reasons[flight] = NotRecorded.WRITE_FAILED.value
                 self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
         finally:
+            self._settle(flight)
             if not written:
                 self._landed(flight, key, lock, None)
 

@@ -151,9 +151,16 @@ class CliProxy:
     """
 
     def __init__(
-        self, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, netguard: str | None = None
+        self,
+        *args: str,
+        cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+        netguard: str | None = None,
+        slowdisk: str | None = None,
     ) -> None:
         launcher = ["-m", "tests.netguard", netguard] if netguard else ["-m", "llmproxy"]
+        if slowdisk is not None:  # tests/slowdisk.py: seconds per recording file, or "stuck"
+            launcher = ["-m", "tests.slowdisk", slowdisk]
         command = [sys.executable, *launcher, *args, "--log-json"]
         full_env = {**os.environ, **(env or {})}
         self.process = subprocess.Popen(
