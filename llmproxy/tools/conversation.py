@@ -46,7 +46,9 @@ def bubble(role: str, kind: Kind, text: Any, name: str = "") -> Bubble:
     return {"role": role, "kind": kind, "text": text[:MAX_TEXT], "name": name}
 
 
-def _image(part: dict[str, Any]) -> str:
+def _image(part: Any) -> str:
+    if not isinstance(part, dict):  # hand-edited or foreign files: anything may stand here
+        return "[image]"
     for key in ("image_url", "url", "file_uri", "fileUri"):
         value = part.get(key)
         if isinstance(value, dict):
