@@ -29,14 +29,15 @@ from llmproxy.call import Call, NotRecorded, Outcome, Result, error_response
 from llmproxy.errors import LlmproxyError
 from llmproxy.headers import client_response_headers
 from llmproxy.playback import Exhausted, Found, Playback, Unreadable
-from llmproxy.store.directory import RecordingStore
+from llmproxy.store.base import Store
 from llmproxy.store.document import from_document
 from llmproxy.store.index import Rendered, render
 from llmproxy.store.writer import Recorder
 from llmproxy.upstream.base import Upstream, UpstreamFailure
 from llmproxy.upstream.client import Exchange
 from llmproxy.upstream.flight import Flight
-from llmproxy.upstream.singleflight import InFlight, Lock
+from llmproxy.upstream.redislock import RedisInFlight
+from llmproxy.upstream.singleflight import InFlight
 from llmproxy.wire.registry import codec_for_content_type
 
 log = structlog.get_logger("llmproxy.pipeline")
@@ -78,7 +79,7 @@ class Pipeline:
         upstream: Upstream | None,
         playback: Playback | None = None,
         recorder: Recorder | None = None,
-        inflight: InFlight | None = None,
+        inflight: InFlight | RedisInFlight | None = None,
         share_inflight: bool = True,
         record_after_disconnect: bool = True,
         max_recording_bytes: int = 64 * 1024 * 1024,
@@ -105,7 +106,8 @@ class Pipeline:
         self._flights: dict[str, Flight] = {}  # shareable flights by request key
         self._flight_misses: dict[Flight, list[dict[str, Any]]] = {}
         self._landing: set[asyncio.Task[None]] = set()
-        self._locks: dict[str, Lock] = {}  # cross-process locks held, by key
+        self._locks: dict[str, Any] = {}  # cross-process locks held, by key
+        self.store: Store | None = None  # closed last (a bucket's connections)
         self.serving = 0  # clients being fed from a flight right now
         self.stop_by: float | None = None  # time.monotonic() by which close() must be done
 
@@ -142,6 +144,10 @@ class Pipeline:
             await self.recorder.drain()
         if self.upstream is not None:
             await self.upstream.close()
+        if self.inflight is not None:
+            await self.inflight.aclose()
+        if self.store is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.store.close)
 
     def unused(self) -> list[Path] | None:
         """Recordings loaded but never served (None when nothing was loaded)."""
@@ -191,9 +197,9 @@ class Pipeline:
             joined = self._join(key, miss)
             if joined is not None:
                 return await self._serve(request, call, *joined, leader=False)
-        lock: Lock | None = None
+        lock: Any = None
         if share and self.inflight is not None and key not in self._locks and len(self._locks) < MAX_HELD_LOCKS:
-            taken = self.inflight.try_acquire(key)
+            taken = await self.inflight.acquire(key)
             if taken is None:  # another proxy on this directory is making this very call
                 served = await self._wait_for_other_process(call)
                 if served is not None:
@@ -205,9 +211,19 @@ class Pipeline:
                 joined = self._join(key, miss)  # one of our own may have started it meanwhile
                 if joined is not None:
                     return await self._serve(request, call, *joined, leader=False)
-                taken = self.inflight.try_acquire(key)
-            if isinstance(taken, Lock):
+                taken = await self.inflight.acquire(key)
+            if taken is not None and taken is not False:
                 lock = self._locks[key] = taken
+                if miss is not None:
+                    # Another proxy may have recorded it between our lookup and taking the lock.
+                    served = await self._recorded_elsewhere(call)
+                    if served is not None:
+                        del self._locks[key]
+                        self.inflight.release(lock)
+                        rendered, path = served
+                        self.outcome.count(Result.SHARED)
+                        miss["recorded"] = str(path)
+                        return await self._send_rendered(request, rendered)
         sequence = 0
         if record:
             assert self.recorder is not None
@@ -303,7 +319,7 @@ class Pipeline:
             self.serving -= 1
             flight.leave(reader)
 
-    async def _land(self, flight: Flight, record: bool, sequence: int, lock: Lock | None) -> None:
+    async def _land(self, flight: Flight, record: bool, sequence: int, lock: Any) -> None:
         """After the flight: write its exchange, or say loudly why not; then free its lock."""
         call = flight.call
         key = call.canonical.key
@@ -359,14 +375,15 @@ class Pipeline:
             if not written:
                 self._landed(flight, key, lock, None)
 
-    def _landed(self, flight: Flight, key: str, lock: Lock | None, path: Path | None) -> None:
+    def _landed(self, flight: Flight, key: str, lock: Any, path: Path | None) -> None:
         for miss in self._flight_misses.pop(flight, []):
             if path is not None:
                 miss["recorded"] = str(path)
         if lock is not None:
             if self._locks.get(key) is lock:
                 del self._locks[key]
-            InFlight.release(lock)
+            assert self.inflight is not None
+            self.inflight.release(lock)
 
     async def _send_rendered(self, request: web.Request, rendered: Rendered) -> web.StreamResponse:
         playback = self.playback
@@ -390,18 +407,43 @@ class Pipeline:
         log.info("identical call in flight in another proxy: waiting", path=call.path, key=call.canonical.key[:16])
         if not await self.inflight.wait(call.canonical.key, self.upstream.read_timeout):
             return None
+        served = await self._newest(call, started - 1)
+        if served is not None:
+            log.info("identical call in flight in another proxy: served its recording", path=call.path)
+        # None: the other call recorded nothing (an error, a cut): go upstream ourselves.
+        return served
+
+    async def _newest(self, call: Call, since: float) -> tuple[Rendered, Path] | None:
+        """The newest recording of the call in the store, written at or after `since`."""
+        assert self.recorder is not None
         store = self.recorder.store
-        path = store.newest_recording(call.route.name, call.canonical.key, since=started - 1)
-        if path is None:
-            return None  # the other call recorded nothing (an error, a cut): go upstream ourselves
         loop = asyncio.get_running_loop()
         try:
-            document = await loop.run_in_executor(None, RecordingStore.read, path)
+            path = await loop.run_in_executor(
+                None, lambda: store.newest_recording(call.route.name, call.canonical.key, since=since)
+            )
+            if path is None:
+                return None
+            document = await loop.run_in_executor(None, store.load, path)
             rendered = render(from_document(document, lambda _method, _path: call.route.provider), call.route)
         except LlmproxyError:
             return None
-        log.info("identical call in flight in another proxy: served its recording", path=call.path, file=str(path))
         return rendered, path
+
+    async def _recorded_elsewhere(self, call: Call) -> tuple[Rendered, Path] | None:
+        """A recording of this missed call that another writer added since the index was built."""
+        assert self.recorder is not None
+        key = call.canonical.key
+        known = max(self.playback.recorded(key) if self.playback else 0, self.recorder.known(key))
+        store = self.recorder.store
+        loop = asyncio.get_running_loop()
+        try:
+            highest = await loop.run_in_executor(None, store.highest_sequence, call.route.name, key)
+        except LlmproxyError:
+            return None
+        if highest <= known:
+            return None
+        return await self._newest(call, 0.0)
 
 
 def _abort(request: web.Request) -> None:

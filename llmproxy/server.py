@@ -20,12 +20,13 @@ from llmproxy.intake import read_body, token_matches
 from llmproxy.pipeline import MODES, MissPolicy, Pipeline, RecordPolicy
 from llmproxy.playback import Playback
 from llmproxy.routing import Refusal, Router
-from llmproxy.store.directory import RecordingStore
+from llmproxy.store.base import Store, is_remote, normalize_location, open_store
 from llmproxy.store.index import RecordingIndex, canonical_for_route
 from llmproxy.store.secrets import SecretScanner, request_credentials
 from llmproxy.store.writer import Recorder
 from llmproxy.tools.report import build_report, write_report
 from llmproxy.upstream.client import AiohttpUpstream
+from llmproxy.upstream.redislock import RedisInFlight
 from llmproxy.upstream.singleflight import SUPPORTED as INFLIGHT_SUPPORTED
 from llmproxy.upstream.singleflight import InFlight
 
@@ -36,7 +37,7 @@ def record_command(settings: Settings) -> str:
     """The command that records what a replay missed, with this run's directory and config."""
     if settings.record_hint is not None:  # set by `run` and the pytest plugin
         return settings.record_hint
-    parts = ["llmproxy record --missing", f"--recordings {settings.recordings}"]
+    parts = ["llmproxy record --missing", f"--recordings {normalize_location(settings.recordings)}"]
     if settings.config_path is not None:
         parts.append(f"--config {settings.config_path}")
     return " ".join(parts)
@@ -49,7 +50,7 @@ def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
     except KeyError:
         raise ValueError(f"unknown mode {mode_name!r}") from None
     on_miss = MissPolicy(settings.on_miss) if record is RecordPolicy.OFF else MissPolicy.ERROR
-    store = RecordingStore(settings.recordings, durable=settings.durable_writes, max_file_bytes=settings.max_file_bytes)
+    store = open_store(settings.recordings, durable=settings.durable_writes, max_file_bytes=settings.max_file_bytes)
     outcome = Outcome()
     upstream = None
     if record is not RecordPolicy.OFF or on_miss is MissPolicy.FORWARD:
@@ -75,7 +76,11 @@ def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
             record_errors=settings.record_errors,
             redact=settings.secrets == "redact",
         )
-    return Pipeline(
+    if playback is not None and (settings.watch or is_remote(settings.recordings)):
+        playback.refresh_seconds = settings.refresh_seconds
+        if recorder is not None:
+            playback.own_files = recorder.written
+    pipeline = Pipeline(
         name=mode_name,
         record=record,
         on_miss=on_miss,
@@ -83,11 +88,23 @@ def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
         upstream=upstream,
         playback=playback,
         recorder=recorder,
-        inflight=InFlight(settings.recordings) if INFLIGHT_SUPPORTED and settings.share_inflight else None,
+        inflight=_inflight(settings, store),
         share_inflight=settings.share_inflight,
         record_after_disconnect=settings.client_disconnect == "drain",
         max_recording_bytes=settings.max_recording_bytes,
     )
+    pipeline.store = store
+    return pipeline
+
+
+def _inflight(settings: Settings, store: Store) -> InFlight | RedisInFlight | None:
+    """Redis shares in-flight calls across machines (named by the store location); without it,
+    the Unix-socket lock shares them among the processes of one host."""
+    if not settings.share_inflight:
+        return None
+    if settings.redis_url:
+        return RedisInFlight(settings.redis_url, store.location)
+    return InFlight(settings.recordings) if INFLIGHT_SUPPORTED else None
 
 
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -101,6 +118,22 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 KEY_MEMO = web.AppKey("key_memo", KeyMemo)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+HEALTH_PATH = "/_llmproxy/health"
+
+
+@web.middleware
+async def health_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """For load balancers and orchestrators: answered before the token check and routing (it
+    says nothing secret), 503 until the recordings are loaded."""
+    if request.path != HEALTH_PATH or request.method not in ("GET", "HEAD"):
+        return await handler(request)
+    pipeline = request.app[PIPELINE]
+    index = pipeline.index
+    ready = index is None or index.loaded.is_set()
+    body = {"status": "ok" if ready else "loading", "mode": pipeline.name, "recordings": len(index or ())}
+    return web.json_response(body, status=200 if ready else 503)
 
 
 @web.middleware
@@ -212,7 +245,7 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[token_middleware, method_middleware, body_middleware],
+        middlewares=[health_middleware, token_middleware, method_middleware, body_middleware],
     )
     app[SETTINGS] = settings
     app[ROUTER] = router
@@ -312,7 +345,11 @@ class ProxyServer:
     def report(self) -> dict[str, Any]:
         pipeline = self.pipeline
         return build_report(
-            pipeline.name, pipeline.outcome, self.settings.recordings, pipeline.recorded(), pipeline.unused()
+            pipeline.name,
+            pipeline.outcome,
+            normalize_location(self.settings.recordings),
+            pipeline.recorded(),
+            pipeline.unused(),
         )
 
 

@@ -18,8 +18,8 @@ import itertools
 import os
 import re
 import stat
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import orjson
@@ -86,6 +86,28 @@ class RecordingStore:
     def load(self, path: Path) -> Any:
         """`read` with this store's limits: the file must be inside the recordings directory."""
         return self.read(path, max_bytes=self.max_file_bytes, root=self.root)
+
+    # -- the rest of the Store protocol (store/base.py) --------------------------------------
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def load_many(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Any]]:
+        for path in paths:
+            try:
+                yield path, self.load(path)
+            except StoreError as exc:
+                yield path, exc
+
+    def read_bytes(self, path: Path) -> bytes:
+        return read_bounded(self.root / path, max_bytes=self.max_file_bytes, root=self.root)
+
+    def relative(self, path: Path) -> PurePosixPath:
+        return PurePosixPath(Path(path).relative_to(self.root).as_posix())
+
+    def close(self) -> None:
+        pass
 
     def name_for(self, *, route: str, path: str, model: str | None, key: str, sequence: int = 1) -> Path:
         segments = [s for s in path.split("/") if s and not _VERSION_SEGMENT.match(s)]

@@ -24,7 +24,7 @@ from llmproxy.call import Call, NotRecorded, Outcome
 from llmproxy.canonical import RawBody, public_query
 from llmproxy.headers import recorded_response_headers
 from llmproxy.providers import Provider
-from llmproxy.store.directory import RecordingStore
+from llmproxy.store.base import Store
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
 from llmproxy.store.secrets import SecretScanner, request_credentials
 from llmproxy.upstream.client import Exchange
@@ -41,7 +41,7 @@ class SecretFound(Exception):
 
 @dataclass(slots=True)
 class Recorder:
-    store: RecordingStore
+    store: Store
     outcome: Outcome
     scanner: SecretScanner = field(default_factory=SecretScanner)
     # 429 and 5xx answers would poison replay, so they are only kept when asked for.
@@ -70,6 +70,10 @@ class Recorder:
         is how many recordings of it exist already (record --missing adds to them)."""
         sequence = self._sequences[key] = max(self._sequences.get(key, 0), after) + 1
         return sequence
+
+    def known(self, key: str) -> int:
+        """The highest sequence of `key` this recorder gave out or wrote."""
+        return self._sequences.get(key, 0)
 
     def give_back(self, key: str, sequence: int) -> None:
         """Undo `next_sequence` for a call that will not be recorded after all."""

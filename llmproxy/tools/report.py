@@ -21,7 +21,7 @@ REPORT_KIND = "llmproxy-usage-report"
 
 
 def build_report(
-    mode: str, outcome: Outcome, recordings: Path, recorded: list[Path], unused: list[Path] | None
+    mode: str, outcome: Outcome, recordings: Path | str, recorded: list[Path], unused: list[Path] | None
 ) -> dict[str, Any]:
     return {
         "kind": REPORT_KIND,
