@@ -213,17 +213,16 @@ class Pipeline:
                     return await self._serve(request, call, *joined, leader=False)
                 taken = await self.inflight.acquire(key)
             if taken is not None and taken is not False:
-                lock = self._locks[key] = taken
                 if miss is not None:
                     # Another proxy may have recorded it between our lookup and taking the lock.
                     served = await self._recorded_elsewhere(call)
                     if served is not None:
-                        del self._locks[key]
-                        self.inflight.release(lock)
+                        self.inflight.release(taken)
                         rendered, path = served
                         self.outcome.count(Result.SHARED)
                         miss["recorded"] = str(path)
                         return await self._send_rendered(request, rendered)
+                lock = self._locks[key] = taken
         sequence = 0
         if record:
             assert self.recorder is not None
