@@ -57,8 +57,10 @@ class Service:
             self.process.wait(timeout=15)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def s3_server() -> Iterator[dict[str, str]]:
+    # One server per test: moto's server was seen wedging (every GET timing out) after a few
+    # tests' worth of traffic, so no test depends on the traffic of the ones before it.
     if importlib.util.find_spec("moto") is None or importlib.util.find_spec("aiobotocore") is None:
         pytest.skip("moto[server] and aiobotocore are not installed (pip install -e '.[s3,test]')")
     port = free_port()
