@@ -245,6 +245,9 @@ OPTIONS: tuple[Option, ...] = (
         (int, float),
         "Replay from a bucket (s3://), or a directory with --watch: look for recordings other writers added "
         "this often; what another replica records is served at most this many seconds (plus one listing) later.",
+        flag="--refresh-seconds",
+        commands=("record", "replay"),
+        metavar="S",
     ),
     Option(
         "watch",

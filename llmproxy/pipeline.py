@@ -418,8 +418,9 @@ class Pipeline:
         store = self.recorder.store
         loop = asyncio.get_running_loop()
         try:
+            name = self.recorder.target(call, 1)
             path = await loop.run_in_executor(
-                None, lambda: store.newest_recording(call.route.name, call.canonical.key, since=since)
+                None, lambda: store.newest_recording(call.route.name, call.canonical.key, since=since, name=name)
             )
             if path is None:
                 return None
@@ -437,7 +438,8 @@ class Pipeline:
         store = self.recorder.store
         loop = asyncio.get_running_loop()
         try:
-            highest = await loop.run_in_executor(None, store.highest_sequence, call.route.name, key)
+            name = self.recorder.target(call, 1)
+            highest = await loop.run_in_executor(None, lambda: store.highest_sequence(call.route.name, key, name=name))
         except LlmproxyError:
             return None
         if highest <= known:

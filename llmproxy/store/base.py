@@ -54,11 +54,12 @@ class Store(Protocol):
         """Create-only: FileExistsError when the name is taken (by any writer, on any machine)."""
         ...
 
-    def highest_sequence(self, route: str, key: str) -> int:
-        """The highest repeat number of `key` in the store (0: none)."""
+    def highest_sequence(self, route: str, key: str, *, name: Path | None = None) -> int:
+        """The highest repeat number of `key` in the store (0: none); `name`, the name of its
+        first repeat, lets a bucket list only those files."""
         ...
 
-    def newest_recording(self, route: str, key: str, *, since: float) -> Path | None:
+    def newest_recording(self, route: str, key: str, *, since: float, name: Path | None = None) -> Path | None:
         """The most recent recording of `key` written at or after `since` (a Unix time)."""
         ...
 

@@ -119,8 +119,9 @@ class RecordingStore:
             parts.append(str(sequence))
         return Path(slug(route, 40)) / ("-".join(parts) + ".json")
 
-    def highest_sequence(self, route: str, key: str) -> int:
-        """The highest repeat number any file of `key` has under the route's directory (0: none)."""
+    def highest_sequence(self, route: str, key: str, *, name: Path | None = None) -> int:
+        """The highest repeat number any file of `key` has under the route's directory (0: none).
+        `name` (its first repeat's name) lets a remote store list less; a directory scans anyway."""
         pattern = re.compile(rf"-{re.escape(key[:16])}(?:-(\d+))?\.json$")
         highest = 0
         try:
@@ -133,7 +134,7 @@ class RecordingStore:
             pass
         return highest
 
-    def newest_recording(self, route: str, key: str, *, since: float) -> Path | None:
+    def newest_recording(self, route: str, key: str, *, since: float, name: Path | None = None) -> Path | None:
         """The most recent recording of `key` written by any proxy at or after `since`."""
         directory = self.root / slug(route, 40)
         try:

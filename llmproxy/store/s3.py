@@ -158,8 +158,12 @@ class S3Store:
 
     # -- listing ----------------------------------------------------------------------------
 
-    async def _list(self, under: str = "") -> dict[PurePosixPath, ObjectInfo]:
-        prefix = self._key(PurePosixPath(under)) + "/" if under else (f"{self.prefix}/" if self.prefix else "")
+    async def _list(self, under: str = "", *, stem: str | None = None) -> dict[PurePosixPath, ObjectInfo]:
+        """Objects under a folder (`under`), or whose name starts with `stem` (a relative name)."""
+        if stem is not None:
+            prefix = self._key(PurePosixPath(stem))
+        else:
+            prefix = self._key(PurePosixPath(under)) + "/" if under else (f"{self.prefix}/" if self.prefix else "")
         found: dict[PurePosixPath, ObjectInfo] = {}
         paginator = self._client.get_paginator("list_objects_v2")
         try:
@@ -261,20 +265,27 @@ class S3Store:
 
     # -- repeats ----------------------------------------------------------------------------
 
-    def _of_key(self, route: str, key: str) -> list[tuple[PurePosixPath, ObjectInfo, int]]:
+    def _of_key(self, route: str, key: str, name: Path | None) -> list[tuple[PurePosixPath, ObjectInfo, int]]:
+        """The key's recordings: listed by the name of its first repeat when known (one LIST
+        request whatever the bucket holds), else the whole route folder."""
         pattern = re.compile(rf"-{re.escape(key[:16])}(?:-(\d+))?\.json$")
         found = []
-        for relative, info in self._run(self._list(slug(route, 40))).items():
+        if name is not None:
+            listing = self._list(stem=Path(name).as_posix().removesuffix(".json"))
+        else:
+            listing = self._list(slug(route, 40))
+        for relative, info in self._run(listing).items():
             match = pattern.search(relative.name)
             if match:
                 found.append((relative, info, int(match.group(1) or 1)))
         return found
 
-    def highest_sequence(self, route: str, key: str) -> int:
-        return max((sequence for _, _, sequence in self._of_key(route, key)), default=0)
+    def highest_sequence(self, route: str, key: str, *, name: Path | None = None) -> int:
+        return max((sequence for _, _, sequence in self._of_key(route, key, name)), default=0)
 
-    def newest_recording(self, route: str, key: str, *, since: float) -> Path | None:
-        candidates = [(info.modified, sequence, relative) for relative, info, sequence in self._of_key(route, key)]
+    def newest_recording(self, route: str, key: str, *, since: float, name: Path | None = None) -> Path | None:
+        found = self._of_key(route, key, name)
+        candidates = [(info.modified, sequence, relative) for relative, info, sequence in found]
         # LastModified has whole seconds: one second of slack, then the highest repeat wins.
         candidates = [c for c in candidates if c[0] >= int(since) - 1]
         if not candidates:

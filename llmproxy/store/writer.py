@@ -219,7 +219,11 @@ class Recorder:
                 path = self.store.write(self.target(call, sequence), data)
             except FileExistsError:
                 # Jump past every repeat already on disk once, then step (races are rare).
-                taken = self.store.highest_sequence(call.route.name, key) if attempt == 0 else sequence
+                taken = (
+                    self.store.highest_sequence(call.route.name, key, name=self.target(call, 1))
+                    if attempt == 0
+                    else sequence
+                )
                 sequence = max(sequence, taken) + 1
                 document["request"]["sequence"] = sequence
                 data = self.store.serialize(document)
