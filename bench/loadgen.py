@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ class Scenario:
     concurrency: int
     requests: int
     distinct: int = 64  # request bodies cycle through this many salts (so replay can hit them)
+    unique: bool = False  # every request its own body (record: real traffic is distinct)
 
 
 @dataclass
@@ -40,16 +42,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+_runs = itertools.count()
+
+
 async def drive(session: aiohttp.ClientSession, base_url: str, scenario: Scenario) -> Result:
     result = Result()
-    bodies = [scenario.spec.request_body(f"{scenario.name}-{i}") for i in range(scenario.distinct)]
-    expected = [expected_bytes(scenario.spec, f"{scenario.name}-{i}") for i in range(scenario.distinct)]
+    if scenario.unique:  # salts never seen before by this process's targets
+        run = f"{scenario.name}-{time.time_ns()}-{next(_runs)}"
+        salts = [f"{run}-{i}" for i in range(scenario.requests)]
+    else:
+        salts = [f"{scenario.name}-{i}" for i in range(scenario.distinct)]
+    bodies = [scenario.spec.request_body(salt) for salt in salts]
+    expected = [expected_bytes(scenario.spec, salt) for salt in salts]
     counter = iter(range(scenario.requests))
     url = base_url + "/v1/chat/completions"
 
     async def worker() -> None:
         for number in counter:
-            which = number % scenario.distinct
+            which = number % len(salts)
             started = time.perf_counter()
             try:
                 async with session.post(

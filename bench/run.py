@@ -7,7 +7,12 @@ Every target is measured in the same run, round after round (targets interleaved
 a noisy machine hits them alike), and the table reports medians over rounds as ratios:
 
     record  vs  pass-through   (llmproxy record does more work; the fast path must keep up)
+    record  vs  refproxy-tee   (the pass-through writing one file per response: the naive recorder)
     replay  vs  bare handler   (the same bytes from memory, no routing, no matching)
+
+Record-side targets get a distinct body per request (as real traffic), and a round ends only
+once every response is a file on disk (files counted against requests): throughput and CPU per
+request include the writing.
 
 Every response is checked byte for byte. Loading 10,000 and 100,000 generated recordings is
 timed separately (`--loading`), with the time to the first served request.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import platform
 import statistics
 import subprocess
@@ -40,7 +46,7 @@ SCENARIOS = [
     Scenario("sse100-c16", Spec("sse", chunks=100), 16, 300),
     Scenario("paced-c16", Spec("sse", chunks=20, delay_ms=20), 16, 64),
     Scenario("json1mb-c4", Spec("json", size=1_000_000), 4, 40, distinct=8),
-    Scenario("sse5000-c1", Spec("sse", chunks=5000), 1, 6, distinct=2),
+    Scenario("sse5000-c10", Spec("sse", chunks=5000), 10, 10, distinct=10),
 ]
 QUICK = [
     Scenario("json-c16", Spec("json"), 16, 400),
@@ -50,9 +56,20 @@ QUICK = [
 
 
 class Target:
-    def __init__(self, name: str, args: list[str] | None, port: int) -> None:
+    def __init__(self, name: str, args: list[str] | None, port: int, recordings: str | None = None) -> None:
         self.name, self.args, self.port = name, args, port
+        # A recording target: a round ends when this directory holds one file per request.
+        self.recordings = Path(recordings) if recordings else None
         self.process: subprocess.Popen | None = None
+
+    def files(self) -> int:
+        if self.recordings is None:
+            return 0
+        count = 0
+        for _, subdirs, names in os.walk(self.recordings):
+            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+            count += sum(1 for name in names if not name.startswith(".") and not name.endswith(".tmp"))
+        return count
 
     @property
     def url(self) -> str:
@@ -77,15 +94,25 @@ def llmproxy_target(name: str, mode: str, recordings: str, upstream: str | None 
     """`python -m llmproxy MODE` on a free port, logging only warnings."""
     port = free_port()
     args = ["-m", "llmproxy", mode, "--recordings", recordings, "--port", str(port), "--log-level", "warning"]
-    return Target(name, args + (["--upstream", upstream] if upstream else []), port)
+    return Target(name, args + (["--upstream", upstream] if upstream else []), port, recordings if upstream else None)
 
 
 async def measure(target: Target, scenario: Scenario) -> dict[str, Any]:
     timeout = aiohttp.ClientTimeout(total=300)
     connector = aiohttp.TCPConnector(limit=0)
+    if target.recordings is not None:
+        scenario = Scenario(scenario.name, scenario.spec, scenario.concurrency, scenario.requests, unique=True)
+    files_before = target.files()
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         cpu_before = target.cpu()
         result: Result = await drive(session, target.url, scenario)
+        if target.recordings is not None:  # the round is over when every exchange is on disk
+            started = time.perf_counter()
+            while target.files() < files_before + scenario.requests:
+                if time.perf_counter() - started > 300:
+                    raise SystemExit(f"{target.name} {scenario.name}: {target.files() - files_before} files written")
+                await asyncio.sleep(0.005)
+            result.wall += time.perf_counter() - started
         cpu_used = target.cpu() - cpu_before
     if result.errors:
         raise SystemExit(f"{target.name} {scenario.name}: {len(result.errors)} errors, first: {result.errors[0]}")
@@ -132,7 +159,7 @@ async def memory_growth(target: Target, scenarios: list[Scenario]) -> dict[str, 
     start_rss = target.rss()
     await measure(target, Scenario("json-c16", Spec("json"), 16, 1000))
     after_small = target.rss()
-    await measure(target, Scenario("sse5000-c1", Spec("sse", chunks=5000), 1, 10, distinct=2))
+    await measure(target, Scenario("sse5000-c10", Spec("sse", chunks=5000), 10, 10, distinct=10))
     after_streams = target.rss()
     return {"start_mb": start_rss, "after_1000_mb": after_small, "after_long_streams_mb": after_streams}
 
@@ -143,17 +170,23 @@ def ratio(a: float, b: float) -> str:
 
 def table(results: dict[str, dict[str, dict]], scenarios: list[Scenario]) -> str:
     lines = [
-        "| scenario | record/pass-through throughput | record CPU/req vs pass-through | TTFB record − pass-through "
-        "| replay/bare throughput | replay/bare TTFB | p99 record / pass-through / replay / bare (ms) |",
-        "|---|---|---|---|---|---|---|",
+        "| scenario | record req/s | record / pass-through / tee throughput | record CPU µs/req (vs pass-through, tee) "
+        "| TTFB record − pass-through | replay/bare throughput | replay/bare TTFB "
+        "| p99 record / pass-through / tee / replay / bare (ms) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in scenarios:
-        rec, pas, rep, bare = (results[name][s.name] for name in ("record", "passthrough", "replay", "bare"))
+        rec, pas, tee, rep, bare = (
+            results[name][s.name] for name in ("record", "passthrough", "tee", "replay", "bare")
+        )
         lines.append(
-            f"| {s.name} | {ratio(rec['throughput'], pas['throughput'])} | {ratio(rec['cpu_ms'], pas['cpu_ms'])} "
+            f"| {s.name} | {rec['throughput']:,.0f} | {ratio(rec['throughput'], pas['throughput'])} / "
+            f"{ratio(rec['throughput'], tee['throughput'])} | {rec['cpu_ms'] * 1000:.0f} "
+            f"({ratio(rec['cpu_ms'], pas['cpu_ms'])}, {ratio(rec['cpu_ms'], tee['cpu_ms'])}) "
             f"| {rec['ttfb_ms'] - pas['ttfb_ms']:+.2f} ms | {ratio(rep['throughput'], bare['throughput'])} "
             f"| {ratio(bare['ttfb_ms'], rep['ttfb_ms'])} (faster is >1) "
-            f"| {rec['p99_ms']:.1f} / {pas['p99_ms']:.1f} / {rep['p99_ms']:.1f} / {bare['p99_ms']:.1f} |"
+            f"| {rec['p99_ms']:.1f} / {pas['p99_ms']:.1f} / {tee['p99_ms']:.1f} / {rep['p99_ms']:.1f} "
+            f"/ {bare['p99_ms']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -256,15 +289,25 @@ async def time_loading(count: int) -> dict[str, float]:
 
 async def main_async(args: argparse.Namespace) -> None:
     scenarios = QUICK if args.quick else SCENARIOS
-    with tempfile.TemporaryDirectory(prefix="llmproxy-bench-rec-") as recordings:
+    # Where recordings go matters: on this machine creating a file in /tmp costs ~2 ms, on /work ~0.15 ms.
+    with tempfile.TemporaryDirectory(prefix="llmproxy-bench-rec-", dir=args.dir) as recordings:
         upstream = Target("direct", ["-m", "bench.upstream", "--port", str(port := free_port())], port)
         upstream.start()
         passthrough = Target(
             "passthrough", ["-m", "bench.passthrough", "--port", str(p := free_port()), "--upstream", upstream.url], p
         )
-        record = llmproxy_target("record", "record", recordings, upstream.url)
+        tee_dir = Path(recordings) / "tee"
+        tee_dir.mkdir()
+        tee = Target(
+            "tee",
+            ["-m", "bench.passthrough", "--port", str(t := free_port()), "--upstream", upstream.url]
+            + ["--tee", str(tee_dir)],
+            t,
+            str(tee_dir),
+        )
+        record = llmproxy_target("record", "record", str(Path(recordings) / "record"), upstream.url)
         bare = Target("bare", ["-m", "bench.bare_replay", "--port", str(b := free_port())], b)
-        for target in (passthrough, record, bare):
+        for target in (passthrough, tee, record, bare):
             target.start()
         print(
             f"machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
@@ -272,18 +315,19 @@ async def main_async(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
         try:
-            print("record phase (direct, pass-through, llmproxy record)", file=sys.stderr)
-            results = await run_rounds([upstream, passthrough, record], scenarios, args.rounds)
+            print("record phase (direct, pass-through, tee, llmproxy record)", file=sys.stderr)
+            results = await run_rounds([upstream, passthrough, tee, record], scenarios, args.rounds)
             record_memory = await memory_growth(record, scenarios)
             record.stop()
             # Replay serves a directory where each distinct request was recorded once (the record
             # phase above recorded every repeat, which replay would serve one by one, in order).
             once = str(Path(recordings) / "once")
             recorder = llmproxy_target("record-once", "record", once, upstream.url)
+            recorder.recordings = None  # the salts replay asks for, not distinct ones
             recorder.start()
             for scenario in [
                 *scenarios,
-                Scenario("sse5000-c1", Spec("sse", chunks=5000), 1, 2, distinct=2),
+                Scenario("sse5000-c10", Spec("sse", chunks=5000), 10, 10, distinct=10),
                 Scenario("json-c16", Spec("json"), 16, 64),
             ]:
                 distinct = Scenario(scenario.name, scenario.spec, 4, scenario.distinct, scenario.distinct)
@@ -296,7 +340,7 @@ async def main_async(args: argparse.Namespace) -> None:
             replay_memory = await memory_growth(replay, scenarios)
             replay.stop()
         finally:
-            for target in (upstream, passthrough, record, bare):
+            for target in (upstream, passthrough, tee, record, bare):
                 target.stop()
     print(table(results, scenarios))
     print()
@@ -329,6 +373,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer, smaller scenarios")
+    parser.add_argument("--dir", help="where the record-side targets write (default: the temp directory)")
     parser.add_argument(
         "--loading",
         type=int,

@@ -5,6 +5,7 @@ Routing, body parsing and the key are done once, in the server, before any mode 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -32,10 +33,23 @@ class Call:
     canonical: CanonicalRequest
     # The client's headers as received (names as sent, repeats kept): what goes upstream.
     raw_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Whose recordings answer it: a pytest node id, an x-llmproxy-scope header, None for shared.
+    scope: str | None = None
 
     @property
     def model(self) -> str | None:
         return self.route.provider.model_of(self.path, self.body_value)
+
+    @property
+    def scoped_key(self) -> str:
+        """The request key within its scope: what repeats are counted and flights shared by."""
+        return key_in_scope(self.scope, self.canonical.key)
+
+
+def key_in_scope(scope: str | None, key: str) -> str:
+    if scope is None:
+        return key
+    return hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
 
 
 class Result(StrEnum):
@@ -58,6 +72,10 @@ class NotRecorded(StrEnum):
     SECRET = "secret"  # the scanner found a credential
     OVER_LIMIT = "over_limit"  # the response outgrew max_recording_mb
     WRITE_FAILED = "write_failed"
+
+
+# A missed request's body is kept in the report (for the browser's diff) up to this size.
+MISS_BODY_LIMIT = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -97,6 +115,11 @@ class Outcome:
             "route": call.route.name,
             "model": call.model,
             "key": call.canonical.key,
+            "scope": call.scope,
+            # What the browser compares with the nearest recording (the report drops secrets).
+            "query": [list(pair) for pair in call.canonical.query],
+            "headers": dict(call.canonical.headers),
+            "body": call.canonical.body if len(call.canonical.body_json) <= MISS_BODY_LIMIT else None,
         }
         with self._lock:
             self.misses += 1

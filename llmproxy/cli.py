@@ -310,26 +310,36 @@ def sync_command(source: str, destination: str, dry_run: bool, quiet: bool) -> N
 
 
 @main.command()
-@click.argument("request_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("request_file", type=click.Path(dir_okay=False, exists=True, allow_dash=True, path_type=Path))
 @click.option("--recordings", type=click.Path(file_okay=False, path_type=Path), envvar="LLMPROXY_RECORDINGS")
 @_config_options
 def explain(request_file: Path, recordings: Path | None, config_path: Path | None) -> None:
-    """Say what replay would do with a request.
+    """Say what replay would do with a request; exit 1 when replay would not answer it.
 
-    REQUEST_FILE is a recording, or {"method", "path" (or "url"), "headers", "body"}. Prints
-    its route, the rules applied, its key, the file it would hit, or the nearest recordings
-    and how they differ.
+    REQUEST_FILE (- for stdin) is a recording, or {"method", "path" (or "url"), "headers",
+    "body"}. Prints its route, the rules applied, its key, the file it would hit, or the
+    nearest recordings and how they differ.
     """
     import orjson
 
-    from llmproxy.tools.explain import explain as explain_request
+    from llmproxy.errors import LlmproxyError
+    from llmproxy.tools.explain import explanation
 
     settings = _settings(config_path, recordings=recordings, log_level="error")
+    name = "stdin" if str(request_file) == "-" else str(request_file)
     try:
-        document = orjson.loads(request_file.read_bytes())
-        click.echo(explain_request(document, settings.router(), _load_index(settings)))
-    except (orjson.JSONDecodeError, ValueError) as exc:
-        raise click.ClickException(f"{request_file}: {exc}") from None
+        data = sys.stdin.buffer.read() if name == "stdin" else request_file.read_bytes()
+        document = orjson.loads(data)
+        text, hit = explanation(document, settings.router(), _load_index(settings))
+    except OSError as exc:
+        raise click.ClickException(f"{name}: cannot read it: {exc.strerror}") from None
+    except orjson.JSONDecodeError as exc:
+        raise click.ClickException(f"{name}: not valid JSON: {exc}") from None
+    except (ValueError, LlmproxyError) as exc:
+        raise click.ClickException(f"{name}: {exc}") from None
+    click.echo(text)
+    if not hit:
+        raise SystemExit(1)
 
 
 @main.command(name="ls")
@@ -408,3 +418,100 @@ def run(mode: str, command: tuple[str, ...], config_path: Path | None, port: int
     settings.record_hint = run_hint(settings, list(command))
     _install_event_loop()
     raise SystemExit(asyncio.run(run_command(settings, chosen, list(command))))
+
+
+@main.command()
+@click.option(
+    "--recordings",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="LLMPROXY_RECORDINGS",
+    help="Directory of recording files (default: ./recordings).",
+)
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A usage report (replay --report): shows which recordings were used, unused and missed.",
+)
+@click.option("--host", envvar="LLMPROXY_UI_HOST", help="Address to bind (default: 127.0.0.1).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), envvar="LLMPROXY_UI_PORT", help="Port (default: 8766; 0 picks a free one)."
+)
+@click.option(
+    "--token",
+    envvar="LLMPROXY_TOKEN",
+    help="Require this token in an x-llmproxy-token header (the page asks for it once); for a non-loopback --host.",
+)
+@click.option("--log-json/--no-log-json", default=None, envvar="LLMPROXY_LOG_JSON", help="Log JSON lines.")
+@_config_options
+def ui(
+    recordings: Path | None,
+    report: Path | None,
+    host: str | None,
+    port: int | None,
+    token: str | None,
+    log_json: bool | None,
+    config_path: Path | None,
+) -> None:
+    """Browse recordings in a web page: list, search, conversation view, diff, tokens and cost.
+
+    Read-only. Serves http://127.0.0.1:8766/ by default.
+    """
+    from llmproxy.tools.ui import DEFAULT_UI_PORT, UIServer, serve_ui
+
+    settings = _settings(config_path, recordings=recordings, host=host, token=token, log_json=log_json)
+    if not settings.recordings.is_dir():
+        raise click.ClickException(f"no such directory: {settings.recordings}")
+    server = UIServer(
+        settings.recordings,
+        settings.router(),
+        host=settings.host,
+        port=DEFAULT_UI_PORT if port is None else port,
+        token=settings.token,
+        report=report,
+    )
+    _install_event_loop()
+    try:
+        asyncio.run(serve_ui(server))
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {settings.host}:{server.port}: {exc.strerror}") from None
+
+
+@main.command()
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--by",
+    "group",
+    type=click.Choice(["model", "route", "scope"]),
+    default="model",
+    help="Sum per model (default), route or test scope.",
+)
+@_config_options
+def cost(directory: Path | None, group: str, config_path: Path | None) -> None:
+    """Tokens and cost of the recordings in DIRECTORY (default: ./recordings).
+
+    Prices come from the genai-prices table (pip install 'llmproxy[cost]') at each recording's
+    date; a model the table does not know is counted as unknown, never guessed.
+    """
+    from llmproxy.tools.ui import Catalog
+
+    settings = _settings(config_path, recordings=directory, log_level="error")
+    if not settings.recordings.is_dir():
+        raise click.ClickException(f"no such directory: {settings.recordings}")
+    catalog = Catalog(settings.recordings, settings.router())
+    catalog.load()
+    summary = catalog.costs(group)  # type: ignore[arg-type]
+
+    def money(item: dict[str, Any]) -> str:
+        known = "unknown" if item["cost_usd"] is None else f"${item['cost_usd']:.6f}"
+        partly = item["cost_usd"] is not None and item["unknown_cost"]
+        return known + (f" (+{item['unknown_cost']} unknown)" if partly else "")
+
+    def line(name: str, item: dict[str, Any]) -> str:
+        counts = f"{item['recordings']:>10} {item['tokens_in']:>12} {item['tokens_out']:>12}"
+        return f"{name[:40]:<40} {counts}  {money(item)}"
+
+    heading = "test" if group == "scope" else group
+    click.echo(f"{heading:<40} {'recordings':>10} {'tokens in':>12} {'tokens out':>12}  cost")
+    for item in summary["items"]:
+        click.echo(line(item["group"], item))
+    click.echo(line("total", summary["total"]))

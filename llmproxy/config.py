@@ -40,6 +40,7 @@ AfterLast = Literal["repeat", "error"]
 ClientDisconnect = Literal["discard", "drain"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Secrets = Literal["refuse", "redact"]
+JournalMode = Literal["on", "fsync", "off"]
 # Timing is "fast", "realtime" or "xN"; validated by validate_timing.
 
 SERVING = ("record", "replay", "run")  # the commands that start a proxy
@@ -224,8 +225,39 @@ OPTIONS: tuple[Option, ...] = (
         metavar="MB",
     ),
     Option("shutdown_timeout", 10.0, (int, float), "Seconds in-flight requests get to finish on SIGTERM/SIGINT."),
+    Option(
+        "header_timeout",
+        60.0,
+        (int, float),
+        "Seconds a client connection gets to send a request's headers (from connecting, or from its "
+        "previous answer; also how long an idle keep-alive connection stays open); then it is closed.",
+    ),
+    Option(
+        "body_timeout",
+        120.0,
+        (int, float),
+        "Seconds a client gets to send a request's whole body; then 408 and the connection is closed.",
+    ),
     Option("durable_writes", False, bool, "fsync every recording before renaming it into place."),
+    Option(
+        "journal",
+        "on",
+        str,
+        "Write-ahead journal of recordings not yet written (a dot-file in the recordings directory): "
+        "on (survives a kill of the proxy), fsync (also a power cut, one disk flush per recording) or off. "
+        "The next start or `check --fix` writes what a killed proxy left in it.",
+        choices=get_args(JournalMode),
+    ),
+    Option(
+        "max_pending_mb",
+        32,
+        (int, float),
+        "Record: bytes of responses and recordings waiting for the disk; past it new calls wait "
+        "before going upstream (backpressure).",
+        commands=("record", "run"),
+    ),
     Option("secret_patterns", (), list, "Extra regexes the secret scanner refuses to write."),
+    Option("ui", False, bool, "Serve the recordings browser under /_llmproxy/ on the proxy (read-only)."),
     Option(
         "secrets",
         "refuse",
@@ -236,6 +268,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("secret_allow", (), list, "Values or regexes the secret scanner lets through (test keys)."),
     Option("max_file_mb", 256, (int, float), "Replay and check: larger recording files are reported and skipped."),
+    Option(
+        "scope_fallback",
+        True,
+        bool,
+        "A request in a scope (a pytest test, an x-llmproxy-scope header) with no recording there is "
+        "answered by the shared recordings (true), or is a miss (false).",
+    ),
     Option(
         "max_pause", 60.0, (int, float), "Paced replay (realtime, xN): no single recorded pause is longer (seconds)."
     ),
@@ -300,7 +339,11 @@ class Settings:
     share_inflight: bool = default("share_inflight")
     max_recording_bytes: int = int(default("max_recording_mb") * 1024 * 1024)
     shutdown_timeout: float = default("shutdown_timeout")
+    header_timeout: float = default("header_timeout")
+    body_timeout: float = default("body_timeout")
     durable_writes: bool = default("durable_writes")
+    journal: JournalMode = default("journal")
+    max_pending_bytes: int = int(default("max_pending_mb") * 1024 * 1024)
     allow_empty: bool = default("allow_empty")
     secrets: Secrets = default("secrets")
     secret_allow: list[str] = field(default_factory=list)
@@ -309,6 +352,8 @@ class Settings:
     refresh_seconds: float = default("refresh_seconds")
     watch: bool = default("watch")
     redis_url: str | None = None
+    ui: bool = default("ui")
+    scope_fallback: bool = default("scope_fallback")
     # What a replay miss tells the user to run; None: the CLI command (pytest and `run` set theirs).
     record_hint: str | None = None
 
@@ -517,23 +562,29 @@ def load_settings(
         share_inflight=bool(pick("share_inflight")),
         max_recording_bytes=_megabytes("max_recording_mb", pick("max_recording_mb")),
         shutdown_timeout=float(pick("shutdown_timeout")),
+        header_timeout=_seconds("header_timeout", pick("header_timeout")),
+        body_timeout=_seconds("body_timeout", pick("body_timeout")),
         durable_writes=bool(pick("durable_writes")),
+        journal=pick("journal"),
+        max_pending_bytes=_megabytes("max_pending_mb", pick("max_pending_mb")),
         allow_empty=bool(pick("allow_empty")),
         secrets=pick("secrets"),
         secret_allow=list(secret_allow),
         max_file_bytes=_megabytes("max_file_mb", pick("max_file_mb")),
         max_pause=max_pause,
-        refresh_seconds=_refresh_seconds(pick("refresh_seconds")),
+        refresh_seconds=_seconds("refresh_seconds", pick("refresh_seconds")),
         watch=bool(pick("watch")),
         redis_url=pick("redis_url") or None,
+        ui=bool(pick("ui")),
+        scope_fallback=bool(pick("scope_fallback")),
         record_hint=overrides.get("record_hint"),
     )
 
 
-def _refresh_seconds(value: Any) -> float:
+def _seconds(name: str, value: Any) -> float:
     seconds = float(value)
-    if not seconds > 0:
-        raise ConfigError("refresh_seconds must be more than 0")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{name} must be a number of seconds more than 0")
     return seconds
 
 

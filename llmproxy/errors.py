@@ -24,3 +24,8 @@ class StartupError(LlmproxyError):
 #   llmproxy.store.directory.StoreError    a file in the recordings directory that cannot be read
 #   llmproxy.store.document.RecordingError a recording whose content is not a usable exchange
 #   llmproxy.tools.report.ReportError      a usage report that cannot be used for pruning
+
+
+class ResponseAbandoned(LlmproxyError, ConnectionResetError):
+    """An answer already under way was cut off after an unexpected error, which was logged once
+    already (one redacted line): aiohttp sees the connection end, the log sees nothing more."""

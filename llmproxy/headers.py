@@ -37,7 +37,15 @@ def credential_headers() -> frozenset[str]:
 
 # Set by aiohttp for the upstream leg (it decompresses, so the client's encodings do not apply:
 # the request body is forwarded decoded, so its content-encoding would lie about it too).
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "content-encoding", "x-llmproxy-token"}
+# llmproxy's own headers (token, scope) are for the proxy alone.
+NOT_FORWARDED = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "accept-encoding",
+    "content-encoding",
+    "x-llmproxy-token",
+    "x-llmproxy-scope",
+}
 
 # Response headers worth keeping in a recording: the SDKs read these. Everything else
 # (dates, rate-limit counters, cf-ray) changes on every call and would only make noisy diffs.
@@ -69,11 +77,14 @@ def client_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[st
     return [(name, value) for name, value in headers if name.lower() not in dropped]
 
 
-def recorded_response_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+def recorded_response_headers(
+    headers: Iterable[tuple[str, str]], extra: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """The response headers a recording keeps: the common ones plus a provider's `extra`."""
     kept: dict[str, str] = {}
     for name, value in headers:
         lowered = name.lower()
-        if lowered in RECORDED_RESPONSE_HEADERS and lowered not in kept:
+        if (lowered in RECORDED_RESPONSE_HEADERS or lowered in extra) and lowered not in kept:
             kept[lowered] = value
     return kept
 

@@ -18,6 +18,8 @@ import structlog
 from aiohttp import http_exceptions
 from aiohttp.web_protocol import RequestPayloadError
 
+from llmproxy.errors import ResponseAbandoned
+
 
 def _orjson_dumps(value: object, **_: object) -> str:
     return orjson.dumps(value, default=str).decode()
@@ -48,13 +50,23 @@ class _ClientProtocolErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ResponseAbandoned):
+            return False  # the last-resort middleware logged it, redacted, with its id
+        if isinstance(error, ConnectionResetError) and not isinstance(error, http_exceptions.HttpProcessingError):
+            # The client left while aiohttp itself was answering (e.g. 100-continue): no traceback.
+            record.msg, record.args = "client connection lost: %s", (str(error),)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = None
+            record.exc_text = None
+            return True
         if isinstance(error, RequestPayloadError) and isinstance(error.__cause__, http_exceptions.HttpProcessingError):
             # A body aiohttp could not decode (bad Content-Encoding), seen again as it drains it
             # after the handler answered 400.
             error = error.__cause__
         if record.exc_info and isinstance(error, http_exceptions.HttpProcessingError):
             record.msg = "bad HTTP request from client: %s"
-            record.args = (getattr(error, "message", str(error)),)
+            # aiohttp's message spans lines (the bad header, a caret): one line in the log.
+            record.args = (" ".join(str(getattr(error, "message", error)).split()),)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = None
             record.exc_text = None

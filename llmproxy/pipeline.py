@@ -9,6 +9,10 @@ live upstream, unrecorded). The CLI modes are points on that grid:
     record --missing            MISSING (a miss is forwarded and recorded)
     record                      ALL     (every call is forwarded and recorded)
 
+A call may belong to a scope (the pytest test running, or an x-llmproxy-scope header): its
+recordings are that scope's, and the pytest plugin may switch the record policy per test
+(`enter_scope`) on a pipeline built `switchable`, with every part any policy needs.
+
 Only this module writes to the client: the playback finds recordings, the upstream hands back a
 response to read, a flight fans it out to every identical call in flight, and the recorder
 writes what the flight received once it ended, whether or not its clients stayed.
@@ -28,7 +32,9 @@ from aiohttp import web
 from llmproxy.call import Call, NotRecorded, Outcome, Result, error_response
 from llmproxy.errors import LlmproxyError
 from llmproxy.headers import client_response_headers
+from llmproxy.lastresort import report_unexpected
 from llmproxy.playback import Exhausted, Found, Playback, Unreadable
+from llmproxy.store import dropped
 from llmproxy.store.base import Store
 from llmproxy.store.document import from_document
 from llmproxy.store.index import Rendered, render
@@ -83,6 +89,7 @@ class Pipeline:
         share_inflight: bool = True,
         record_after_disconnect: bool = True,
         max_recording_bytes: int = 64 * 1024 * 1024,
+        switchable: bool = False,
     ) -> None:
         if record is not RecordPolicy.OFF and (upstream is None or recorder is None):
             raise ValueError("recording needs an upstream and a recorder")
@@ -90,6 +97,8 @@ class Pipeline:
             raise ValueError("replaying needs a playback")
         if on_miss is MissPolicy.FORWARD and upstream is None:
             raise ValueError("forwarding misses needs an upstream")
+        if switchable and (upstream is None or recorder is None or playback is None):
+            raise ValueError("a switchable pipeline needs an upstream, a recorder and a playback")
         self.name = name
         self.record = record
         self.on_miss = on_miss
@@ -106,10 +115,22 @@ class Pipeline:
         self._flights: dict[str, Flight] = {}  # shareable flights by request key
         self._flight_misses: dict[Flight, list[dict[str, Any]]] = {}
         self._landing: set[asyncio.Task[None]] = set()
-        self._locks: dict[str, Any] = {}  # cross-process locks held, by key
+        # Per recorded flight: set once its recording is journaled (or known not to be); its
+        # clients get the end of the response only then, so an answer a client has is recoverable.
+        self._journaled: dict[Flight, asyncio.Future[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Cross-process locks held, by key (a file lock's, or a Redis lock's).
+        self._locks: dict[str, Any] = {}
+        self._drop_reasons: dict[Flight, str] = {}  # why a flight's exchange is not written
         self.store: Store | None = None  # closed last (a bucket's connections)
         self.serving = 0  # clients being fed from a flight right now
         self.stop_by: float | None = None  # time.monotonic() by which close() must be done
+        self.switchable = switchable
+        # The scope of calls without an x-llmproxy-scope header (the pytest test running), and
+        # its record policy when it has its own (a mark); set by the plugin between tests.
+        self.scope: str | None = None
+        self.scope_record: RecordPolicy | None = None
+        self._replaced: set[str] = set()  # scopes whose old files were removed this session
 
     @property
     def index(self) -> Any:
@@ -151,17 +172,46 @@ class Pipeline:
 
     def unused(self) -> list[Path] | None:
         """Recordings loaded but never served (None when nothing was loaded)."""
-        if self.playback is None:
+        if self.playback is None or self.record is RecordPolicy.ALL:
             return None
         return [entry.source for entry in self.playback.unused() if entry.source is not None]
 
     def recorded(self) -> list[str]:
         return list(self.recorder.written) if self.recorder is not None else []
 
+    # -- scopes -----------------------------------------------------------------------------
+
+    def policy(self) -> RecordPolicy:
+        """The record policy for calls right now: the current scope's own, or the pipeline's."""
+        return self.scope_record or self.record
+
+    async def enter_scope(self, scope: str | None, record: RecordPolicy | None = None) -> list[Path]:
+        """Calls without a scope header belong to `scope` from now on, recorded per `record`
+        (None: the pipeline's policy). Recording a scope ALL replaces its recordings: the first
+        time in a session, its old files are removed (only its own); they are returned."""
+        if record is not None and record is not self.record and not self.switchable:
+            raise ValueError(f"this pipeline cannot switch to {record.value}")
+        removed: list[Path] = []
+        if scope is not None and (record or self.record) is RecordPolicy.ALL and scope not in self._replaced:
+            self._replaced.add(scope)
+            assert self.recorder is not None
+            store = self.recorder.store
+            removed = await asyncio.get_running_loop().run_in_executor(None, store.remove_scope, scope)
+            if self.playback is not None:
+                self.playback.forget_scope(scope)
+            if removed:
+                log.info("recording the scope again: its old recordings removed", scope=scope, files=len(removed))
+        self.scope, self.scope_record = scope, record  # once its old files are gone
+        return removed
+
+    def leave_scope(self) -> None:
+        self.scope, self.scope_record = None, None
+
     # -- the handler ------------------------------------------------------------------------
 
     async def handle(self, request: web.Request, call: Call) -> web.StreamResponse:
-        if self.playback is not None:
+        record = self.policy()
+        if self.playback is not None and record is not RecordPolicy.ALL:
             found = await self.playback.lookup(call)
             if isinstance(found, Found):
                 self.outcome.count(Result.HIT)
@@ -169,10 +219,10 @@ class Pipeline:
             if isinstance(found, Unreadable):
                 self.outcome.count(Result.ERROR)
                 return self.playback.unreadable_response(call, found)
-            if isinstance(found, Exhausted) and self.record is not RecordPolicy.MISSING:
+            if isinstance(found, Exhausted) and record is not RecordPolicy.MISSING:
                 self.outcome.note_miss(call)
                 return self.playback.exhausted_response(call, found.recorded)
-        if self.record is RecordPolicy.OFF:
+        if record is RecordPolicy.OFF:
             assert self.playback is not None
             self.outcome.note_miss(call)
             if self.on_miss is MissPolicy.ERROR:
@@ -182,7 +232,7 @@ class Pipeline:
             )
             return await self._forward(request, call, record=False)
         miss = None
-        if self.record is RecordPolicy.MISSING:
+        if record is RecordPolicy.MISSING:
             miss = self.outcome.note_miss(call)
             log.info("live call: no recording yet", method=call.method, path=call.path, route=call.route.name)
         return await self._forward(request, call, record=True, miss=miss)
@@ -191,7 +241,7 @@ class Pipeline:
         self, request: web.Request, call: Call, *, record: bool, miss: dict[str, Any] | None = None
     ) -> web.StreamResponse:
         assert self.upstream is not None
-        key = call.canonical.key
+        key = call.scoped_key  # identical calls of different scopes are recorded apart
         share = record and self.share_inflight
         if share:
             joined = self._join(key, miss)
@@ -226,7 +276,12 @@ class Pipeline:
         sequence = 0
         if record:
             assert self.recorder is not None
-            sequence = self.recorder.next_sequence(key, self.playback.recorded(key) if self.playback else 0)
+            # Backpressure: when recordings queue up faster than the disk takes them, new calls
+            # wait here, before going upstream; streams already under way never wait.
+            await self.recorder.room()
+            # record --missing (a miss noted) adds to what is recorded; record starts again.
+            after = self.playback.recorded(call) if self.playback is not None and miss is not None else 0
+            sequence = self.recorder.next_sequence(key, after)
         flight = Flight(
             call,
             self.upstream,
@@ -235,6 +290,10 @@ class Pipeline:
         )
         reader = flight.join()  # before the flight's task first runs: it must see its reader
         self._flight_misses[flight] = [miss] if miss is not None else []
+        if record:
+            if self._loop is None:  # cached: on Python 3.11 each lookup is a getpid() system call
+                self._loop = asyncio.get_running_loop()
+            self._journaled[flight] = self._loop.create_future()
         if share:
             self._flights[key] = flight
         task = asyncio.create_task(self._land(flight, record, sequence, lock))
@@ -280,6 +339,7 @@ class Pipeline:
                         log.error("upstream broke off the response", route=call.route.name, error=flight.broken)
                         message = f"upstream {call.route.name} broke off: {flight.broken}"
                         return error_response(call.route, 502, message, "upstream_broken")
+                    await self._settled(flight)
                     if leader:
                         self.outcome.count(Result.FORWARDED)
                     return web.Response(status=head.status, body=b"".join(parts), headers=headers)
@@ -298,6 +358,7 @@ class Pipeline:
                 log.error("upstream broke off the response", route=call.route.name, error=flight.broken)
                 _abort(request)  # the client already has part of the answer: cut it off too
                 return response
+            await self._settled(flight)
             try:
                 await response.write_eof()
             except ConnectionError:
@@ -318,10 +379,21 @@ class Pipeline:
             self.serving -= 1
             flight.leave(reader)
 
+    async def _settled(self, flight: Flight) -> None:
+        """Wait until the flight's recording is journaled (or will not be recorded)."""
+        settled = self._journaled.get(flight)
+        if settled is not None and not settled.done():
+            await asyncio.shield(settled)
+
+    def _settle(self, flight: Flight) -> None:
+        settled = self._journaled.pop(flight, None)
+        if settled is not None and not settled.done():
+            settled.set_result(None)
+
     async def _land(self, flight: Flight, record: bool, sequence: int, lock: Any) -> None:
         """After the flight: write its exchange, or say loudly why not; then free its lock."""
         call = flight.call
-        key = call.canonical.key
+        key = call.scoped_key
         written = False
         try:
             await flight.finished()
@@ -338,6 +410,7 @@ class Pipeline:
             elif flight.response is None:
                 reason = NotRecorded.UPSTREAM_FAILED
             if reason is not None:
+                self._drop_reasons[flight] = reason.value
                 self.outcome.note_not_recorded(reason)
                 log.warning(
                     "not recorded",
@@ -363,18 +436,31 @@ class Pipeline:
                 headers_ms=flight.response.headers_ms,
                 complete=flight.broken is None,
             )
-            loop = asyncio.get_running_loop()
 
-            def done(path: Path | None) -> None:
-                loop.call_soon_threadsafe(self._landed, flight, key, lock, path)
+            def done(path: Path | None) -> None:  # called on the loop
+                self._landed(flight, key, lock, path)
 
             written = True  # from here `done` releases the lock
-            await self.recorder.schedule(exchange, sequence, done)
+            await self.recorder.schedule(exchange, sequence, done, lambda: self._settle(flight))
+        except Exception as exc:  # noqa: BLE001 - nobody awaits this task: a bug must not die unseen
+            written = False
+            report_unexpected(exc, call.headers, call.query, method=call.method, path=call.path)
+            if record:
+                self._drop_reasons[flight] = NotRecorded.WRITE_FAILED.value
+                self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
         finally:
+            self._settle(flight)
             if not written:
                 self._landed(flight, key, lock, None)
 
     def _landed(self, flight: Flight, key: str, lock: Any, path: Path | None) -> None:
+        reason = self._drop_reasons.pop(flight, None)
+        root = self.recorder.store.root if self.recorder is not None else None
+        if path is None and flight.keep_bytes is not None and root is not None:
+            # Meant for the recordings, not written: a later replay miss of it says so.
+            call = flight.call
+            note = (root, key, call.route.name, call.method, call.path, reason)
+            asyncio.get_running_loop().run_in_executor(None, dropped.note, *note)
         for miss in self._flight_misses.pop(flight, []):
             if path is not None:
                 miss["recorded"] = str(path)
@@ -404,7 +490,7 @@ class Pipeline:
         assert self.inflight is not None and self.recorder is not None and self.upstream is not None
         started = time.time()
         log.info("identical call in flight in another proxy: waiting", path=call.path, key=call.canonical.key[:16])
-        if not await self.inflight.wait(call.canonical.key, self.upstream.read_timeout):
+        if not await self.inflight.wait(call.scoped_key, self.upstream.read_timeout):
             return None
         served = await self._newest(call, started - 1)
         if served is not None:
@@ -420,7 +506,10 @@ class Pipeline:
         try:
             name = self.recorder.target(call, 1)
             path = await loop.run_in_executor(
-                None, lambda: store.newest_recording(call.route.name, call.canonical.key, since=since, name=name)
+                None,
+                lambda: store.newest_recording(
+                    call.route.name, call.canonical.key, since=since, name=name, scope=call.scope
+                ),
             )
             if path is None:
                 return None
@@ -434,12 +523,14 @@ class Pipeline:
         """A recording of this missed call that another writer added since the index was built."""
         assert self.recorder is not None
         key = call.canonical.key
-        known = max(self.playback.recorded(key) if self.playback else 0, self.recorder.known(key))
+        known = max(self.playback.recorded(call) if self.playback else 0, self.recorder.known(call.scoped_key))
         store = self.recorder.store
         loop = asyncio.get_running_loop()
         try:
             name = self.recorder.target(call, 1)
-            highest = await loop.run_in_executor(None, lambda: store.highest_sequence(call.route.name, key, name=name))
+            highest = await loop.run_in_executor(
+                None, lambda: store.highest_sequence(call.route.name, key, name=name, scope=call.scope)
+            )
         except LlmproxyError:
             return None
         if highest <= known:

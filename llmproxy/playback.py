@@ -17,8 +17,9 @@ from aiohttp import web
 from llmproxy.call import Call, error_response
 from llmproxy.canonical import CanonicalRequest, request_differences
 from llmproxy.errors import LlmproxyError
+from llmproxy.store import dropped
 from llmproxy.store.base import Store
-from llmproxy.store.index import Entry, RecordingIndex, Rendered
+from llmproxy.store.index import Entry, Group, RecordingIndex, Rendered
 
 log = structlog.get_logger("llmproxy.playback")
 
@@ -49,7 +50,12 @@ Lookup = Found | Exhausted | Unreadable | None
 
 
 class Playback:
-    """Recordings by key: the Nth identical request gets the Nth recording."""
+    """Recordings by key: the Nth identical request gets the Nth recording.
+
+    A call in a scope (a test) is answered by that scope's recordings, its repeats counted in
+    that scope alone, so a test gets the same answers whatever else runs; with none there, by
+    the shared recordings (`fallback`), counted as shared (as they were recorded).
+    """
 
     def __init__(
         self,
@@ -60,6 +66,7 @@ class Playback:
         repeat_last: bool = True,
         record_command: str = "llmproxy record --missing",
         max_pause: float = MAX_PAUSE_MS / 1000,
+        fallback: bool = True,
     ) -> None:
         self.index = index
         self.store = store
@@ -70,7 +77,10 @@ class Playback:
         self.record_command = record_command
         # Paced replay never waits longer than this at once (seconds), whatever a file says.
         self.max_pause = max_pause
-        self._served: dict[str, int] = {}
+        # A scoped call with no recording in its scope: answered by the shared recordings.
+        self.fallback = fallback
+        self._served: dict[Group, int] = {}
+        self.dropped: dict[str, dict[str, Any]] = {}  # exchanges record runs did not write, by key
         self._loading: asyncio.Future[None] | None = None
         # Look for files other writers added every this many seconds (None: never); the files
         # this process wrote itself (`own_files`) are left out, they are its own repeats.
@@ -118,6 +128,7 @@ class Playback:
     def _load(self, store: Store) -> None:
         started = time.perf_counter()
         self.index.load_store(store)
+        self.dropped = dropped.read_notes(store.root) if store.root is not None else {}
         log.info(
             "recordings loaded",
             directory=store.location,
@@ -126,28 +137,56 @@ class Playback:
             seconds=round(time.perf_counter() - started, 3),
         )
 
+    def replayed(self) -> list[tuple[Entry, int]]:
+        """Each recording this run replayed and how often (what replay saved going upstream)."""
+        counts: dict[int, tuple[Entry, int]] = {}
+        for (scope, key), served in self._served.items():
+            entries = self.index.get(key, scope)
+            if not entries:
+                continue  # a scope re-recorded since: its old recordings are gone
+            for number in range(served):
+                if number >= len(entries) and not self.repeat_last:
+                    break
+                entry = entries[min(number, len(entries) - 1)]
+                counts[id(entry)] = (entry, counts.get(id(entry), (entry, 0))[1] + 1)
+        return list(counts.values())
+
     def unused(self) -> list[Entry]:
         """Recordings no request reached (for repeats: the ones past the last served)."""
         unused = []
-        for key in self.index.keys():
-            unused.extend(self.index.get(key)[self._served.get(key, 0) :])
+        for scope, key in self.index.groups():
+            unused.extend(self.index.get(key, scope)[self._served.get((scope, key), 0) :])
         return unused
 
-    def recorded(self, key: str) -> int:
-        return len(self.index.get(key))
+    def recorded(self, call: Call) -> int:
+        """How many recordings of this call its own scope has (a new one comes after them)."""
+        return len(self.index.get(call.canonical.key, call.scope))
+
+    def forget_scope(self, scope: str) -> None:
+        self.index.drop_scope(scope)
+        for group in [group for group in self._served if group[0] == scope]:
+            del self._served[group]
+
+    def _entries(self, call: Call) -> tuple[Group, list[Entry]]:
+        key, scope = call.canonical.key, call.scope
+        entries = self.index.get(key, scope)
+        if entries or scope is None or not self.fallback:
+            return (scope, key), entries
+        return (None, key), self.index.get(key)
 
     async def lookup(self, call: Call) -> Lookup:
         """The recording that answers this call (None: nothing recorded for it)."""
-        key = call.canonical.key
-        entries = self.index.get(key)
-        while not entries and self._loading is not None and not self._loading.done():
-            # Perhaps not loaded yet: look again as the index grows, until loading ends.
+        group, entries = self._entries(call)
+        while (not entries or group[0] != call.scope) and self._loading is not None and not self._loading.done():
+            # Perhaps not loaded yet (or only the shared one so far): look again as the index
+            # grows, until loading ends.
             await asyncio.wait([self._loading], timeout=0.02)
-            entries = self.index.get(key)
+            group, entries = self._entries(call)
         if not entries:
             return None
-        served = self._served.get(key, 0)
-        self._served[key] = served + 1
+        key = group[1]
+        served = self._served.get(group, 0)
+        self._served[group] = served + 1
         if served >= len(entries) and not self.repeat_last:
             return Exhausted(len(entries))
         entry = entries[min(served, len(entries) - 1)]
@@ -158,7 +197,14 @@ class Playback:
             except LlmproxyError as exc:
                 log.error("recording cannot be replayed", file=str(entry.source), reason=str(exc))
                 return Unreadable(entry, str(exc))
-        log.debug("replay hit", path=call.path, key=key[:16], file=str(entry.source) if entry.source else None)
+        log.debug(
+            "replay hit",
+            path=call.path,
+            key=key[:16],
+            scope=call.scope,
+            shared=group[0] != call.scope,
+            file=str(entry.source) if entry.source else None,
+        )
         return Found(rendered, entry)
 
     def _pause_ms(self, value: Any) -> float:
@@ -217,17 +263,26 @@ class Playback:
         model = call.model or "-"
         message = (
             f"llmproxy has no recording for {canonical.describe()} "
-            f"(route {call.route.name}, model {model}, key {canonical.key[:16]})."
+            f"(route {call.route.name}, model {model}, key {canonical.key[:16]})"
         )
+        if call.scope is not None:
+            shared = " or shared" if self.fallback else ""
+            message += f" in scope {call.scope}{shared}"
+        message += "."
         # Comparing with many recordings (and diffing large bodies) is CPU work: off the loop,
         # so other clients go on.
         closest, differences = await asyncio.get_running_loop().run_in_executor(
             None, self._closest, canonical, call.model
         )
         closest_file = None
+        note = self.dropped.get(canonical.key)
+        if note is not None:
+            message += " " + dropped.describe(note)
         if closest is not None:
             closest_file = str(closest.source) if closest.source else None
-            message += f" Closest recording: {closest_file or '(in memory)'}; it differs in: {'; '.join(differences)}."
+            where = "" if closest.scope == call.scope else f" (in scope {closest.scope or 'shared'})"
+            differ = "; ".join(differences) or "its scope only"
+            message += f" Closest recording: {closest_file or '(in memory)'}{where}; it differs in: {differ}."
         message += f" To record it, run `{self.record_command}` and repeat this request through it."
         log.warning(
             "replay miss",
@@ -236,8 +291,10 @@ class Playback:
             route=call.route.name,
             model=model,
             key=canonical.key[:16],
+            scope=call.scope,
             closest=closest_file,
             differences=differences,
+            not_recorded=(note.get("reason") or "unknown") if note is not None else None,
             compared=self.index.compared,
         )
         return error_response(call.route, 404, message, "recording_not_found")

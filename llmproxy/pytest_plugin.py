@@ -16,6 +16,14 @@ own proxy on the shared recordings directory; the controller sums their reports.
 Without a mode, the `llmproxy` fixture (or `llmproxy_autouse = true`) starts a replay proxy the
 first time a test asks for it, as before. A replay miss is an HTTP 404 the SDK raises, so the
 test fails at once with the miss message (never a hang).
+
+Each test's exchanges are its own (its scope is its node id): recorded under
+`recordings/<module>/<test>/...` with `request.scope` in the file, repeats counted per test, so a
+test gets the same answers whatever else runs (`-k`, xdist). A test with no recording of its own
+is answered by the shared recordings (files recorded outside pytest; `scope_fallback`).
+Re-recording a test (`--llmproxy-mode record -k name`) first removes that test's files only.
+`@pytest.mark.llmproxy(mode=..., scope=...)` gives a test (class, module) its own mode, or a
+scope: "test" (default; ini `llmproxy_scope`), "class", "module", "shared" or a name of yours.
 """
 
 from __future__ import annotations
@@ -34,14 +42,18 @@ import pytest
 from llmproxy.config import Mode, load_settings
 from llmproxy.errors import LlmproxyError
 from llmproxy.netblock import NetworkGuard
+from llmproxy.pipeline import MODES as POLICIES
 from llmproxy.server import ProxyServer
 from llmproxy.tools.report import write_report
 from llmproxy.tools.run import client_environment
 
 MODES = tuple(mode.value for mode in Mode)
+SCOPE_KINDS = ("test", "class", "module", "shared")  # any other scope is a name of the user's
+MARK_ARGUMENTS = ("mode", "scope")
 _PROXY = pytest.StashKey["SessionProxy"]()
 _GUARD = pytest.StashKey[NetworkGuard]()
 _WORKER_REPORTS = pytest.StashKey[list[dict[str, Any]]]()
+_OPENED = pytest.StashKey[set[str]]()
 _REPORT_KEY = "llmproxy_report"  # in xdist's workeroutput
 
 
@@ -77,6 +89,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("llmproxy_autouse", "use the llmproxy fixture in every test", type="bool", default=False)
     parser.addini("llmproxy_block_network", "true/false: --llmproxy-block-network (default: on in replay)", default="")
     parser.addini("llmproxy_allow_hosts", "hosts that stay reachable when the network is blocked", type="linelist")
+    parser.addini(
+        "llmproxy_scope", "whose recordings a test uses: test (default), class, module, shared", default="test"
+    )
+    parser.addini(
+        "llmproxy_scope_fallback", "true/false: a test with no recording of its own uses the shared ones", default=""
+    )
 
 
 def _chosen_mode(config: pytest.Config) -> str | None:
@@ -104,10 +122,12 @@ class SessionProxy:
             hint.append(f"--llmproxy-recordings {recordings}")
         if config_file:
             hint.append(f"--llmproxy-config {config_file}")
+        fallback = str(config.getini("llmproxy_scope_fallback")).strip().lower()
         try:
             self.settings = load_settings(
                 Path(config_file) if config_file else None,
                 {
+                    "scope_fallback": fallback in ("1", "true", "yes", "on") if fallback else None,
                     "host": "127.0.0.1",
                     "port": 0,
                     "recordings": Path(config.rootpath, recordings),
@@ -124,6 +144,7 @@ class SessionProxy:
         self.server: ProxyServer | None = None
         self.final_report: dict[str, Any] | None = None
         self._saved_env: dict[str, str | None] = {}
+        self.current: str | None = None  # the node id of the test whose scope is set
 
     @property
     def url(self) -> str:
@@ -137,7 +158,7 @@ class SessionProxy:
         self._thread.start()
 
         async def start() -> ProxyServer:
-            server = ProxyServer(self.settings, self.mode)
+            server = ProxyServer(self.settings, self.mode, switchable=True)
             await server.start()
             return server
 
@@ -145,6 +166,20 @@ class SessionProxy:
         for name, value in client_environment(self.url, self.mode, {}).items():
             self._saved_env[name] = os.environ.get(name)
             os.environ[name] = value
+
+    def enter(self, nodeid: str, scope: str | None, mode: str | None) -> list[Path]:
+        """The calls from now on are this test's (until leave()); its recordings are replaced
+        when it records them all. Returns the files removed for that."""
+        assert self.server is not None
+        self.current = nodeid
+        policy = POLICIES[mode] if mode is not None and mode != self.mode else None
+        entered = self.server.pipeline.enter_scope(scope, policy)
+        return asyncio.run_coroutine_threadsafe(entered, self._loop).result(60)
+
+    def leave(self) -> None:
+        if self.server is not None and self.final_report is None:
+            self._loop.call_soon_threadsafe(self.server.pipeline.leave_scope)
+        self.current = None
 
     def report(self) -> dict[str, Any]:
         if self.final_report is not None:
@@ -180,6 +215,11 @@ def _block_network(config: pytest.Config, proxy: SessionProxy) -> bool:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "llmproxy(mode=None, scope=None): this test's llmproxy mode (record, record-missing, replay) and "
+        "whose recordings it uses: test, class, module, shared, or a name of yours",
+    )
     mode = _chosen_mode(config)
     if mode is None:
         return
@@ -260,9 +300,93 @@ def llmproxy(request: pytest.FixtureRequest) -> Iterator[SessionProxy]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _scope_kind(config, None)  # a wrong ini value is a usage error before anything runs
+    for item in items:
+        for mark in item.iter_markers("llmproxy"):
+            _check_mark(item, mark)
     if config.getini("llmproxy_autouse"):
         for item in items:
             item.fixturenames.insert(0, "llmproxy")  # type: ignore[attr-defined]
+
+
+def _check_mark(item: pytest.Item, mark: pytest.Mark) -> None:
+    unknown = set(mark.kwargs) - set(MARK_ARGUMENTS)
+    if mark.args or unknown:
+        raise pytest.UsageError(
+            f"{item.nodeid}: @pytest.mark.llmproxy takes only keywords {', '.join(MARK_ARGUMENTS)}, "
+            f"not {', '.join(sorted(unknown)) or repr(mark.args)}"
+        )
+    mode = mark.kwargs.get("mode")
+    if mode is not None and mode not in MODES:
+        raise pytest.UsageError(f"{item.nodeid}: llmproxy mode must be one of {', '.join(MODES)}, not {mode!r}")
+    scope = mark.kwargs.get("scope")
+    if scope is not None and (not isinstance(scope, str) or not scope.strip()):
+        raise pytest.UsageError(f"{item.nodeid}: llmproxy scope must be {', '.join(SCOPE_KINDS)} or a name")
+
+
+def _scope_kind(config: pytest.Config, mark: pytest.Mark | None) -> str | None:
+    if mark is not None and "scope" in mark.kwargs:
+        return mark.kwargs["scope"]
+    kind = str(config.getini("llmproxy_scope")).strip() or "test"
+    if kind not in SCOPE_KINDS:
+        raise pytest.UsageError(f"llmproxy_scope must be one of {', '.join(SCOPE_KINDS)}, not {kind!r}")
+    return kind
+
+
+def scope_of(item: pytest.Item) -> str | None:
+    """Whose recordings a test uses: its node id (by default), its class's, its module's, the
+    shared ones (None), or a scope named in its mark."""
+    mark = item.get_closest_marker("llmproxy")
+    kind = _scope_kind(item.config, mark)
+    module = item.nodeid.split("::", 1)[0]
+    if kind is None or kind == "shared":
+        return None
+    if kind == "test":
+        return item.nodeid
+    if kind == "module":
+        return module
+    if kind == "class":
+        parent = item.getparent(pytest.Class)
+        return parent.nodeid if parent is not None else module
+    return kind
+
+
+def _enter(item: pytest.Item, proxy: SessionProxy) -> None:
+    mark = item.get_closest_marker("llmproxy")
+    mode = mark.kwargs.get("mode") if mark is not None else None
+    guard = item.config.stash.get(_GUARD, None)
+    if guard is not None and mode not in (None, Mode.REPLAY.value) and proxy.mode == Mode.REPLAY:
+        # A test that records in a blocked replay session: its proxy's upstreams open meanwhile.
+        opened = proxy.upstream_hosts() - guard.allowed
+        guard.allowed |= opened
+        item.stash[_OPENED] = opened
+    proxy.enter(item.nodeid, scope_of(item), mode)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    proxy = item.config.stash.get(_PROXY, None)
+    if proxy is not None and proxy.server is not None:
+        _enter(item, proxy)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    proxy = item.config.stash.get(_PROXY, None)
+    if proxy is not None and proxy.server is not None and proxy.current != item.nodeid:
+        _enter(item, proxy)  # the proxy was started by this test's own fixture
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    yield  # the test's own fixtures tear down (and may still call) within its scope
+    proxy = item.config.stash.get(_PROXY, None)
+    if proxy is not None and proxy.current == item.nodeid:
+        proxy.leave()
+    guard = item.config.stash.get(_GUARD, None)
+    opened = item.stash.get(_OPENED, None)
+    if guard is not None and opened:
+        guard.allowed -= opened
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -285,8 +409,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         f"{len(report['recorded'])} recorded, {'-' if unused is None else len(unused)} unused recording(s)"
     )
     for miss in report["misses"]:
+        where = f" in {miss['scope']}" if miss.get("scope") else ""
         terminalreporter.write_line(
-            f"  missed {miss['method']} {miss['path']} (model {miss['model']}, key {miss['key'][:16]})"
+            f"  missed {miss['method']} {miss['path']} (model {miss['model']}, key {miss['key'][:16]}){where}"
         )
     if path is not None:
         terminalreporter.write_line(f"usage report: {path}")

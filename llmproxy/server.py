@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import signal
 import time
@@ -17,14 +18,17 @@ from llmproxy.call import Call, Outcome, error_response
 from llmproxy.canonical import BadRequest, KeyMemo, RawBody, header_bytes, parse_body
 from llmproxy.config import Settings, validate_timing
 from llmproxy.intake import read_body, token_matches
+from llmproxy.lastresort import install_loop_errors, last_resort_middleware
 from llmproxy.pipeline import MODES, MissPolicy, Pipeline, RecordPolicy
 from llmproxy.playback import Playback
-from llmproxy.routing import Refusal, Router
+from llmproxy.routing import Refusal, Route, Router
 from llmproxy.store.base import Store, is_remote, normalize_location, open_store
+from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex, canonical_for_route
+from llmproxy.store.journal import recover as recover_journals
 from llmproxy.store.secrets import SecretScanner, request_credentials
 from llmproxy.store.writer import Recorder
-from llmproxy.tools.report import build_report, write_report
+from llmproxy.tools.report import build_report, replay_savings, write_report
 from llmproxy.upstream.client import AiohttpUpstream
 from llmproxy.upstream.redislock import RedisInFlight
 from llmproxy.upstream.singleflight import SUPPORTED as INFLIGHT_SUPPORTED
@@ -43,20 +47,21 @@ def record_command(settings: Settings) -> str:
     return " ".join(parts)
 
 
-def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
-    """The pipeline for a CLI mode: `record`, `record-missing` or `replay` (see pipeline.MODES)."""
+def build_pipeline(settings: Settings, mode_name: str, *, switchable: bool = False) -> Pipeline:
+    """The pipeline for a CLI mode: `record`, `record-missing` or `replay` (see pipeline.MODES).
+    `switchable` (the pytest plugin) builds every part, so a test can have a mode of its own."""
     try:
         record = MODES[mode_name]
     except KeyError:
         raise ValueError(f"unknown mode {mode_name!r}") from None
-    on_miss = MissPolicy(settings.on_miss) if record is RecordPolicy.OFF else MissPolicy.ERROR
+    on_miss = MissPolicy(settings.on_miss) if record is RecordPolicy.OFF or switchable else MissPolicy.ERROR
     store = open_store(settings.recordings, durable=settings.durable_writes, max_file_bytes=settings.max_file_bytes)
     outcome = Outcome()
     upstream = None
-    if record is not RecordPolicy.OFF or on_miss is MissPolicy.FORWARD:
+    if record is not RecordPolicy.OFF or on_miss is MissPolicy.FORWARD or switchable:
         upstream = AiohttpUpstream(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
     playback = None
-    if record is not RecordPolicy.ALL:
+    if record is not RecordPolicy.ALL or switchable:
         playback = Playback(
             RecordingIndex(settings.router()),
             store,
@@ -66,15 +71,18 @@ def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
             repeat_last=settings.after_last == "repeat",
             record_command=record_command(settings),
             max_pause=settings.max_pause,
+            fallback=settings.scope_fallback,
         )
     recorder = None
-    if record is not RecordPolicy.OFF:
+    if record is not RecordPolicy.OFF or switchable:
         recorder = Recorder(
             store,
             outcome,
             scanner=SecretScanner(settings.secret_patterns, allow=settings.secret_allow),
             record_errors=settings.record_errors,
             redact=settings.secrets == "redact",
+            journal_mode=settings.journal,
+            max_pending_bytes=settings.max_pending_bytes,
         )
     if playback is not None and (settings.watch or is_remote(settings.recordings)):
         playback.refresh_seconds = settings.refresh_seconds
@@ -92,6 +100,7 @@ def build_pipeline(settings: Settings, mode_name: str) -> Pipeline:
         share_inflight=settings.share_inflight,
         record_after_disconnect=settings.client_disconnect == "drain",
         max_recording_bytes=settings.max_recording_bytes,
+        switchable=switchable,
     )
     pipeline.store = store
     return pipeline
@@ -109,6 +118,10 @@ def _inflight(settings: Settings, store: Store) -> InFlight | RedisInFlight | No
 
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 TOKEN_HEADER = "x-llmproxy-token"
+# Reserved for llmproxy's own pages and endpoints: no provider's path starts with it.
+UI_PREFIX = "/_llmproxy"
+SCOPE_HEADER = "x-llmproxy-scope"  # the client's choice of scope; never forwarded, recorded or keyed
+MAX_SCOPE_CHARS = 1024
 
 SETTINGS = web.AppKey("settings", Settings)
 ROUTER = web.AppKey("router", Router)
@@ -116,11 +129,12 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 
 
 KEY_MEMO = web.AppKey("key_memo", KeyMemo)
+HANDLERS = web.AppKey("handlers", set)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-HEALTH_PATH = "/_llmproxy/health"
+HEALTH_PATH = UI_PREFIX + "/health"
 
 
 @web.middleware
@@ -137,9 +151,35 @@ async def health_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 @web.middleware
+async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind the request's context once for every log line it causes (a connection may carry many
+    requests, so whatever an earlier one bound is cleared first)."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(method=request.method, path=request.path)
+    return await handler(request)
+
+
+@web.middleware
+async def tracking_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Keep each running handler's task, so shutting down can cancel them at its deadline."""
+    task = asyncio.current_task()
+    running = request.app[HANDLERS]
+    if task is not None:
+        running.add(task)
+    try:
+        return await handler(request)
+    finally:
+        running.discard(task)  # type: ignore[arg-type]
+
+
+@web.middleware
 async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app[SETTINGS].token
-    if token is not None and not token_matches(request.headers.get(TOKEN_HEADER), token):
+    settings = request.app[SETTINGS]
+    token = settings.token
+    # The browser's page is served to anyone who reaches it (it then asks for the token); its
+    # sub-app checks the token on every API call itself.
+    ui_page = settings.ui and (request.path == UI_PREFIX or request.path.startswith(UI_PREFIX + "/"))
+    if token is not None and not ui_page and not token_matches(request.headers.get(TOKEN_HEADER), token):
         log.warning("client refused: missing or wrong token", path=request.path, peer=request.remote)
         return error_response(None, 401, f"this llmproxy needs the {TOKEN_HEADER} header", "proxy_token_required")
     return await handler(request)
@@ -158,6 +198,7 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Read the body once (kept by aiohttp for the handler): over max_body_mb, undecodable or cut
     short by a client leaving, it is answered here in the route's error shape."""
     limit = request.app[SETTINGS].max_body_bytes
+    timeout = request.app[SETTINGS].body_timeout
     problem: BadRequest | None = None
     if request.content_length is not None and request.content_length > limit:
         problem = BadRequest(
@@ -165,9 +206,13 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
         )
     else:
         try:
-            await read_body(request, limit)
+            async with asyncio.timeout(timeout):  # a client that stalls mid-body holds no connection for ever
+                await read_body(request, limit)
         except BadRequest as exc:
             problem = exc
+        except TimeoutError:
+            message = f"the request body did not arrive within body_timeout ({timeout:g} s)"
+            problem = BadRequest(408, "request_timeout", message, "request body too slow: connection closed")
         except asyncio.CancelledError:
             # aiohttp cancels the handler when its client disconnects: one line, no traceback.
             log.warning("client left during the request body", path=request.path)
@@ -175,8 +220,20 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if problem is not None:
         log.warning(problem.event, path=request.path, reason=problem.message, code=problem.code, limit=limit)
         match = request.app[ROUTER].resolve(request.method, request.path, request.headers)
-        return error_response(match.route if match else None, problem.status, problem.message, problem.code)
+        response = error_response(match.route if match else None, problem.status, problem.message, problem.code)
+        if problem.status == 408 and request.transport is not None:
+            # Answer, then close: aiohttp would otherwise linger reading the rest of the body.
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            request.transport.close()
+        return response
     return await handler(request)
+
+
+def _route_of(request: web.Request) -> Route | None:
+    match = request.app[ROUTER].resolve(request.method, request.path, request.headers)
+    return match.route if match else None
 
 
 def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.Application:
@@ -194,6 +251,14 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
         body = await request.read()
         query = parse_qsl(request.query_string, keep_blank_values=True)
         headers = {name.lower(): value for name, value in request.headers.items()}
+        scope = pipeline.scope
+        if SCOPE_HEADER in headers:  # the header wins over the test running; empty: shared
+            chosen = headers.pop(SCOPE_HEADER).strip()
+            if len(chosen) > MAX_SCOPE_CHARS or not chosen.isprintable():
+                message = f"{SCOPE_HEADER} must be printable text of at most {MAX_SCOPE_CHARS} characters"
+                log.warning("request refused", code="bad_scope", path=request.path)
+                return error_response(route, 400, message, "bad_scope")
+            scope = chosen or None
         content_type = request.headers.get("Content-Type", "")
         memo_key = (route.name, request.method, match.path, request.query_string, content_type, body)
         memo_key += tuple(headers.get(name) for name in route.key_headers)  # type: ignore[assignment]
@@ -224,6 +289,7 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
                 key_query = [(name, scanner.redact_text(value, credentials)) for name, value in query]
             canonical = canonical_for_route(route, request.method, match.path, key_query, headers, body_value)
             keys.put(memo_key, (body_value, canonical), len(body))
+        structlog.contextvars.bind_contextvars(route=route.name, key=canonical.key[:16])
         call = Call(
             route=route,
             method=request.method.upper(),
@@ -235,8 +301,9 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
             body_value=body_value,
             canonical=canonical,
             raw_headers=list(request.headers.items()),
+            scope=scope,
         )
-        return await request.app[PIPELINE].handle(request, call)
+        return await pipeline.handle(request, call)
 
     async def pipeline_context(app: web.Application) -> AsyncIterator[None]:
         await app[PIPELINE].start()
@@ -245,12 +312,28 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[health_middleware, token_middleware, method_middleware, body_middleware],
+        middlewares=[
+            context_middleware,
+            last_resort_middleware(_route_of),
+            tracking_middleware,
+            health_middleware,
+            token_middleware,
+            method_middleware,
+            body_middleware,
+        ],
     )
     app[SETTINGS] = settings
     app[ROUTER] = router
     app[PIPELINE] = pipeline
     app[KEY_MEMO] = keys
+    app[HANDLERS] = set()
+    if settings.ui and is_remote(settings.recordings):
+        log.warning("the recordings page browses a directory: not served for a bucket", recordings=settings.recordings)
+    elif settings.ui:  # the recordings browser, under a prefix no provider uses; before the catch-all
+        from llmproxy.tools.ui import ui_subapp
+
+        browser = ui_subapp(settings.recordings, router, token=settings.token, loopback=_is_loopback(settings.host))
+        app.add_subapp(UI_PREFIX, browser)
     app.router.add_route("*", "/{tail:.*}", handle)
     app.cleanup_ctx.append(pipeline_context)
     return app
@@ -268,10 +351,10 @@ def _is_loopback(host: str) -> bool:
 class ProxyServer:
     """The proxy bound to a socket; port 0 picks a free port (see `.port` after start)."""
 
-    def __init__(self, settings: Settings, mode_name: str) -> None:
+    def __init__(self, settings: Settings, mode_name: str, *, switchable: bool = False) -> None:
         self.settings = settings
         self.router = settings.router()
-        self.pipeline = build_pipeline(settings, mode_name)
+        self.pipeline = build_pipeline(settings, mode_name, switchable=switchable)
         self.app = build_app(settings, self.router, self.pipeline)
         self._runner: web.AppRunner | None = None
         self.port: int = settings.port
@@ -284,11 +367,19 @@ class ProxyServer:
                 host=self.settings.host,
                 token_required=self.settings.token is not None,
             )
+        # What a killed proxy acknowledged but never wrote becomes recordings before anything is served.
+        # A bucket has no journal (nothing is journaled on this machine for it).
+        if not is_remote(self.settings.recordings):
+            store = RecordingStore(self.settings.recordings, max_file_bytes=self.settings.max_file_bytes)
+            await asyncio.get_running_loop().run_in_executor(None, recover_journals, store)
         self._runner = web.AppRunner(
             self.app,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.settings.shutdown_timeout,
+            # aiohttp closes a connection still without a whole request head this long after it
+            # opened (or after its previous answer): slow or idle clients free their descriptor.
+            keepalive_timeout=self.settings.header_timeout,
             # A client that leaves cancels its handler at once, also while the upstream is
             # silent: the pipeline then closes the upstream call (or reads it on to record it).
             handler_cancellation=True,
@@ -315,9 +406,17 @@ class ProxyServer:
             # One shutdown_timeout in all: what the handlers use of it is not given again to the
             # calls still reading their upstream to record it.
             self.pipeline.stop_by = time.monotonic() + self.settings.shutdown_timeout
-            await self._runner.cleanup()
+            cleanup = asyncio.ensure_future(self._runner.cleanup())
+            done, _ = await asyncio.wait([cleanup], timeout=self.settings.shutdown_timeout)
+            if not done:
+                # aiohttp would wait as long again before cancelling handlers still serving
+                # (its "cancel" only fails their request-body reads): cancel them now.
+                for task in list(self.app[HANDLERS]):
+                    task.cancel()
+            await cleanup
             self._runner = None
         report = self.report()
+        saved = report["saved"]  # what replay saved going upstream, for the summary
         if self.settings.report is not None:
             write_report(self.settings.report, report)
         outcome = self.pipeline.outcome
@@ -334,6 +433,8 @@ class ProxyServer:
             errors=report["errors"],
             not_recorded=report["not_recorded"],
             refused=report["refused"],
+            saved_tokens=saved and saved["input_tokens"] + saved["output_tokens"],
+            saved_usd=saved and round(saved["cost_usd"], 6),
             report=str(self.settings.report) if self.settings.report else None,
         )
 
@@ -344,13 +445,26 @@ class ProxyServer:
 
     def report(self) -> dict[str, Any]:
         pipeline = self.pipeline
+        playback = pipeline.playback
+        saved = replay_savings(playback.replayed(), playback.index.provider_for) if playback is not None else None
         return build_report(
             pipeline.name,
             pipeline.outcome,
             normalize_location(self.settings.recordings),
             pipeline.recorded(),
             pipeline.unused(),
+            saved,
         )
+
+
+def tune_collector() -> None:
+    """A server allocates many short-lived objects: with the default thresholds, full collections
+    of every long-lived object (routes, loaded recordings, modules) ran every few hundred requests
+    and took a third of the loop. What exists after start is frozen out of collections, and young
+    collections run less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 1000)
 
 
 async def serve(settings: Settings, mode_name: str) -> None:
@@ -358,10 +472,12 @@ async def serve(settings: Settings, mode_name: str) -> None:
     server = ProxyServer(settings, mode_name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    install_loop_errors(loop)
     # Before listening: a signal right after the `listening` line must still stop cleanly.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await server.start(wait_ready=False)  # serve while the recordings load
+    tune_collector()
     try:
         await stop.wait()
     finally:

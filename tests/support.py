@@ -20,6 +20,7 @@ from aiohttp import web
 
 from llmproxy.config import Settings, load_settings
 from llmproxy.server import ProxyServer
+from llmproxy.store.dropped import NOTES_NAME
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -74,10 +75,12 @@ def start_proxy(
 class RunningApp:
     """A plain aiohttp app (a fake upstream) on an ephemeral port."""
 
-    def __init__(self, loop: LoopThread, app: web.Application) -> None:
+    def __init__(self, loop: LoopThread, app: web.Application, *, handler_cancellation: bool = False) -> None:
         self.loop = loop
         self.app = app
-        self.runner = web.AppRunner(app, access_log=None)
+        # handler_cancellation: its handlers are cancelled when the proxy drops the connection,
+        # so a test can see an upstream call closed while the upstream was silent.
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=handler_cancellation)
         self.port = 0
 
     def start(self) -> RunningApp:
@@ -129,7 +132,8 @@ def free_port() -> int:
 
 
 def files_under(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file())
+    """Every file under `directory` but the notes of exchanges not recorded (store/dropped.py)."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != NOTES_NAME)
 
 
 def assert_no_secret(directory: Path, *secrets: str) -> None:
@@ -147,9 +151,16 @@ class CliProxy:
     """
 
     def __init__(
-        self, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, netguard: str | None = None
+        self,
+        *args: str,
+        cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+        netguard: str | None = None,
+        slowdisk: str | None = None,
     ) -> None:
         launcher = ["-m", "tests.netguard", netguard] if netguard else ["-m", "llmproxy"]
+        if slowdisk is not None:  # tests/slowdisk.py: seconds per recording file, or "stuck"
+            launcher = ["-m", "tests.slowdisk", slowdisk]
         command = [sys.executable, *launcher, *args, "--log-json"]
         full_env = {**os.environ, **(env or {})}
         self.process = subprocess.Popen(

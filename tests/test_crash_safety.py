@@ -42,7 +42,9 @@ def test_kill_9_mid_recording_leaves_only_complete_valid_files(loop_thread: Loop
     wire.chunk_delay = 0.004  # long enough that some streams are mid-flight and some are written
     app = RunningApp(loop_thread, wire.app()).start()
     recordings = tmp_path / "recordings"
-    proxy = CliProxy("record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0")
+    proxy = CliProxy(
+        "record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0", "--log-level", "debug"
+    )
     try:
         future = asyncio.run_coroutine_threadsafe(_stream_many(proxy.url, 32), loop_thread.loop)
         proxy.wait_for_event("recorded", count=4)  # some written, the rest still streaming

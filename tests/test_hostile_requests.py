@@ -36,6 +36,8 @@ def recorder(loop_thread: LoopThread, tmp_path: Path) -> Iterator[tuple[CliProxy
         str(recordings),
         "--port",
         "0",
+        "--log-level",
+        "debug",
         env={"LLMPROXY_TOKEN": TOKEN},
     )
     yield proxy, wire, recordings

@@ -24,35 +24,8 @@ from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex
 from llmproxy.upstream.singleflight import InFlight, Lock
 from tests.providers_support import normalise_json_whitespace, write_config
-from tests.support import REPO, CliProxy, LoopThread, files_under, sse_data, start_proxy
+from tests.support import REPO, CliProxy, LoopThread, RunningApp, files_under, sse_data, start_proxy
 from tests.upstreams.openai_wire import OpenAIWire
-
-
-class CancellableApp:
-    """A local upstream whose handlers are cancelled when the proxy drops the connection, so a
-    test can see the upstream call closed while the upstream was silent."""
-
-    def __init__(self, loop: LoopThread, app: web.Application) -> None:
-        self.loop = loop
-        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        self.port = 0
-
-    def start(self) -> CancellableApp:
-        async def go() -> None:
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = self.runner.addresses[0][1]
-
-        self.loop.run(go())
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.loop.run(self.runner.cleanup())
 
 
 def _anthropic_event(name: str, data: dict[str, Any]) -> bytes:
@@ -169,7 +142,7 @@ def _leave_after(
 def _record_with_early_leaver(
     loop_thread: LoopThread, tmp_path: Path, upstream: HeldStream, provider: str, url_path: str, body: dict[str, Any]
 ) -> tuple[Path, bytes]:
-    app = CancellableApp(loop_thread, upstream.app()).start()
+    app = RunningApp(loop_thread, upstream.app(), handler_cancellation=True).start()
     config = write_config(tmp_path / "llmproxy.toml", [{"name": provider, "provider": provider, "upstream": app.url}])
     recordings = tmp_path / "recordings"
     proxy = start_proxy(loop_thread, "record", recordings, config)
@@ -299,7 +272,7 @@ def _leave_while_silent(loop_thread: LoopThread, url: str, upstream: SilentUpstr
 def test_discard_closes_a_silent_upstream_when_the_client_leaves(loop_thread: LoopThread, tmp_path: Path) -> None:
     for stream in (True, False):
         upstream = SilentUpstream(headers_first=stream)
-        app = CancellableApp(loop_thread, upstream.app()).start()
+        app = RunningApp(loop_thread, upstream.app(), handler_cancellation=True).start()
         recordings = tmp_path / f"stream-{stream}"
         proxy = start_proxy(loop_thread, "record", recordings, upstream=app.url, client_disconnect="discard")
         try:
@@ -330,7 +303,7 @@ def test_a_client_leaving_a_non_streamed_call_in_flight_keeps_the_recording_and_
         return await original(request)
 
     wire.chat = held_chat  # type: ignore[method-assign]
-    app = CancellableApp(loop_thread, wire.app()).start()
+    app = RunningApp(loop_thread, wire.app(), handler_cancellation=True).start()
     proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url)
 
     async def leave() -> None:
@@ -377,7 +350,7 @@ def test_a_response_over_max_recording_mb_streams_to_the_client_but_is_not_recor
 
     upstream = web.Application()
     upstream.router.add_get("/v1/files/file-1/content", download)
-    app = CancellableApp(loop_thread, upstream).start()
+    app = RunningApp(loop_thread, upstream, handler_cancellation=True).start()
     proxy = start_proxy(loop_thread, "record", tmp_path, upstream=app.url, max_recording_mb=1)
 
     async def fetch() -> bytes:

@@ -263,8 +263,9 @@ def test_two_record_processes_on_one_bucket_each_twice_make_four_distinct_repeat
     upstream = RunningApp(loop_thread, wire.app()).start()
     # Unshared, so the two processes' calls at the same moment both go upstream (shared, the
     # second would be served the first's recording): both then claim repeat 1, 2... at once.
-    first = _proxy("record", bucket, upstream.url, aws, "--no-share-inflight")
-    second = _proxy("record", bucket, upstream.url, aws, "--no-share-inflight")
+    # Debug: "recorded" is a debug event (one per file).
+    first = _proxy("record", bucket, upstream.url, aws, "--no-share-inflight", "--log-level", "debug")
+    second = _proxy("record", bucket, upstream.url, aws, "--no-share-inflight", "--log-level", "debug")
 
     def twice(proxy: CliProxy) -> list[str]:
         ids = []

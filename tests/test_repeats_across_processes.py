@@ -41,8 +41,12 @@ def test_two_record_processes_same_request_one_after_the_other_write_two_files(
     wire = OpenAIWire()
     upstream = RunningApp(loop_thread, wire.app()).start()
     recordings = tmp_path / "recordings"
-    first = CliProxy("record", "--upstream", upstream.url, "--recordings", str(recordings), "--port", "0")
-    second = CliProxy("record", "--upstream", upstream.url, "--recordings", str(recordings), "--port", "0")
+    first = CliProxy(
+        "record", "--upstream", upstream.url, "--recordings", str(recordings), "--port", "0", "--log-level", "debug"
+    )
+    second = CliProxy(
+        "record", "--upstream", upstream.url, "--recordings", str(recordings), "--port", "0", "--log-level", "debug"
+    )
     try:
         first_id = _ask(first.url)
         _wait_for_files(recordings, 1)

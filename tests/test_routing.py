@@ -167,7 +167,7 @@ def test_a_credential_never_reaches_another_providers_upstream(loop_thread: Loop
             "/gemini/models/gemini-2.0-flash:generateContent",
         ],
         "ollama": ["/api/chat", "/ollama/api/chat", "/ollama/chat"],
-        None: ["/messages", "/chat/completions", "/v2/chat", "/totally/unknown"],
+        None: ["/messages", "/chat/completions", "/v9/chat", "/totally/unknown"],  # /v2/chat is Cohere's
     }
     # Whose paths each credential may legitimately go to.
     allowed = {

@@ -203,5 +203,29 @@ def test_logs_name_their_logger(tmp_path: Path) -> None:
     assert by_name["recordings loaded"] == "llmproxy.playback"
 
 
+def test_each_request_binds_its_context_once_for_every_line_it_logs(tmp_path: Path) -> None:
+    """Lines that name nothing themselves still carry the request they belong to, and one request's
+    context never leaks into the next one on the same connection."""
+    import http.client
+
+    proxy = CliProxy("replay", "--recordings", str(tmp_path), "--port", "0", "--allow-empty")
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+        body = b'{"model": "gpt-4o", "messages": []}'
+        headers = {"Content-Type": "application/json"}
+        connection.request("POST", "/v1/chat/completions", body=body, headers=headers)
+        missed = connection.getresponse()
+        assert missed.status == 404 and b"recording_not_found" in missed.read()
+        connection.request("TRACE", "/elsewhere")  # same connection, refused before routing
+        assert connection.getresponse().status == 405
+        connection.close()
+    finally:
+        events = proxy.stop()
+    [miss] = [e for e in events if e["event"] == "replay miss"]
+    assert miss["route"] == "openai" and miss["method"] == "POST" and len(miss["key"]) == 16
+    [refused] = [e for e in events if e["event"] == "method not allowed"]
+    assert refused["path"] == "/elsewhere" and "route" not in refused and "key" not in refused
+
+
 def test_modes_are_an_enum() -> None:
     assert [mode.value for mode in Mode] == ["record", "record-missing", "replay"]

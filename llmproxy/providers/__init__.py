@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from llmproxy.providers.anthropic import AnthropicProvider
 from llmproxy.providers.base import ClientSetting, Provider
+from llmproxy.providers.bedrock import BedrockProvider
+from llmproxy.providers.cohere import CohereProvider
 from llmproxy.providers.gemini import GeminiProvider
+from llmproxy.providers.mistral import MistralProvider
 from llmproxy.providers.ollama import OllamaProvider
 from llmproxy.providers.openai import AzureOpenAIProvider, OpenAIProvider
+from llmproxy.providers.vertex import VertexProvider
 
 PROVIDERS: dict[str, Provider] = {
     provider.name: provider
@@ -20,6 +24,10 @@ PROVIDERS: dict[str, Provider] = {
         AnthropicProvider(),
         OllamaProvider(),
         GeminiProvider(),
+        BedrockProvider(),
+        CohereProvider(),
+        VertexProvider(),
+        MistralProvider(),
     )
 }
 

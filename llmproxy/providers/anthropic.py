@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from llmproxy.providers.base import JSON_LABEL, ClientSetting, Provider, text_of
+from llmproxy.usage import TokenUsage, anthropic_usage
 
 MESSAGE = "anthropic.types.message.Message"
 STREAM_EVENT = "anthropic.types.raw_message_stream_event.RawMessageStreamEvent"
@@ -89,3 +90,8 @@ class AnthropicProvider(Provider):
         if status == 400:
             kind = "invalid_request_error"
         return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+    def usage(self, path: str, values: list[Any]) -> TokenUsage | None:
+        if path.endswith("/count_tokens"):
+            return None  # counting tokens generates none and costs nothing
+        return anthropic_usage(values)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
+from yarl import URL
 
+from llmproxy.usage import TokenUsage, any_usage
 from llmproxy.wire.framing import Format, data_of
 from llmproxy.wire.json import JSON
 from llmproxy.wire.registry import default_content_type
@@ -24,6 +26,15 @@ JSON_LABEL = "json"
 SSE_CONTENT_TYPE = default_content_type(Format.SSE)
 NDJSON_CONTENT_TYPE = default_content_type(Format.NDJSON)
 JSON_CONTENT_TYPE = default_content_type(Format.JSON)
+
+
+class UpstreamRequestError(LookupError):
+    """A provider cannot prepare a request for its upstream (e.g. no credentials to sign it):
+    the client gets a 502 with this message, and nothing is sent."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +86,8 @@ class Provider:
     client_settings: ClassVar[tuple[ClientSetting, ...]] = ()
     # Placeholder keys set in replay so SDKs that refuse to start without one start; never sent.
     placeholder_keys: ClassVar[Mapping[str, str]] = {}
+    # Response headers its SDKs read, kept in recordings besides the common ones (lower case).
+    response_headers: ClassVar[frozenset[str]] = frozenset()
     # Content types for recordings made by other tools, which do not store headers.
     stream_content_type: ClassVar[str] = SSE_CONTENT_TYPE
     # Labels that tell which real request a foreign recording answered: label -> (method, path).
@@ -185,3 +198,14 @@ class Provider:
     def error_body(self, status: int, message: str, code: str) -> bytes:
         """A JSON error body in this provider's shape, for errors llmproxy itself returns."""
         return orjson.dumps({"error": {"message": message, "type": code, "code": code}})
+
+    def usage(self, path: str, values: list[Any]) -> TokenUsage | None:
+        """Tokens the answer reports; `values` are its JSON values (a stream's chunks, or the body)."""
+        return any_usage(values)
+
+    def prepare_upstream(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[str | URL, list[tuple[str, str]]]:
+        """The URL and headers to send upstream, once per forwarded request (e.g. re-signing it
+        for the upstream's host). Raises UpstreamRequestError when it cannot be sent."""
+        return url, headers

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from llmproxy.providers.base import JSON_LABEL, ClientSetting, Provider, text_of
+from llmproxy.usage import TokenUsage, gemini_usage
 
 _MODEL_METHOD = re.compile(r"^/v1[a-z0-9]*/(?:tunedModels|models)/([^/:]+):([A-Za-z]+)$")
 _VERSIONED = re.compile(r"^/v1(?:alpha|beta)[0-9]*(?:/|$)")
@@ -100,3 +101,6 @@ class GeminiProvider(Provider):
     def error_body(self, status: int, message: str, code: str) -> bytes:
         status_name = {404: "NOT_FOUND", 400: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT"}.get(status, "UNAVAILABLE")
         return orjson.dumps({"error": {"code": status, "message": message, "status": status_name}})
+
+    def usage(self, path: str, values: list[Any]) -> TokenUsage | None:
+        return gemini_usage(values)

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from llmproxy.providers.base import JSON_LABEL, NDJSON_CONTENT_TYPE, ClientSetting, Provider
+from llmproxy.usage import TokenUsage, ollama_usage
 
 STREAMING_PATHS = ("/api/chat", "/api/generate", "/api/pull", "/api/push", "/api/create")
 LABELS = {
@@ -81,3 +82,6 @@ class OllamaProvider(Provider):
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
         return orjson.dumps({"error": message})
+
+    def usage(self, path: str, values: list[Any]) -> TokenUsage | None:
+        return ollama_usage(values)

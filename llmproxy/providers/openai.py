@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from llmproxy.providers.base import JSON_LABEL, ClientSetting, Provider, text_of
+from llmproxy.usage import TokenUsage, openai_usage
 from llmproxy.wire.framing import data_of, typed
 
 CHAT_COMPLETION = "openai.types.chat.chat_completion.ChatCompletion"
@@ -141,6 +142,9 @@ class OpenAIProvider(Provider):
         return orjson.dumps(
             {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
         )
+
+    def usage(self, path: str, values: list[Any]) -> TokenUsage | None:
+        return openai_usage(values)
 
 
 class AzureOpenAIProvider(OpenAIProvider):

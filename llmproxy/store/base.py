@@ -19,6 +19,8 @@ S3_SCHEME = "s3://"
 class Store(Protocol):
     durable: bool
     max_file_bytes: int
+    # The directory on this machine (journal, not-recorded notes), None for a remote store.
+    root: Path | None
 
     @property
     def location(self) -> str:
@@ -46,7 +48,11 @@ class Store(Protocol):
         """A file's name inside the store: the same in every backend."""
         ...
 
-    def name_for(self, *, route: str, path: str, model: str | None, key: str, sequence: int = 1) -> Path: ...
+    def name_for(
+        self, *, route: str, path: str, model: str | None, key: str, sequence: int = 1, scope: str | None = None
+    ) -> Path:
+        """A recording's name; a scoped one (a test's) lives under its scope's folder."""
+        ...
 
     def serialize(self, document: Any) -> bytes: ...
 
@@ -54,13 +60,19 @@ class Store(Protocol):
         """Create-only: FileExistsError when the name is taken (by any writer, on any machine)."""
         ...
 
-    def highest_sequence(self, route: str, key: str, *, name: Path | None = None) -> int:
+    def highest_sequence(self, route: str, key: str, *, name: Path | None = None, scope: str | None = None) -> int:
         """The highest repeat number of `key` in the store (0: none); `name`, the name of its
         first repeat, lets a bucket list only those files."""
         ...
 
-    def newest_recording(self, route: str, key: str, *, since: float, name: Path | None = None) -> Path | None:
+    def newest_recording(
+        self, route: str, key: str, *, since: float, name: Path | None = None, scope: str | None = None
+    ) -> Path | None:
         """The most recent recording of `key` written at or after `since` (a Unix time)."""
+        ...
+
+    def remove_scope(self, scope: str) -> list[Path]:
+        """Delete one scope's own recordings (re-recording a test); returns their names."""
         ...
 
     def close(self) -> None: ...

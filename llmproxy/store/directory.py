@@ -1,6 +1,8 @@
 """The store owns the recordings directory: which files are recordings, names, atomic writes.
 
-Files are one exchange each, pretty-printed, named `<route>/<endpoint>-<model>-<key16>.json`.
+Files are one exchange each, pretty-printed, named `<route>/<endpoint>-<model>-<key16>.json`;
+a scoped recording (one test's, see `scope_path`) lives under its scope's directory:
+`tests/test_app/test_one/<route>/...`. The scope itself is read from the file, never the path.
 There is no index file: the directory is the database, so teammates' recordings merge in git
 without conflicts. Writes go to a temp file in the same directory and are linked into place
 (create-only: an existing file is never replaced), so a reader (or a crash) never sees a torn
@@ -51,6 +53,24 @@ def slug(text: str, limit: int = 48) -> str:
     cleaned = _UNSAFE.sub("-", text.lower()).strip("-.")
     cleaned = cleaned.replace("..", ".")
     return cleaned[:limit].strip("-.") or "x"
+
+
+# A scope's directory has at most this many levels (a deeper node id is cut there).
+MAX_SCOPE_DEPTH = 12
+
+
+def scope_path(scope: str | None) -> Path:
+    """Where a scope's recordings live, readable: `tests/test_app.py::TestX::test_one[a]` is
+    `tests/test_app/testx/test_one-a`. Shared recordings (None) are at the top."""
+    if scope is None:
+        return Path()
+    parts = []
+    for segment in scope.replace("::", "/").split("/"):
+        if segment.endswith(".py"):
+            segment = segment[:-3]
+        if segment.strip(" ."):
+            parts.append(slug(segment, 64))
+    return Path(*parts[:MAX_SCOPE_DEPTH]) if parts else Path("x")
 
 
 class RecordingStore:
@@ -109,7 +129,9 @@ class RecordingStore:
     def close(self) -> None:
         pass
 
-    def name_for(self, *, route: str, path: str, model: str | None, key: str, sequence: int = 1) -> Path:
+    def name_for(
+        self, *, route: str, path: str, model: str | None, key: str, sequence: int = 1, scope: str | None = None
+    ) -> Path:
         segments = [s for s in path.split("/") if s and not _VERSION_SEGMENT.match(s)]
         parts = [slug("-".join(segments) or "root")]
         if model:
@@ -117,15 +139,15 @@ class RecordingStore:
         parts.append(key[:16])
         if sequence > 1:
             parts.append(str(sequence))
-        return Path(slug(route, 40)) / ("-".join(parts) + ".json")
+        return scope_path(scope) / slug(route, 40) / ("-".join(parts) + ".json")
 
-    def highest_sequence(self, route: str, key: str, *, name: Path | None = None) -> int:
+    def highest_sequence(self, route: str, key: str, *, name: Path | None = None, scope: str | None = None) -> int:
         """The highest repeat number any file of `key` has under the route's directory (0: none).
         `name` (its first repeat's name) lets a remote store list less; a directory scans anyway."""
         pattern = re.compile(rf"-{re.escape(key[:16])}(?:-(\d+))?\.json$")
         highest = 0
         try:
-            with os.scandir(self.root / slug(route, 40)) as entries:
+            with os.scandir(self.root / scope_path(scope) / slug(route, 40)) as entries:
                 for entry in entries:
                     found = pattern.search(entry.name)
                     if found:
@@ -134,9 +156,11 @@ class RecordingStore:
             pass
         return highest
 
-    def newest_recording(self, route: str, key: str, *, since: float, name: Path | None = None) -> Path | None:
+    def newest_recording(
+        self, route: str, key: str, *, since: float, name: Path | None = None, scope: str | None = None
+    ) -> Path | None:
         """The most recent recording of `key` written by any proxy at or after `since`."""
-        directory = self.root / slug(route, 40)
+        directory = self.root / scope_path(scope) / slug(route, 40)
         try:
             candidates = [
                 entry
@@ -148,6 +172,25 @@ class RecordingStore:
         if not candidates:
             return None
         return Path(max(candidates, key=lambda entry: entry.stat().st_mtime).path)
+
+    def remove_scope(self, scope: str) -> list[Path]:
+        """Delete the recordings of one scope (re-recording a test replaces them): only files
+        under its directory whose `request.scope` is exactly `scope`; another test's files (a
+        nested or same-named directory), shared and unreadable files are never touched."""
+        removed = []
+        directory = self.root / scope_path(scope)
+        if not directory.is_dir():
+            return removed
+        for path in RecordingStore(directory).paths():
+            try:
+                document = self.load(path)
+            except StoreError:
+                continue
+            request = document.get("request") if isinstance(document, dict) else None
+            if isinstance(request, dict) and request.get("scope") == scope:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     @staticmethod
     def serialize(document: Any) -> bytes:

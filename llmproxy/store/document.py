@@ -1,7 +1,7 @@
 """The recording format: one exchange as the seed's JSON document, and back.
 
     {
-      "request":  {"method", "url", "headers", "body", "endpoint", "model", "route"},
+      "request":  {"method", "url", "headers", "body", "endpoint", "model", "route", "scope"},
       "response": {"status", "headers", "body", "is_streaming", "framing", "timing"},
       "provenance": {"tool", "version", "recorded_at", "client_user_agent"}
     }
@@ -18,7 +18,7 @@ import base64
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from llmproxy.canonical import RawBody
 from llmproxy.errors import LlmproxyError
@@ -46,6 +46,8 @@ class RecordedRequest:
     raw_body: bytes | None = None  # the bytes behind a RawBody, kept to write them back
     # 1 for the first recording of a request, N for its Nth repeat in one recording run.
     sequence: int = 1
+    # The test (pytest node id) or x-llmproxy-scope it was recorded for; None: shared.
+    scope: str | None = None
 
 
 @dataclass(slots=True)
@@ -92,6 +94,8 @@ def to_document(recording: Recording) -> dict[str, Any]:
         "model": request.model or "",
         "route": request.route,
     }
+    if request.scope is not None:
+        document["request"]["scope"] = request.scope
     if request.sequence != 1:
         document["request"]["sequence"] = request.sequence
     response_doc: dict[str, Any] = {
@@ -180,7 +184,11 @@ def _read_own(request_doc: dict, response_doc: dict, resolve_provider: ProviderR
     sequence = request_doc.get("sequence", 1)
     if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 1:
         raise RecordingError("request.sequence must be a whole number from 1")
+    scope = request_doc.get("scope")
+    if scope is not None and (not isinstance(scope, str) or not scope):
+        raise RecordingError("request.scope must be a non-empty string (a test's node id)")
     request = RecordedRequest(
+        scope=scope,
         sequence=sequence,
         method=method,
         url=url,
@@ -218,12 +226,45 @@ def _first_label(body: Any) -> str | None:
     return None
 
 
+def sdk_query_items(params: dict[str, Any]) -> list[tuple[str, str]]:
+    """Query parameters as the OpenAI-style (Stainless) SDKs write `extra_query`: nested keys
+    and lists in brackets (`a[b]=1`, `ids[]=1&ids[]=2`), booleans lower case, None left out."""
+    items: list[tuple[str, str]] = []
+
+    def add(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for sub, item in value.items():
+                add(f"{key}[{sub}]", item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                add(key + "[]", item)
+        elif value is True or value is False:
+            items.append((key, "true" if value else "false"))
+        elif value is not None:
+            items.append((key, str(value)))
+
+    for name, value in params.items():
+        add(str(name), value)
+    return items
+
+
+def _with_query(url: str, items: list[tuple[str, str]]) -> str:
+    """The URL with these parameters set (they take precedence over the same names already there)."""
+    if not items:
+        return url
+    parts = urlsplit(url)
+    names = {name for name, _ in items}
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in names]
+    return urlunsplit(parts._replace(query=urlencode(kept + items)))
+
+
 def _normalise_foreign(request_doc: dict, response_doc: dict, resolve_provider: ProviderResolver) -> Recording:
     """Files from other recorders of this format, with their known quirks.
 
     - `request.url` may join a base URL and the endpoint ("/v1/v1/..."); `endpoint` may be
       mislabelled and `method` is always POST: the response's `__type__` tells the real call.
-    - `request.body` holds SDK arguments: `extra_body` is merged into the wire body.
+    - `request.body` holds SDK arguments: `extra_body` is merged into the wire body, and
+      `extra_query` becomes the query string, as the SDK sends them.
     - Anthropic/Gemini exchanges hold `url`/`method`/`payload` and raw SSE lines as the body.
     - Failed calls hold `is_exception` and `exception_data` instead of a body.
     """
@@ -232,6 +273,9 @@ def _normalise_foreign(request_doc: dict, response_doc: dict, resolve_provider: 
     body = request_doc["body"] if "body" in request_doc else request_doc.get("payload")
     if isinstance(body, dict) and isinstance(body.get("extra_body"), dict):
         body = {k: v for k, v in body.items() if k != "extra_body"} | body["extra_body"]
+    if isinstance(body, dict) and isinstance(body.get("extra_query"), dict):
+        url = _with_query(url, sdk_query_items(body["extra_query"]))
+        body = {k: v for k, v in body.items() if k != "extra_query"}
     endpoint = request_doc.get("endpoint")
     path = endpoint if isinstance(endpoint, str) and endpoint.startswith("/") else urlsplit(url).path
     response_body = response_doc.get("body")

@@ -154,6 +154,8 @@ class Entry:
     max_bytes: int = DEFAULT_MAX_FILE_BYTES
     # A remote store it is read again from (None: a file on this machine).
     store: Any = field(default=None, repr=False)
+    # The test (or x-llmproxy-scope) it was recorded for; None: shared by every request.
+    scope: str | None = None
 
     def recording(self, provider_for: Any) -> Recording:
         """The full recording: held, or read again from its file."""
@@ -198,11 +200,16 @@ class LoadProblem:
     reason: str
 
 
+Group = tuple[str | None, str]  # (scope, request key)
+
+
 class RecordingIndex:
-    """Key -> the recordings of that request, in replay order.
+    """(scope, key) -> the recordings of that request in that scope, in replay order.
 
     The same request recorded N times (sampling, retries, polling) has N entries, replayed in
-    recorded order: by `request.sequence`, then by file path (other recorders' files).
+    recorded order: by `request.sequence`, then by file path (other recorders' files). A
+    recording's scope (the test it was recorded for) is `request.scope` in its file; files
+    without one are shared (scope None).
     """
 
     def __init__(
@@ -211,9 +218,9 @@ class RecordingIndex:
         self.router = router
         self.keep_recordings = keep_recordings
         self.cache = RenderCache(cache_bytes)
-        self._entries: dict[str, list[Entry]] = {}
-        # Keys by (route, path): where a miss looks for its nearest recording first.
-        self._by_endpoint: dict[tuple[str, str], list[str]] = {}
+        self._entries: dict[Group, list[Entry]] = {}
+        # Groups by (route, path): where a miss looks for its nearest recording first.
+        self._by_endpoint: dict[tuple[str, str], list[Group]] = {}
         self.max_file_bytes = DEFAULT_MAX_FILE_BYTES
         # Candidates the last nearest-recording search compared (bounded by NEAREST_CANDIDATES).
         self.compared = 0
@@ -226,13 +233,30 @@ class RecordingIndex:
         return sum(len(entries) for entries in self._entries.values())
 
     def keys(self) -> list[str]:
+        """The request keys recorded, in any scope."""
+        return list(dict.fromkeys(key for _, key in list(self._entries)))
+
+    def groups(self) -> list[Group]:
         return list(self._entries)
 
     def entries(self) -> list[Entry]:
-        return [entry for entries in self._entries.values() for entry in entries]
+        return [entry for entries in list(self._entries.values()) for entry in entries]
 
-    def get(self, key: str) -> list[Entry]:
-        return self._entries.get(key, [])
+    def get(self, key: str, scope: str | None = None) -> list[Entry]:
+        """The recordings of `key` in `scope` (None: the shared ones), in replay order."""
+        return self._entries.get((scope, key), [])
+
+    def in_any_scope(self, key: str) -> list[Entry]:
+        return [entry for (_, each), entries in list(self._entries.items()) if each == key for entry in entries]
+
+    def drop_scope(self, scope: str) -> None:
+        """Forget a scope's recordings (their files were removed to record the test again)."""
+        for group in [group for group in list(self._entries) if group[0] == scope]:
+            entries = self._entries.pop(group)
+            # Their names may be written again (and found again by refresh or --watch).
+            self._seen.difference_update(str(entry.source) for entry in entries if entry.source is not None)
+            endpoint = (entries[0].canonical.route, entries[0].canonical.path)
+            self._by_endpoint[endpoint] = [other for other in self._by_endpoint.get(endpoint, []) if other != group]
 
     def provider_for(self, method: str, path: str) -> Provider | None:
         match = self.router.resolve(method, path, {})
@@ -260,14 +284,17 @@ class RecordingIndex:
         if check:
             render(recording, route)
         held = recording if (source is None or self.keep_recordings) else None
-        entry = Entry(canonical, route, request.sequence, source, request.model, held, self.max_file_bytes)
+        entry = Entry(
+            canonical, route, request.sequence, source, request.model, held, self.max_file_bytes, request.scope
+        )
+        group = (request.scope, canonical.key)
         # A new list, swapped in whole: the event loop may read this key while a loader thread adds.
-        previous = self._entries.get(canonical.key, ())
+        previous = self._entries.get(group, ())
         entries = [*previous, entry]
         entries.sort(key=lambda e: (e.sequence, str(e.source or "")))
-        self._entries[canonical.key] = entries
+        self._entries[group] = entries
         if not previous:
-            self._by_endpoint.setdefault((canonical.route, canonical.path), []).append(canonical.key)
+            self._by_endpoint.setdefault((canonical.route, canonical.path), []).append(group)
         return entry
 
     def load_document(self, document: Any, source: Path | None = None) -> Entry:
@@ -331,14 +358,15 @@ class RecordingIndex:
         (same route and path first, the same model first among those), each on at most
         NEAREST_TEXT_BYTES of its body. Blocking CPU work: call it off the event loop.
         """
-        endpoint = self._by_endpoint.get((canonical.route, canonical.path), [])
-        keys: list[str] = endpoint
+        groups = self._entries
+        endpoint = [group for group in self._by_endpoint.get((canonical.route, canonical.path), []) if group in groups]
+        keys: list[Group] = endpoint
         if len(endpoint) > NEAREST_CANDIDATES and model is not None:
-            same_model = [key for key in endpoint if self._entries[key][0].model == model]
-            keys = same_model + [key for key in endpoint if self._entries[key][0].model != model]
+            same_model = [key for key in endpoint if groups[key][0].model == model]
+            keys = same_model + [key for key in endpoint if groups[key][0].model != model]
         if not keys:
-            keys = list(self._entries)[:NEAREST_CANDIDATES]  # list(): one atomic copy while a loader adds
-        candidates = [self._entries[key][0] for key in keys[:NEAREST_CANDIDATES]]
+            keys = list(groups)[:NEAREST_CANDIDATES]  # list(): one atomic copy while a loader adds
+        candidates = [groups[key][0] for key in keys[:NEAREST_CANDIDATES] if key in groups]
         self.compared = len(candidates)
         wanted = Comparable(canonical)
         scored = sorted(candidates, key=lambda entry: wanted.similarity(entry.canonical), reverse=True)

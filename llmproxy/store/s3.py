@@ -37,6 +37,7 @@ from llmproxy.store.directory import (
     NOT_RECORDINGS,
     StoreError,
     parse_document,
+    scope_path,
     slug,
 )
 
@@ -75,6 +76,7 @@ class S3Store:
         self.bucket, self.prefix = parse_location(location)
         self.max_file_bytes = max_file_bytes
         self.durable = True  # an acknowledged PUT is durable
+        self.root = None  # nothing on this machine: no journal, no not-recorded notes
         self.concurrency = concurrency
         # What the last listing saw, by name (sync compares with it; refresh finds what is new).
         self.listing: dict[PurePosixPath, ObjectInfo] = {}
@@ -147,10 +149,20 @@ class S3Store:
     def relative(self, path: Path) -> PurePosixPath:
         return PurePosixPath(Path(path).as_posix())
 
-    def name_for(self, *, route: str, path: str, model: str | None, key: str, sequence: int = 1) -> Path:
+    def name_for(
+        self, *, route: str, path: str, model: str | None, key: str, sequence: int = 1, scope: str | None = None
+    ) -> Path:
         from llmproxy.store.directory import RecordingStore
 
-        return RecordingStore.name_for(self, route=route, path=path, model=model, key=key, sequence=sequence)  # type: ignore[arg-type]
+        return RecordingStore.name_for(
+            self,  # type: ignore[arg-type]
+            route=route,
+            path=path,
+            model=model,
+            key=key,
+            sequence=sequence,
+            scope=scope,
+        )
 
     @staticmethod
     def serialize(document: Any) -> bytes:
@@ -263,9 +275,35 @@ class S3Store:
         self._run(self._put(relative, data, replace))
         return Path(relative)
 
+    def remove_scope(self, scope: str) -> list[Path]:
+        """Delete one scope's recordings (re-recording a test replaces them): only objects under
+        its folder whose `request.scope` is exactly `scope`, as in a directory."""
+        listing = self._run(self._list(scope_path(scope).as_posix()))
+        removed = []
+        for relative in sorted(listing):
+            try:
+                document = self.load(Path(relative))
+            except StoreError:
+                continue
+            request = document.get("request") if isinstance(document, dict) else None
+            if isinstance(request, dict) and request.get("scope") == scope:
+                self._run(self._delete(relative))
+                removed.append(Path(relative))
+        return removed
+
+    async def _delete(self, relative: PurePosixPath) -> None:
+        assert self._semaphore is not None
+        async with self._semaphore:
+            try:
+                await self._client.delete_object(Bucket=self.bucket, Key=self._key(relative))
+            except Exception as exc:  # noqa: BLE001
+                raise StoreError(f"cannot delete {self._key(relative)}: {_describe(exc)}") from None
+
     # -- repeats ----------------------------------------------------------------------------
 
-    def _of_key(self, route: str, key: str, name: Path | None) -> list[tuple[PurePosixPath, ObjectInfo, int]]:
+    def _of_key(
+        self, route: str, key: str, name: Path | None, scope: str | None = None
+    ) -> list[tuple[PurePosixPath, ObjectInfo, int]]:
         """The key's recordings: listed by the name of its first repeat when known (one LIST
         request whatever the bucket holds), else the whole route folder."""
         pattern = re.compile(rf"-{re.escape(key[:16])}(?:-(\d+))?\.json$")
@@ -273,18 +311,20 @@ class S3Store:
         if name is not None:
             listing = self._list(stem=Path(name).as_posix().removesuffix(".json"))
         else:
-            listing = self._list(slug(route, 40))
+            listing = self._list((scope_path(scope) / slug(route, 40)).as_posix())
         for relative, info in self._run(listing).items():
             match = pattern.search(relative.name)
             if match:
                 found.append((relative, info, int(match.group(1) or 1)))
         return found
 
-    def highest_sequence(self, route: str, key: str, *, name: Path | None = None) -> int:
-        return max((sequence for _, _, sequence in self._of_key(route, key, name)), default=0)
+    def highest_sequence(self, route: str, key: str, *, name: Path | None = None, scope: str | None = None) -> int:
+        return max((sequence for _, _, sequence in self._of_key(route, key, name, scope)), default=0)
 
-    def newest_recording(self, route: str, key: str, *, since: float, name: Path | None = None) -> Path | None:
-        found = self._of_key(route, key, name)
+    def newest_recording(
+        self, route: str, key: str, *, since: float, name: Path | None = None, scope: str | None = None
+    ) -> Path | None:
+        found = self._of_key(route, key, name, scope)
         candidates = [(info.modified, sequence, relative) for relative, info, sequence in found]
         # LastModified has whole seconds: one second of slack, then the highest repeat wins.
         candidates = [c for c in candidates if c[0] >= int(since) - 1]

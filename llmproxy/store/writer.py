@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import queue
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode
 
 import orjson
@@ -26,6 +28,7 @@ from llmproxy.headers import recorded_response_headers
 from llmproxy.providers import Provider
 from llmproxy.store.base import Store
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
+from llmproxy.store.journal import Journal, Target, write_create_only
 from llmproxy.store.secrets import SecretScanner, request_credentials
 from llmproxy.upstream.client import Exchange
 from llmproxy.wire.framing import CapturedBody, Codec, Format, data_of
@@ -40,34 +43,64 @@ class SecretFound(Exception):
 
 
 @dataclass(slots=True)
+class Prepared:
+    """A recording in its final form: the bytes its file gets, and where it goes."""
+
+    call: Call
+    status: int
+    target: Target
+    data: bytes
+    entry: int | None = None  # its journal entry
+    size: int = 0  # bytes it holds while queued (the body and the recording)
+    done: Callable[[Path | None], None] | None = None
+
+
+JournalMode = Literal["on", "fsync", "off"]
+
+
+@dataclass(slots=True)
 class Recorder:
     store: Store
     outcome: Outcome
     scanner: SecretScanner = field(default_factory=SecretScanner)
     # 429 and 5xx answers would poison replay, so they are only kept when asked for.
     record_errors: bool = False
-    # Exchanges waiting for the writer may hold this many body bytes; past it, handlers wait
-    # (after their client was answered), so a burst is absorbed and a flood slows down.
-    max_pending_bytes: int = 64 * 1024 * 1024
+    # Exchanges waiting to be prepared or written hold at most about this many bytes (bodies and
+    # their recordings); past it, new calls wait before going upstream (`room`), so a flood is
+    # slowed down at its source and never a client's stream already under way.
+    max_pending_bytes: int = 32 * 1024 * 1024
     # secrets = "redact": credentials found are replaced by placeholders instead of refusing.
     redact: bool = False
+    # The write-ahead journal (store/journal.py): "fsync" also survives a power cut, "off" none.
+    journal_mode: JournalMode = "on"
+    # Test hook: runs in the writer thread before each file (a slow or stuck disk).
+    before_write: Callable[[], None] | None = None
     written: list[str] = field(default_factory=list)
+    journal: Journal | None = None
     _sequences: dict[str, int] = field(default_factory=dict)
-    _pending: set[asyncio.Future[Any]] = field(default_factory=set)
-    _room: asyncio.Condition | None = None
+    _pending: int = 0  # recordings handed to the writer thread and not yet written
+    _waiting_room: list[asyncio.Future[None]] = field(default_factory=list)
     _pending_bytes: int = 0
-    # One writer thread: recordings are written in the order exchanges completed, and a burst
-    # of completions queues up instead of waking a crowd of threads that fight for the GIL.
-    _writer: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmproxy-writer")
+    # Small exchanges are prepared (parsed, checked, scanned, serialised, journaled) on the event
+    # loop: handing them to a thread costs more, and a CPU-bound thread makes the loop wait for the
+    # GIL on every socket call. Bigger ones go to the preparer thread, so the loop is never held
+    # long. The writer thread only creates files, in the order exchanges completed.
+    _preparer: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmproxy-prepare")
     )
+    _queue: queue.SimpleQueue[list[Prepared] | None] = field(default_factory=queue.SimpleQueue)
+    _outbox: list[tuple[Prepared, asyncio.Future[None]]] = field(default_factory=list)
+    _writer: threading.Thread | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _idle: asyncio.Event | None = None
 
     def should_record(self, status: int) -> bool:
         return self.record_errors or (status < 500 and status != 429)
 
     def next_sequence(self, key: str, after: int = 0) -> int:
-        """The sequence the next recording of `key` gets: 1, then 2, 3, ... for repeats. `after`
-        is how many recordings of it exist already (record --missing adds to them)."""
+        """The sequence the next recording of `key` (a call's scoped key) gets: 1, then 2, 3, ...
+        for repeats. `after` is how many recordings of it exist already (record --missing adds
+        to them)."""
         sequence = self._sequences[key] = max(self._sequences.get(key, 0), after) + 1
         return sequence
 
@@ -82,73 +115,217 @@ class Recorder:
 
     def target(self, call: Call, sequence: int) -> Path:
         return self.store.name_for(
-            route=call.route.name, path=call.path, model=call.model, key=call.canonical.key, sequence=sequence
+            route=call.route.name,
+            path=call.path,
+            model=call.model,
+            key=call.canonical.key,
+            sequence=sequence,
+            scope=call.scope,
         )
 
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for room before going upstream."""
+        return len(self._waiting_room)
+
+    async def room(self) -> None:
+        """Wait until the queue of recordings is under its byte bound (before a new upstream call)."""
+        while self._pending_bytes > self.max_pending_bytes:
+            assert self._loop is not None  # bytes are pending only after a schedule
+            waiter = self._loop.create_future()
+            self._waiting_room.append(waiter)
+            await waiter
+
+    def _release(self, size: int) -> None:
+        self._pending_bytes -= size
+        if self._waiting_room and self._pending_bytes <= self.max_pending_bytes:
+            waiters, self._waiting_room = self._waiting_room, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
     async def schedule(
-        self, exchange: Exchange, sequence: int, done: Callable[[Path | None], None] | None = None
+        self,
+        exchange: Exchange,
+        sequence: int,
+        done: Callable[[Path | None], None] | None = None,
+        journaled: Callable[[], None] | None = None,
     ) -> None:
-        """Write the exchange in the writer thread, then call `done` there with the file written
-        (None when it was not).
+        """Prepare the exchange's recording (journaled when `journaled` is called: the client may
+        get its end), then have the writer thread write its file; `done` is called on the event
+        loop with the file written (None when it was not)."""
+        try:
+            if not exchange.complete and not self.record_errors:
+                self.outcome.note_not_recorded(NotRecorded.TRUNCATED)
+                log.warning(
+                    "not recorded: the upstream broke off the response",
+                    route=exchange.call.route.name,
+                    path=exchange.call.path,
+                    hint="record_errors keeps such answers, marked truncated",
+                )
+                if done is not None:
+                    done(None)
+                return
+            if not self.should_record(exchange.status):
+                self.outcome.note_not_recorded(NotRecorded.UPSTREAM_STATUS)
+                log.warning(
+                    "not recorded: upstream error status",
+                    route=exchange.call.route.name,
+                    path=exchange.call.path,
+                    status=exchange.status,
+                    hint="record_errors keeps 429 and 5xx answers",
+                )
+                if done is not None:
+                    done(None)
+                return
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            # What a queued exchange holds beyond its bytes (its call, flight, headers): counted, so
+            # that many small recordings cannot hold much more memory than the bound says.
+            body_size = len(exchange.body) + len(exchange.call.body) + QUEUED_OVERHEAD
+            self._pending_bytes += body_size
+            try:
+                if body_size <= INLINE_PREPARE_BYTES:
+                    prepared = self.prepare(exchange, sequence)
+                else:
+                    prepared = await self._loop.run_in_executor(self._preparer, self.prepare, exchange, sequence)
+            except BaseException:
+                self._release(body_size)
+                raise
+            if prepared is None:
+                self._release(body_size)
+                if done is not None:
+                    done(None)
+                return
+            prepared.size = body_size + len(prepared.data)
+            prepared.done = done
+            self._pending_bytes += len(prepared.data)
+            self._pending += 1
+            queued = self._loop.create_future()
+            self._outbox.append((prepared, queued))
+            if len(self._outbox) == 1:
+                self._loop.call_soon(self._flush)
+            await queued  # journaled: from here a kill loses nothing the client gets
+        finally:
+            if journaled is not None:
+                journaled()
 
-        When clients outpace the disk for long, this waits (after their response was sent),
-        which slows them down instead of letting the queue, and memory, grow."""
-        if not exchange.complete and not self.record_errors:
-            self.outcome.note_not_recorded(NotRecorded.TRUNCATED)
-            log.warning(
-                "not recorded: the upstream broke off the response",
-                route=exchange.call.route.name,
-                path=exchange.call.path,
-                hint="record_errors keeps such answers, marked truncated",
-            )
-            if done is not None:
-                done(None)
+    def _flush(self) -> None:
+        """Once per loop iteration: journal what was prepared in one append, then hand it to the
+        writer thread in one wake-up (each wake-up of another thread costs the loop a GIL handoff)."""
+        batch, self._outbox = self._outbox, []
+        if not batch:
             return
-        if not self.should_record(exchange.status):
-            self.outcome.note_not_recorded(NotRecorded.UPSTREAM_STATUS)
-            log.warning(
-                "not recorded: upstream error status",
-                route=exchange.call.route.name,
-                path=exchange.call.path,
-                status=exchange.status,
-                hint="record_errors keeps 429 and 5xx answers",
-            )
-            if done is not None:
-                done(None)
-            return
-        if self._room is None:
-            self._room = asyncio.Condition()
-        size = len(exchange.body)
-        async with self._room:
-            await self._room.wait_for(lambda: not self._pending or self._pending_bytes + size <= self.max_pending_bytes)
-            self._pending_bytes += size
-        future = asyncio.get_running_loop().run_in_executor(self._writer, self._write_then, exchange, sequence, done)
-        self._pending.add(future)
-        future.add_done_callback(lambda done: asyncio.ensure_future(self._written(done, size)))
+        # A bucket has no directory on this machine to journal in: its recordings are written
+        # (a durable PUT) right after, unjournaled.
+        if self.journal_mode != "off" and self.store.root is not None:
+            try:
+                if self.journal is None:
+                    self.journal = Journal(self.store.root, fsync="always" if self.journal_mode == "fsync" else "off")
+                entries = self.journal.append_many([(prepared.target, prepared.data) for prepared, _ in batch])
+                for (prepared, _), entry in zip(batch, entries, strict=True):
+                    prepared.entry = entry
+            except OSError:
+                log.exception("journal not written: these recordings are lost if the proxy is killed", count=len(batch))
+        for _, queued in batch:
+            if not queued.done():
+                queued.set_result(None)
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_queued, name="llmproxy-writer", daemon=True)
+            self._writer.start()
+        self._queue.put([prepared for prepared, _ in batch])
 
-    async def _written(self, future: asyncio.Future[Any], size: int) -> None:
-        assert self._room is not None
-        async with self._room:
-            self._pending.discard(future)
-            self._pending_bytes -= size
-            self._room.notify_all()
+    def _write_queued(self) -> None:
+        """The writer thread: files for everything queued, in order; the loop hears of them in batches
+        (one wake-up for many files)."""
+        assert self._loop is not None
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            written = [(prepared, self._write_prepared(prepared)) for prepared in batch]
+            if self.journal is not None:
+                self.journal.done([prepared.entry for prepared, path in written if path and prepared.entry])
+            try:
+                self._loop.call_soon_threadsafe(self._written, written)
+            except RuntimeError:  # the loop is closed: nobody is left to tell
+                pass
+
+    def _written(self, written: list[tuple[Prepared, Path | None]]) -> None:
+        for prepared, path in written:
+            self._pending -= 1
+            self._release(prepared.size)
+            if prepared.done is not None:
+                prepared.done(path)
+        if not self._pending and self._idle is not None:
+            self._idle.set()
 
     async def drain(self) -> None:
-        """Wait for every scheduled write (at shutdown: nothing in flight is lost)."""
+        """Wait for every scheduled write (at shutdown: nothing in flight is lost), with progress."""
+        if self._pending:
+            log.info("shutting down: writing queued recordings", queued=self._pending)
         while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
-        self._writer.shutdown(wait=True)
-
-    def _write_then(self, exchange: Exchange, sequence: int, done: Callable[[Path | None], None] | None) -> Path | None:
-        path = None
-        try:
-            path = self.write(exchange, sequence)
-            return path
-        finally:
-            if done is not None:
-                done(path)
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=1.0)
+            except TimeoutError:
+                log.info("shutting down: writing queued recordings", left=self._pending)
+        if self._writer is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+            self._writer = None
+        self._preparer.shutdown(wait=True)
+        if self.journal is not None:
+            left = self.journal.close()
+            if left:
+                log.error(
+                    "recordings not written; kept in the journal for the next start or check --fix",
+                    count=left,
+                    journal=str(self.journal.path),
+                )
 
     def write(self, exchange: Exchange, sequence: int = 1) -> Path | None:
+        """Prepare and write in the calling thread (tools and tests)."""
+        prepared = self.prepare(exchange, sequence)
+        return None if prepared is None else self._write_prepared(prepared)
+
+    def _write_prepared(self, prepared: Prepared) -> Path | None:
+        """The writer thread's part: only I/O."""
+        call = prepared.call
+        try:
+            if self.before_write is not None:
+                self.before_write()
+            path = write_create_only(self.store, prepared.target, prepared.data)
+        except Exception:
+            self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
+            log.exception(
+                "recording not written (kept in the journal)" if prepared.entry else "recording not written",
+                route=call.route.name,
+                path=call.path,
+            )
+            return None
+        key = call.scoped_key
+        # GIL-atomic; a stale read elsewhere only costs one more FileExistsError.
+        self._sequences[key] = max(self._sequences.get(key, 0), prepared.target.sequence)
+        self.written.append(str(path))
+        log.debug(
+            "recorded",
+            route=call.route.name,
+            method=call.method,
+            path=call.path,
+            status=prepared.status,
+            file=str(path),
+            key=call.canonical.key[:16],
+            scope=call.scope,
+        )
+        return path
+
+    def prepare(self, exchange: Exchange, sequence: int = 1) -> Prepared | None:
+        """The recording in its final bytes, scanned for secrets, journaled (None: not recorded)."""
         call = exchange.call
         try:
             recording = build_recording(exchange)
@@ -181,7 +358,9 @@ class Recorder:
                 findings = self.scanner.scan(document, data, values)
             if findings:
                 raise SecretFound("; ".join(str(finding) for finding in findings))
-            path = self._write_new(call, document, data)
+            target = Target(call.route.name, call.path, call.model, call.canonical.key, sequence, call.scope)
+            # Only this, what passed the scan, is journaled: the journal never holds a credential.
+            return Prepared(call, exchange.status, target, data)
         except SecretFound as exc:
             self.outcome.note_not_recorded(NotRecorded.SECRET)
             log.error(
@@ -196,45 +375,12 @@ class Recorder:
             self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
             log.exception("recording not written", route=call.route.name, path=call.path)
             return None
-        self.written.append(str(path))
-        log.info(
-            "recorded",
-            route=call.route.name,
-            method=call.method,
-            path=call.path,
-            status=exchange.status,
-            file=str(path),
-            key=call.canonical.key[:16],
-        )
-        return path
-
-    def _write_new(self, call: Call, document: dict[str, Any], data: bytes) -> Path:
-        """Write under the first free sequence from the one assigned: create-only, so a repeat
-        recorded by another process (or an earlier run) on this directory is never replaced.
-        Taking a name is one atomic link; losing the race just moves on to the next number."""
-        key = call.canonical.key
-        sequence = int(document["request"].get("sequence", 1))
-        for attempt in range(MAX_NAME_ATTEMPTS):
-            try:
-                path = self.store.write(self.target(call, sequence), data)
-            except FileExistsError:
-                # Jump past every repeat already on disk once, then step (races are rare).
-                taken = (
-                    self.store.highest_sequence(call.route.name, key, name=self.target(call, 1))
-                    if attempt == 0
-                    else sequence
-                )
-                sequence = max(sequence, taken) + 1
-                document["request"]["sequence"] = sequence
-                data = self.store.serialize(document)
-                continue
-            # GIL-atomic; a stale read elsewhere only costs one more FileExistsError.
-            self._sequences[key] = max(self._sequences.get(key, 0), sequence)
-            return path
-        raise RuntimeError(f"no free sequence for key {key[:16]} after {MAX_NAME_ATTEMPTS} attempts")
 
 
 MAX_NAME_ATTEMPTS = 1000
+# Exchanges up to this size (request and response bodies) are prepared on the event loop.
+INLINE_PREPARE_BYTES = 64 * 1024
+QUEUED_OVERHEAD = 8 * 1024
 
 
 def _truncated(exchange: Exchange, recording: Recording) -> bool:
@@ -294,6 +440,7 @@ def build_recording(exchange: Exchange) -> Recording:
         model=call.model,
         route=call.route.name,
         headers=dict(call.canonical.headers),
+        scope=call.scope,
     )
     timing = None
     if captured.is_streaming and exchange.reads:
@@ -305,7 +452,7 @@ def build_recording(exchange: Exchange) -> Recording:
         timing = {"headers_ms": round(exchange.headers_ms, 1), "chunk_ms": chunk_ms}
     response = RecordedResponse(
         status=exchange.status,
-        headers=recorded_response_headers(exchange.headers),
+        headers=recorded_response_headers(exchange.headers, provider.response_headers),
         body=captured.body,
         framing=captured.framing,
         timing=timing,

@@ -11,6 +11,7 @@ from llmproxy.errors import LlmproxyError
 from llmproxy.routing import Router
 from llmproxy.store.directory import DEFAULT_MAX_FILE_BYTES, TEMP_SUFFIX, RecordingStore
 from llmproxy.store.index import RecordingIndex
+from llmproxy.store.journal import abandoned, journals, recover
 from llmproxy.store.secrets import SecretScanner
 
 # Names llmproxy gives its files: ...-<key16>.json, or ...-<key16>-<sequence>.json for repeats.
@@ -48,8 +49,23 @@ def check_directory(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> list[Problem]:
     store = RecordingStore(root, max_file_bytes=max_file_bytes)
-    index = RecordingIndex(router, keep_recordings=True, cache_bytes=0)
     problems: list[Problem] = []
+    if fix:
+        # First: what a killed proxy journaled becomes recordings, checked below like the rest.
+        left = {path: path.stat().st_size for path in journals(root)}
+        recovered = recover(store)
+        for path in left:
+            if not path.exists():
+                problems.append(Problem(path, "fixed", "wrote the recordings a killed proxy left in its journal"))
+        if recovered.failed:
+            problems.append(
+                Problem(root, "leftover", f"{recovered.failed} journaled recording(s) could not be written (see log)")
+            )
+    else:
+        for path in journals(root):
+            if abandoned(path):  # a running proxy's journal is its own business
+                problems.append(Problem(path, "leftover", "journal of a proxy that was killed: recover with --fix"))
+    index = RecordingIndex(router, keep_recordings=True, cache_bytes=0)
     seen: dict[tuple[str, int], Path] = {}
     for path in progress(list(store.paths())):
         try:

@@ -28,31 +28,56 @@ def parse_age(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
+REQUEST_SHAPE = '{"method": "POST", "path": "/v1/chat/completions", "headers": {...}, "body": {...}}'
+
+
 def explain(request_doc: Any, router: Router, index: RecordingIndex) -> str:
     """What llmproxy would do with a request: its route, rules, key, hit and nearest neighbours."""
+    return explanation(request_doc, router, index)[0]
+
+
+def _request_parts(request_doc: dict[str, Any]) -> tuple[str, str, list[tuple[str, str]], dict[str, str], Any]:
+    """method, path, query, headers, body of a request file; ValueError (one line) if it is not one."""
+    method, url = request_doc.get("method"), request_doc.get("path") or request_doc.get("url")
+    if not isinstance(method, str) or not method or not isinstance(url, str) or not url:
+        raise ValueError(f'a request file needs "method" and "path" (or "url") as text, like {REQUEST_SHAPE}')
+    headers = request_doc.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise ValueError('"headers" must be an object of header names to values')
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    return (
+        method.upper(),
+        parts.path,
+        query,
+        {str(k).lower(): str(v) for k, v in headers.items()},
+        request_doc.get("body"),
+    )
+
+
+def explanation(request_doc: Any, router: Router, index: RecordingIndex) -> tuple[str, bool]:
+    """`explain`'s text, and whether replay would answer the request from a recording."""
     if not isinstance(request_doc, dict):
-        raise ValueError("the request file must hold a JSON object")
+        raise ValueError(f"the request file must hold a JSON object: a recording, or {REQUEST_SHAPE}")
     if "request" in request_doc:
         recording = from_document(request_doc, index.provider_for)
         method, path, query = recording.request.method, recording.request.path, recording.request.query
         headers, body = recording.request.headers, recording.request.body
     else:
-        method = str(request_doc.get("method", "POST")).upper()
-        url = str(request_doc.get("path") or request_doc.get("url") or "")
-        parts = urlsplit(url)
-        path, query = parts.path, parse_qsl(parts.query, keep_blank_values=True)
-        headers = {str(k).lower(): str(v) for k, v in (request_doc.get("headers") or {}).items()}
-        body = request_doc.get("body")
+        method, path, query, headers, body = _request_parts(request_doc)
     match = router.resolve(method, path, headers)
     if match is None:
         return (
             f"request     {method} {path}\nroute       none: no route serves this path (llmproxy answers 404 "
             f"no_route); the prefixed base URLs are {router.describe_base_urls()}"
-        )
+        ), False
     route = match.route
     mismatch = credential_mismatch(route.provider, headers, urlencode(query))
     if mismatch is not None:
-        return f"request     {method} {path}\nroute       {route.name}, refused (400 credential_mismatch): {mismatch}"
+        return (
+            f"request     {method} {path}\nroute       {route.name}, refused (400 credential_mismatch): {mismatch}",
+            False,
+        )
     canonical = canonical_for_route(route, method, match.path, query, headers, body)
     rules = [
         f"key headers: {', '.join(route.key_headers) or '-'}",
@@ -66,16 +91,21 @@ def explain(request_doc: Any, router: Router, index: RecordingIndex) -> str:
         f"rules       {'; '.join(rules)}",
         f"key         {canonical.key}",
     ]
-    entries = index.get(canonical.key)
+    entries = index.in_any_scope(canonical.key)
     if entries:
-        for number, entry in enumerate(entries, 1):
-            lines.append(f"hit         {entry.source} (replayed {'first' if number == 1 else f'as repeat {number}'})")
+        numbers: dict[str | None, int] = {}
+        for entry in entries:
+            number = numbers[entry.scope] = numbers.get(entry.scope, 0) + 1
+            where = f" in scope {entry.scope}" if entry.scope is not None else ""
+            lines.append(
+                f"hit         {entry.source} (replayed {'first' if number == 1 else f'as repeat {number}'}{where})"
+            )
     else:
         lines.append("hit         none: replay would answer 404 recording_not_found")
         for number, entry in enumerate(index.nearest(canonical, 3), 1):
             differences = "; ".join(request_differences(entry.canonical, canonical))
             lines.append(f"nearest {number}   {entry.source}\n            differs in: {differences}")
-    return "\n".join(lines)
+    return "\n".join(lines), bool(entries)
 
 
 @dataclass(slots=True)

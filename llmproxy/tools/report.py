@@ -3,6 +3,8 @@
 `llmproxy prune --report FILE` trusts a report only when the run had no misses left
 unrecorded: a run that missed may have skipped code paths, so "unused" would not mean "stale";
 a miss that `record --missing` recorded ran its code path like a hit.
+
+Each miss names its `scope`: the test (pytest node id) or x-llmproxy-scope it came from, or null.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ REPORT_KIND = "llmproxy-usage-report"
 
 
 def build_report(
-    mode: str, outcome: Outcome, recordings: Path | str, recorded: list[Path], unused: list[Path] | None
+    mode: str,
+    outcome: Outcome,
+    recordings: Path | str,
+    recorded: list[Path],
+    unused: list[Path] | None,
+    saved: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return {
+    report = {
         "kind": REPORT_KIND,
         "version": __version__,
         "mode": mode,
@@ -40,6 +47,65 @@ def build_report(
         "refused": outcome.refused,
         "not_recorded": outcome.not_recorded,
         "not_recorded_by": dict(outcome.not_recorded_by),
+        # Tokens and cost the replayed answers would have cost upstream (None: nothing replayed).
+        "saved": saved,
+    }
+    _drop_secrets(report["misses"])
+    return report
+
+
+def _drop_secrets(misses: list[dict[str, Any]]) -> None:
+    """A missed request's body goes to disk only when the secret scanner finds nothing in it."""
+    from llmproxy.store.secrets import SecretScanner
+
+    scanner = SecretScanner()
+    for index, miss in enumerate(misses):
+        findings = scanner.scan({k: miss.get(k) for k in ("query", "headers", "body")})
+        if findings:
+            kept = {k: v for k, v in miss.items() if k not in ("query", "headers", "body")}
+            misses[index] = kept | {"dropped": f"request left out: {findings[0]}"}
+
+
+def replay_savings(replayed: list[tuple[Any, int]], provider_for: Any) -> dict[str, Any]:
+    """Tokens and cost of the answers a run replayed instead of asking upstream, per replay."""
+    from decimal import Decimal
+
+    from llmproxy.tools.explain import recorded_at
+    from llmproxy.usage import price
+    from llmproxy.wire.framing import data_of
+
+    tokens_in = tokens_out = unknown = 0
+    cost = Decimal(0)
+    for entry, count in replayed:
+        try:
+            recording = entry.recording(provider_for)
+        except (LlmproxyError, OSError):  # removed or changed since it was replayed: counted unknown
+            unknown += count
+            continue
+        request, response = recording.request, recording.response
+        body = response.body
+        streamed = response.is_streaming and isinstance(body, list)
+        values = [data_of(item) for item in body] if streamed else [data_of(body)]
+        usage = entry.route.provider.usage(request.path, values)
+        if usage is None:
+            unknown += count
+            continue
+        tokens_in += usage.input_tokens * count
+        tokens_out += usage.output_tokens * count
+        answered = (recording.provenance or {}).get("response_model")
+        model = answered if isinstance(answered, str) and answered else request.model
+        priced = price(usage, model, entry.route.provider.name, recorded_at(recording))
+        if priced.usd is None:
+            unknown += count
+        else:
+            cost += priced.usd * count
+    return {
+        "replays": sum(count for _, count in replayed),
+        "input_tokens": tokens_in,
+        "output_tokens": tokens_out,
+        "cost_usd": float(cost),
+        # Replays whose tokens or price are unknown: the sum leaves them out rather than guess.
+        "unknown": unknown,
     }
 
 
@@ -69,7 +135,8 @@ def prunable(report: dict[str, Any]) -> list[Path]:
     misses = report.get("misses") or []
     if misses:
         raise ReportError(
-            f"the run had {len(misses)} miss(es) (first: {misses[0].get('method')} {misses[0].get('path')}); "
+            f"the run had {len(misses)} miss(es) (first: {misses[0].get('method')} {misses[0].get('path')}"
+            f"{' in ' + misses[0]['scope'] if misses[0].get('scope') else ''}); "
             "a run with misses may not have exercised everything, so nothing is pruned"
         )
     if report.get("unused") is None:

@@ -11,6 +11,7 @@ import structlog
 
 from llmproxy import providers
 from llmproxy.config import Settings
+from llmproxy.lastresort import install_loop_errors
 from llmproxy.server import ProxyServer
 
 log = structlog.get_logger("llmproxy.run")
@@ -40,6 +41,7 @@ def run_hint(settings: Settings, command: list[str]) -> str:
 async def run_command(settings: Settings, mode: str, command: list[str]) -> int:
     """Start the proxy (settings.port; 0 for a free one), run the command against it, stop,
     return its status."""
+    install_loop_errors(asyncio.get_running_loop())
     server = ProxyServer(settings, mode)
     await server.start()
     base_url = f"http://{settings.host}:{server.port}"

@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 
 from llmproxy.call import Call
 
-FailureCode = Literal["no_upstream", "upstream_timeout", "upstream_unreachable"]
+FailureCode = Literal["no_upstream", "upstream_timeout", "upstream_unreachable", "internal_error"]
 
 
 class UpstreamFailure(Exception):

@@ -101,14 +101,17 @@ class AiohttpUpstream:
         route = call.route
         try:
             url = route.upstream_url(call.path, call.query_string)
-        except LookupError as exc:
-            raise UpstreamFailure(502, "no_upstream", str(exc)) from None
+            target, headers = route.provider.prepare_upstream(
+                call.method, url, forward_request_headers(call.raw_headers), call.body
+            )
+        except LookupError as exc:  # no upstream, or the provider cannot prepare the request
+            raise UpstreamFailure(502, getattr(exc, "code", "no_upstream"), str(exc)) from None
         started = time.monotonic()
         try:
             response = await self._session.request(
                 call.method,
-                url,
-                headers=forward_request_headers(call.raw_headers),
+                target,
+                headers=headers,
                 data=call.body if call.body else None,
                 allow_redirects=False,
             )

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 
 from llmproxy.call import Call
+from llmproxy.lastresort import report_unexpected
 from llmproxy.upstream.base import Upstream, UpstreamBroken, UpstreamFailure, UpstreamResponse
 
 DEFAULT_WINDOW = 1024 * 1024
@@ -119,6 +120,15 @@ class Flight:
             self.broken = str(exc)
         except asyncio.CancelledError:
             self.abandoned = True
+        except Exception as exc:  # noqa: BLE001 - a bug must not die unseen in this task
+            error_id = report_unexpected(
+                exc, self.call.headers, self.call.query, method=self.call.method, path=self.call.path
+            )
+            if self.response is None:
+                message = f"llmproxy failed calling upstream {self.call.route.name} (error id {error_id})"
+                self.failure = UpstreamFailure(502, "internal_error", message)
+            else:
+                self.broken = f"internal error {error_id}"
         finally:
             if not self._headers.done():
                 self._headers.set_result(None)
