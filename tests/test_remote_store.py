@@ -369,11 +369,15 @@ def test_watch_picks_up_files_added_to_the_directory(loop_thread: LoopThread, tm
     assert len(wire.requests) == 1
 
 
-def test_health_endpoint_answers_before_routing_and_the_token(loop_thread: LoopThread, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ui", [False, True], ids=["no-ui", "with-ui"])
+def test_health_endpoint_answers_before_routing_and_the_token(
+    loop_thread: LoopThread, tmp_path: Path, ui: bool
+) -> None:
     import urllib.error
     import urllib.request
 
-    proxy = start_proxy(loop_thread, "replay", tmp_path, token="proxy-token-123", allow_empty=True)
+    # The recordings page's sub-app lives under the same /_llmproxy/ prefix: health still answers.
+    proxy = start_proxy(loop_thread, "replay", tmp_path, token="proxy-token-123", allow_empty=True, ui=ui)
     try:
         with urllib.request.urlopen(proxy.url + "/_llmproxy/health", timeout=10) as response:
             assert response.status == 200
@@ -384,3 +388,50 @@ def test_health_endpoint_answers_before_routing_and_the_token(loop_thread: LoopT
         assert refused.value.code == 401  # everything else still needs the token
     finally:
         proxy.stop()
+
+
+def _ask_in(url: str, prompt: str, scope: str | None) -> str:
+    """The upstream's request id of an answer asked in `scope` (x-llmproxy-scope)."""
+    headers = {"x-llmproxy-scope": scope} if scope else {}
+    raw = _client(url).chat.completions.with_raw_response.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": prompt}],  # type: ignore[list-item]
+        extra_headers=headers,
+    )
+    return raw.headers["x-request-id"]
+
+
+def test_scoped_recordings_go_under_their_scope_in_the_bucket_and_replay_per_scope(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str]
+) -> None:
+    wire = OpenAIWire()
+    upstream = RunningApp(loop_thread, wire.app()).start()
+    scope = "tests/test_app.py::test_one"
+    recorder = _proxy("record", bucket, upstream.url, aws)
+    try:
+        recorded = [_ask_in(recorder.url, "scoped", scope) for _ in range(2)] + [_ask_in(recorder.url, "scoped", None)]
+    finally:
+        recorder.stop()
+    objects = _objects(bucket)
+    prefix = bucket.removeprefix("s3://").partition("/")[2] + "/"
+    names = sorted(name.removeprefix(prefix) for name in objects)
+    assert len(names) == 3
+    scoped = [name for name in names if name.startswith("tests/test_app/test_one/openai/")]
+    assert len(scoped) == 2 and any(name.endswith("-2.json") for name in scoped)  # repeats within the scope
+    shared = [name for name in names if name.startswith("openai/")]
+    assert len(shared) == 1 and not shared[0].endswith("-2.json")  # the scope's repeats are its own
+    for name, data in objects.items():
+        document = orjson.loads(data)
+        assert document["request"].get("scope") == (scope if "/tests/" in name else None)
+
+    replayer = _proxy("replay", bucket, "http://127.0.0.1:9", aws)
+    try:
+        # Requests are served while the bucket loads, and a key's -2 file sorts before its first:
+        # asked mid-load, repeat 2 could answer first. Loaded, the order is the recorded one.
+        replayer.wait_for_event("recordings loaded")
+        replayed = [_ask_in(replayer.url, "scoped", scope) for _ in range(2)] + [_ask_in(replayer.url, "scoped", None)]
+    finally:
+        replayer.stop()
+        upstream.stop()
+    assert replayed == recorded
+    assert len(wire.requests) == 3  # replay never went upstream
