@@ -264,6 +264,51 @@ def check(directory: Path | None, fix: bool, config_path: Path | None) -> None:
         raise SystemExit(1)
 
 
+@main.command(name="sync")
+@click.argument("source")
+@click.argument("destination")
+@click.option("--dry-run", is_flag=True, help="Only list what would be copied.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def sync_command(source: str, destination: str, dry_run: bool, quiet: bool) -> None:
+    """Copy recordings between a directory and a bucket (s3://bucket/prefix), either way.
+
+    Only files missing from DESTINATION or with other bytes are copied; nothing is deleted.
+    Bucket access comes from the standard AWS environment (AWS_ENDPOINT_URL, AWS_PROFILE...).
+    """
+    from llmproxy.errors import LlmproxyError
+    from llmproxy.store.base import is_remote, open_store
+    from llmproxy.tools.sync import sync
+
+    configure_logging(json=False, level="warning")
+    if not is_remote(source) and not Path(source).is_dir():
+        raise click.ClickException(f"no such directory: {source}")
+
+    def progress(done: Iterator[str], total: int) -> Iterator[str]:
+        if quiet or not total:
+            yield from done
+            return
+        # click draws the bar only on a terminal; elsewhere it prints the label once.
+        with click.progressbar(done, length=total, label="copying", file=click.get_text_stream("stderr")) as bar:
+            yield from bar
+
+    src, dst = open_store(source), open_store(destination)
+    try:
+        result = sync(src, dst, dry_run=dry_run, progress=progress)
+    except LlmproxyError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        src.close()
+        dst.close()
+    verb = "would copy" if dry_run else "copied"
+    for name in result.copied if dry_run else ():
+        click.echo(name)
+    for name, reason in result.failed:
+        click.echo(f"failed: {name}: {reason}", err=True)
+    click.echo(f"{verb} {len(result.copied)}, unchanged {result.unchanged}, failed {len(result.failed)}")
+    if result.failed:
+        raise SystemExit(1)
+
+
 @main.command()
 @click.argument("request_file", type=click.Path(dir_okay=False, exists=True, allow_dash=True, path_type=Path))
 @click.option("--recordings", type=click.Path(file_okay=False, path_type=Path), envvar="LLMPROXY_RECORDINGS")

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from llmproxy.errors import ConfigError, StartupError
 from llmproxy.providers import get_provider
 from llmproxy.routing import Route, Router, default_routes
+from llmproxy.store.base import is_remote
 
 __all__ = ["ConfigError", "Mode", "OPTIONS", "Option", "Settings", "check_startup", "load_settings"]
 
@@ -78,7 +79,14 @@ OPTIONS: tuple[Option, ...] = (
         metavar="URL",
         readme_default="`https://api.openai.com` for the OpenAI route",
     ),
-    Option("recordings", "recordings", str, "Directory of recording files.", flag="--recordings", metavar="DIR"),
+    Option(
+        "recordings",
+        "recordings",
+        str,
+        "Directory of recording files, or a bucket: s3://bucket/prefix (credentials from the AWS environment).",
+        flag="--recordings",
+        metavar="DIR|s3://BUCKET/PREFIX",
+    ),
     Option(
         "host", "127.0.0.1", str, "Address to bind (anything but loopback: set a token).", flag="--host", metavar="HOST"
     ),
@@ -270,6 +278,35 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_pause", 60.0, (int, float), "Paced replay (realtime, xN): no single recorded pause is longer (seconds)."
     ),
+    Option(
+        "refresh_seconds",
+        10.0,
+        (int, float),
+        "Replay from a bucket (s3://), or a directory with --watch: look for recordings other writers added "
+        "this often; what another replica records is served at most this many seconds (plus one listing) later.",
+        flag="--refresh-seconds",
+        commands=("record", "replay"),
+        metavar="S",
+    ),
+    Option(
+        "watch",
+        False,
+        bool,
+        "Pick up recording files added to the directory while the proxy runs (every refresh_seconds).",
+        flag="--watch",
+        negatable=True,
+        readme_default="off (always on for s3://)",
+    ),
+    Option(
+        "redis_url",
+        None,
+        str,
+        "Share identical in-flight calls across machines through this Redis (redis://host:6379/0); "
+        "default: across the processes of one host only.",
+        flag="--redis-url",
+        metavar="URL",
+        readme_default="none",
+    ),
 )
 BY_KEY: dict[str, Option] = {option.key: option for option in OPTIONS}
 FILE_KEYS: dict[str, Option] = {option.key: option for option in OPTIONS if option.in_file}
@@ -312,6 +349,9 @@ class Settings:
     secret_allow: list[str] = field(default_factory=list)
     max_file_bytes: int = int(default("max_file_mb") * 1024 * 1024)
     max_pause: float = default("max_pause")
+    refresh_seconds: float = default("refresh_seconds")
+    watch: bool = default("watch")
+    redis_url: str | None = None
     ui: bool = default("ui")
     scope_fallback: bool = default("scope_fallback")
     # What a replay miss tells the user to run; None: the CLI command (pytest and `run` set theirs).
@@ -532,6 +572,9 @@ def load_settings(
         secret_allow=list(secret_allow),
         max_file_bytes=_megabytes("max_file_mb", pick("max_file_mb")),
         max_pause=max_pause,
+        refresh_seconds=_seconds("refresh_seconds", pick("refresh_seconds")),
+        watch=bool(pick("watch")),
+        redis_url=pick("redis_url") or None,
         ui=bool(pick("ui")),
         scope_fallback=bool(pick("scope_fallback")),
         record_hint=overrides.get("record_hint"),
@@ -557,6 +600,8 @@ def check_startup(settings: Settings, mode: Mode | str) -> None:
     if mode != Mode.REPLAY or settings.allow_empty:
         return
     root = settings.recordings
+    if is_remote(root):
+        return  # a bucket that cannot be listed is reported by the loader
     if not root.exists():
         raise StartupError(
             f"recordings directory {root} does not exist: nothing to replay "

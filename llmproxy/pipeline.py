@@ -35,14 +35,15 @@ from llmproxy.headers import client_response_headers
 from llmproxy.lastresort import report_unexpected
 from llmproxy.playback import Exhausted, Found, Playback, Unreadable
 from llmproxy.store import dropped
-from llmproxy.store.directory import RecordingStore
+from llmproxy.store.base import Store
 from llmproxy.store.document import from_document
 from llmproxy.store.index import Rendered, render
 from llmproxy.store.writer import Recorder
 from llmproxy.upstream.base import Upstream, UpstreamFailure
 from llmproxy.upstream.client import Exchange
 from llmproxy.upstream.flight import Flight
-from llmproxy.upstream.singleflight import InFlight, Lock
+from llmproxy.upstream.redislock import RedisInFlight
+from llmproxy.upstream.singleflight import InFlight
 from llmproxy.wire.registry import codec_for_content_type
 
 log = structlog.get_logger("llmproxy.pipeline")
@@ -84,7 +85,7 @@ class Pipeline:
         upstream: Upstream | None,
         playback: Playback | None = None,
         recorder: Recorder | None = None,
-        inflight: InFlight | None = None,
+        inflight: InFlight | RedisInFlight | None = None,
         share_inflight: bool = True,
         record_after_disconnect: bool = True,
         max_recording_bytes: int = 64 * 1024 * 1024,
@@ -118,8 +119,10 @@ class Pipeline:
         # clients get the end of the response only then, so an answer a client has is recoverable.
         self._journaled: dict[Flight, asyncio.Future[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._locks: dict[str, Lock] = {}  # cross-process locks held, by key
+        # Cross-process locks held, by key (a file lock's, or a Redis lock's).
+        self._locks: dict[str, Any] = {}
         self._drop_reasons: dict[Flight, str] = {}  # why a flight's exchange is not written
+        self.store: Store | None = None  # closed last (a bucket's connections)
         self.serving = 0  # clients being fed from a flight right now
         self.stop_by: float | None = None  # time.monotonic() by which close() must be done
         self.switchable = switchable
@@ -162,6 +165,10 @@ class Pipeline:
             await self.recorder.drain()
         if self.upstream is not None:
             await self.upstream.close()
+        if self.inflight is not None:
+            await self.inflight.aclose()
+        if self.store is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.store.close)
 
     def unused(self) -> list[Path] | None:
         """Recordings loaded but never served (None when nothing was loaded)."""
@@ -240,9 +247,9 @@ class Pipeline:
             joined = self._join(key, miss)
             if joined is not None:
                 return await self._serve(request, call, *joined, leader=False)
-        lock: Lock | None = None
+        lock: Any = None
         if share and self.inflight is not None and key not in self._locks and len(self._locks) < MAX_HELD_LOCKS:
-            taken = self.inflight.try_acquire(key)
+            taken = await self.inflight.acquire(key)
             if taken is None:  # another proxy on this directory is making this very call
                 served = await self._wait_for_other_process(call)
                 if served is not None:
@@ -254,8 +261,17 @@ class Pipeline:
                 joined = self._join(key, miss)  # one of our own may have started it meanwhile
                 if joined is not None:
                     return await self._serve(request, call, *joined, leader=False)
-                taken = self.inflight.try_acquire(key)
-            if isinstance(taken, Lock):
+                taken = await self.inflight.acquire(key)
+            if taken is not None and taken is not False:
+                if miss is not None:
+                    # Another proxy may have recorded it between our lookup and taking the lock.
+                    served = await self._recorded_elsewhere(call)
+                    if served is not None:
+                        self.inflight.release(taken)
+                        rendered, path = served
+                        self.outcome.count(Result.SHARED)
+                        miss["recorded"] = str(path)
+                        return await self._send_rendered(request, rendered)
                 lock = self._locks[key] = taken
         sequence = 0
         if record:
@@ -374,7 +390,7 @@ class Pipeline:
         if settled is not None and not settled.done():
             settled.set_result(None)
 
-    async def _land(self, flight: Flight, record: bool, sequence: int, lock: Lock | None) -> None:
+    async def _land(self, flight: Flight, record: bool, sequence: int, lock: Any) -> None:
         """After the flight: write its exchange, or say loudly why not; then free its lock."""
         call = flight.call
         key = call.scoped_key
@@ -437,12 +453,13 @@ class Pipeline:
             if not written:
                 self._landed(flight, key, lock, None)
 
-    def _landed(self, flight: Flight, key: str, lock: Lock | None, path: Path | None) -> None:
+    def _landed(self, flight: Flight, key: str, lock: Any, path: Path | None) -> None:
         reason = self._drop_reasons.pop(flight, None)
-        if path is None and flight.keep_bytes is not None and self.recorder is not None:
+        root = self.recorder.store.root if self.recorder is not None else None
+        if path is None and flight.keep_bytes is not None and root is not None:
             # Meant for the recordings, not written: a later replay miss of it says so.
             call = flight.call
-            note = (self.recorder.store.root, key, call.route.name, call.method, call.path, reason)
+            note = (root, key, call.route.name, call.method, call.path, reason)
             asyncio.get_running_loop().run_in_executor(None, dropped.note, *note)
         for miss in self._flight_misses.pop(flight, []):
             if path is not None:
@@ -450,7 +467,8 @@ class Pipeline:
         if lock is not None:
             if self._locks.get(key) is lock:
                 del self._locks[key]
-            InFlight.release(lock)
+            assert self.inflight is not None
+            self.inflight.release(lock)
 
     async def _send_rendered(self, request: web.Request, rendered: Rendered) -> web.StreamResponse:
         playback = self.playback
@@ -474,18 +492,50 @@ class Pipeline:
         log.info("identical call in flight in another proxy: waiting", path=call.path, key=call.canonical.key[:16])
         if not await self.inflight.wait(call.scoped_key, self.upstream.read_timeout):
             return None
+        served = await self._newest(call, started - 1)
+        if served is not None:
+            log.info("identical call in flight in another proxy: served its recording", path=call.path)
+        # None: the other call recorded nothing (an error, a cut): go upstream ourselves.
+        return served
+
+    async def _newest(self, call: Call, since: float) -> tuple[Rendered, Path] | None:
+        """The newest recording of the call in the store, written at or after `since`."""
+        assert self.recorder is not None
         store = self.recorder.store
-        path = store.newest_recording(call.route.name, call.canonical.key, since=started - 1, scope=call.scope)
-        if path is None:
-            return None  # the other call recorded nothing (an error, a cut): go upstream ourselves
         loop = asyncio.get_running_loop()
         try:
-            document = await loop.run_in_executor(None, RecordingStore.read, path)
+            name = self.recorder.target(call, 1)
+            path = await loop.run_in_executor(
+                None,
+                lambda: store.newest_recording(
+                    call.route.name, call.canonical.key, since=since, name=name, scope=call.scope
+                ),
+            )
+            if path is None:
+                return None
+            document = await loop.run_in_executor(None, store.load, path)
             rendered = render(from_document(document, lambda _method, _path: call.route.provider), call.route)
         except LlmproxyError:
             return None
-        log.info("identical call in flight in another proxy: served its recording", path=call.path, file=str(path))
         return rendered, path
+
+    async def _recorded_elsewhere(self, call: Call) -> tuple[Rendered, Path] | None:
+        """A recording of this missed call that another writer added since the index was built."""
+        assert self.recorder is not None
+        key = call.canonical.key
+        known = max(self.playback.recorded(call) if self.playback else 0, self.recorder.known(call.scoped_key))
+        store = self.recorder.store
+        loop = asyncio.get_running_loop()
+        try:
+            name = self.recorder.target(call, 1)
+            highest = await loop.run_in_executor(
+                None, lambda: store.highest_sequence(call.route.name, key, name=name, scope=call.scope)
+            )
+        except LlmproxyError:
+            return None
+        if highest <= known:
+            return None
+        return await self._newest(call, 0.0)
 
 
 def _abort(request: web.Request) -> None:

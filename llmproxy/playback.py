@@ -4,9 +4,10 @@ message when none does. It never writes to a client: the pipeline does."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from llmproxy.call import Call, error_response
 from llmproxy.canonical import CanonicalRequest, request_differences
 from llmproxy.errors import LlmproxyError
 from llmproxy.store import dropped
-from llmproxy.store.directory import RecordingStore
+from llmproxy.store.base import Store
 from llmproxy.store.index import Entry, Group, RecordingIndex, Rendered
 
 log = structlog.get_logger("llmproxy.playback")
@@ -59,7 +60,7 @@ class Playback:
     def __init__(
         self,
         index: RecordingIndex,
-        store: RecordingStore | None = None,
+        store: Store | None = None,
         *,
         speed: float | None = None,
         repeat_last: bool = True,
@@ -81,11 +82,34 @@ class Playback:
         self._served: dict[Group, int] = {}
         self.dropped: dict[str, dict[str, Any]] = {}  # exchanges record runs did not write, by key
         self._loading: asyncio.Future[None] | None = None
+        # Look for files other writers added every this many seconds (None: never); the files
+        # this process wrote itself (`own_files`) are left out, they are its own repeats.
+        self.refresh_seconds: float | None = None
+        self.own_files: Collection[str] = ()
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Load the store in a worker thread; requests are served while it loads."""
         if self.store is not None:
             self._loading = asyncio.get_running_loop().run_in_executor(None, self._load, self.store)
+            if self.refresh_seconds:
+                self._refreshing = asyncio.create_task(self._refresh(self.store, self.refresh_seconds))
+
+    async def _refresh(self, store: Store, every: float) -> None:
+        """Staleness is bounded by `every` plus one listing: what another replica (or a file
+        copied into the directory) wrote is served from the next refresh on."""
+        assert self._loading is not None
+        await asyncio.shield(self._loading)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            try:
+                added = await loop.run_in_executor(None, self.index.load_new, store, set(self.own_files))
+            except Exception as exc:  # noqa: BLE001 - a failed refresh is retried, never fatal
+                log.warning("recordings refresh failed; retried later", location=store.location, reason=str(exc))
+                continue
+            if added:
+                log.info("recordings added since start", location=store.location, added=added)
 
     async def wait_loaded(self) -> None:
         if self._loading is not None:
@@ -93,17 +117,21 @@ class Playback:
 
     async def stop(self) -> None:
         """Stop a load still in progress, so shutting down never waits for it to finish."""
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
         if self._loading is not None and not self._loading.done():
             self.index.stop_loading()
             await self._loading
 
-    def _load(self, store: RecordingStore) -> None:
+    def _load(self, store: Store) -> None:
         started = time.perf_counter()
         self.index.load_store(store)
-        self.dropped = dropped.read_notes(store.root)
+        self.dropped = dropped.read_notes(store.root) if store.root is not None else {}
         log.info(
             "recordings loaded",
-            directory=str(store.root),
+            directory=store.location,
             recordings=len(self.index),
             skipped=len(self.index.problems),
             seconds=round(time.perf_counter() - started, 3),

@@ -22,6 +22,7 @@ from llmproxy.lastresort import install_loop_errors, last_resort_middleware
 from llmproxy.pipeline import MODES, MissPolicy, Pipeline, RecordPolicy
 from llmproxy.playback import Playback
 from llmproxy.routing import Refusal, Route, Router
+from llmproxy.store.base import Store, is_remote, normalize_location, open_store
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex, canonical_for_route
 from llmproxy.store.journal import recover as recover_journals
@@ -29,6 +30,7 @@ from llmproxy.store.secrets import SecretScanner, request_credentials
 from llmproxy.store.writer import Recorder
 from llmproxy.tools.report import build_report, replay_savings, write_report
 from llmproxy.upstream.client import AiohttpUpstream
+from llmproxy.upstream.redislock import RedisInFlight
 from llmproxy.upstream.singleflight import SUPPORTED as INFLIGHT_SUPPORTED
 from llmproxy.upstream.singleflight import InFlight
 
@@ -39,7 +41,7 @@ def record_command(settings: Settings) -> str:
     """The command that records what a replay missed, with this run's directory and config."""
     if settings.record_hint is not None:  # set by `run` and the pytest plugin
         return settings.record_hint
-    parts = ["llmproxy record --missing", f"--recordings {settings.recordings}"]
+    parts = ["llmproxy record --missing", f"--recordings {normalize_location(settings.recordings)}"]
     if settings.config_path is not None:
         parts.append(f"--config {settings.config_path}")
     return " ".join(parts)
@@ -53,7 +55,7 @@ def build_pipeline(settings: Settings, mode_name: str, *, switchable: bool = Fal
     except KeyError:
         raise ValueError(f"unknown mode {mode_name!r}") from None
     on_miss = MissPolicy(settings.on_miss) if record is RecordPolicy.OFF or switchable else MissPolicy.ERROR
-    store = RecordingStore(settings.recordings, durable=settings.durable_writes, max_file_bytes=settings.max_file_bytes)
+    store = open_store(settings.recordings, durable=settings.durable_writes, max_file_bytes=settings.max_file_bytes)
     outcome = Outcome()
     upstream = None
     if record is not RecordPolicy.OFF or on_miss is MissPolicy.FORWARD or switchable:
@@ -82,7 +84,11 @@ def build_pipeline(settings: Settings, mode_name: str, *, switchable: bool = Fal
             journal_mode=settings.journal,
             max_pending_bytes=settings.max_pending_bytes,
         )
-    return Pipeline(
+    if playback is not None and (settings.watch or is_remote(settings.recordings)):
+        playback.refresh_seconds = settings.refresh_seconds
+        if recorder is not None:
+            playback.own_files = recorder.written
+    pipeline = Pipeline(
         name=mode_name,
         record=record,
         on_miss=on_miss,
@@ -90,12 +96,24 @@ def build_pipeline(settings: Settings, mode_name: str, *, switchable: bool = Fal
         upstream=upstream,
         playback=playback,
         recorder=recorder,
-        inflight=InFlight(settings.recordings) if INFLIGHT_SUPPORTED and settings.share_inflight else None,
+        inflight=_inflight(settings, store),
         share_inflight=settings.share_inflight,
         record_after_disconnect=settings.client_disconnect == "drain",
         max_recording_bytes=settings.max_recording_bytes,
         switchable=switchable,
     )
+    pipeline.store = store
+    return pipeline
+
+
+def _inflight(settings: Settings, store: Store) -> InFlight | RedisInFlight | None:
+    """Redis shares in-flight calls across machines (named by the store location); without it,
+    the Unix-socket lock shares them among the processes of one host."""
+    if not settings.share_inflight:
+        return None
+    if settings.redis_url:
+        return RedisInFlight(settings.redis_url, store.location)
+    return InFlight(settings.recordings) if INFLIGHT_SUPPORTED else None
 
 
 ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -114,6 +132,22 @@ KEY_MEMO = web.AppKey("key_memo", KeyMemo)
 HANDLERS = web.AppKey("handlers", set)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+HEALTH_PATH = UI_PREFIX + "/health"
+
+
+@web.middleware
+async def health_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """For load balancers and orchestrators: answered before the token check and routing (it
+    says nothing secret), 503 until the recordings are loaded."""
+    if request.path != HEALTH_PATH or request.method not in ("GET", "HEAD"):
+        return await handler(request)
+    pipeline = request.app[PIPELINE]
+    index = pipeline.index
+    ready = index is None or index.loaded.is_set()
+    body = {"status": "ok" if ready else "loading", "mode": pipeline.name, "recordings": len(index or ())}
+    return web.json_response(body, status=200 if ready else 503)
 
 
 @web.middleware
@@ -282,6 +316,7 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
             context_middleware,
             last_resort_middleware(_route_of),
             tracking_middleware,
+            health_middleware,
             token_middleware,
             method_middleware,
             body_middleware,
@@ -292,7 +327,9 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
     app[PIPELINE] = pipeline
     app[KEY_MEMO] = keys
     app[HANDLERS] = set()
-    if settings.ui:  # the recordings browser, under a prefix no provider uses; before the catch-all
+    if settings.ui and is_remote(settings.recordings):
+        log.warning("the recordings page browses a directory: not served for a bucket", recordings=settings.recordings)
+    elif settings.ui:  # the recordings browser, under a prefix no provider uses; before the catch-all
         from llmproxy.tools.ui import ui_subapp
 
         browser = ui_subapp(settings.recordings, router, token=settings.token, loopback=_is_loopback(settings.host))
@@ -331,8 +368,10 @@ class ProxyServer:
                 token_required=self.settings.token is not None,
             )
         # What a killed proxy acknowledged but never wrote becomes recordings before anything is served.
-        store = RecordingStore(self.settings.recordings, max_file_bytes=self.settings.max_file_bytes)
-        await asyncio.get_running_loop().run_in_executor(None, recover_journals, store)
+        # A bucket has no journal (nothing is journaled on this machine for it).
+        if not is_remote(self.settings.recordings):
+            store = RecordingStore(self.settings.recordings, max_file_bytes=self.settings.max_file_bytes)
+            await asyncio.get_running_loop().run_in_executor(None, recover_journals, store)
         self._runner = web.AppRunner(
             self.app,
             access_log=None,
@@ -409,7 +448,12 @@ class ProxyServer:
         playback = pipeline.playback
         saved = replay_savings(playback.replayed(), playback.index.provider_for) if playback is not None else None
         return build_report(
-            pipeline.name, pipeline.outcome, self.settings.recordings, pipeline.recorded(), pipeline.unused(), saved
+            pipeline.name,
+            pipeline.outcome,
+            normalize_location(self.settings.recordings),
+            pipeline.recorded(),
+            pipeline.unused(),
+            saved,
         )
 
 

@@ -20,8 +20,8 @@ import itertools
 import os
 import re
 import stat
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import orjson
@@ -107,6 +107,28 @@ class RecordingStore:
         """`read` with this store's limits: the file must be inside the recordings directory."""
         return self.read(path, max_bytes=self.max_file_bytes, root=self.root)
 
+    # -- the rest of the Store protocol (store/base.py) --------------------------------------
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def load_many(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Any]]:
+        for path in paths:
+            try:
+                yield path, self.load(path)
+            except StoreError as exc:
+                yield path, exc
+
+    def read_bytes(self, path: Path) -> bytes:
+        return read_bounded(self.root / path, max_bytes=self.max_file_bytes, root=self.root)
+
+    def relative(self, path: Path) -> PurePosixPath:
+        return PurePosixPath(Path(path).relative_to(self.root).as_posix())
+
+    def close(self) -> None:
+        pass
+
     def name_for(
         self, *, route: str, path: str, model: str | None, key: str, sequence: int = 1, scope: str | None = None
     ) -> Path:
@@ -119,8 +141,9 @@ class RecordingStore:
             parts.append(str(sequence))
         return scope_path(scope) / slug(route, 40) / ("-".join(parts) + ".json")
 
-    def highest_sequence(self, route: str, key: str, scope: str | None = None) -> int:
-        """The highest repeat number any file of `key` has under the route's directory (0: none)."""
+    def highest_sequence(self, route: str, key: str, *, name: Path | None = None, scope: str | None = None) -> int:
+        """The highest repeat number any file of `key` has under the route's directory (0: none).
+        `name` (its first repeat's name) lets a remote store list less; a directory scans anyway."""
         pattern = re.compile(rf"-{re.escape(key[:16])}(?:-(\d+))?\.json$")
         highest = 0
         try:
@@ -133,7 +156,9 @@ class RecordingStore:
             pass
         return highest
 
-    def newest_recording(self, route: str, key: str, *, since: float, scope: str | None = None) -> Path | None:
+    def newest_recording(
+        self, route: str, key: str, *, since: float, name: Path | None = None, scope: str | None = None
+    ) -> Path | None:
         """The most recent recording of `key` written by any proxy at or after `since`."""
         directory = self.root / scope_path(scope) / slug(route, 40)
         try:

@@ -15,7 +15,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from llmproxy.errors import LlmproxyError
 from llmproxy.headers import replay_headers
 from llmproxy.providers import Provider
 from llmproxy.routing import Route, Router
+from llmproxy.store.base import Store
 from llmproxy.store.directory import DEFAULT_MAX_FILE_BYTES, RecordingStore
 from llmproxy.store.document import Recording, RecordingError, from_document
 from llmproxy.wire.registry import default_content_type, render_segments
@@ -151,6 +152,8 @@ class Entry:
     held: Recording | None = field(default=None, repr=False)
     # The size limit of the store it was loaded from: it is read again when first replayed.
     max_bytes: int = DEFAULT_MAX_FILE_BYTES
+    # A remote store it is read again from (None: a file on this machine).
+    store: Any = field(default=None, repr=False)
     # The test (or x-llmproxy-scope) it was recorded for; None: shared by every request.
     scope: str | None = None
 
@@ -159,6 +162,8 @@ class Entry:
         if self.held is not None:
             return self.held
         assert self.source is not None
+        if self.store is not None:
+            return from_document(self.store.load(self.source), provider_for)
         return from_document(RecordingStore.read(self.source, max_bytes=self.max_bytes), provider_for)
 
 
@@ -222,6 +227,7 @@ class RecordingIndex:
         self.problems: list[LoadProblem] = []
         self.loaded = threading.Event()
         self._stop_loading = threading.Event()
+        self._seen: set[str] = set()  # files already read (indexed or skipped)
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._entries.values())
@@ -247,6 +253,8 @@ class RecordingIndex:
         """Forget a scope's recordings (their files were removed to record the test again)."""
         for group in [group for group in list(self._entries) if group[0] == scope]:
             entries = self._entries.pop(group)
+            # Their names may be written again (and found again by refresh or --watch).
+            self._seen.difference_update(str(entry.source) for entry in entries if entry.source is not None)
             endpoint = (entries[0].canonical.route, entries[0].canonical.path)
             self._by_endpoint[endpoint] = [other for other in self._by_endpoint.get(endpoint, []) if other != group]
 
@@ -304,19 +312,34 @@ class RecordingIndex:
         """Ask a load in progress (in another thread) to stop: the proxy is shutting down."""
         self._stop_loading.set()
 
-    def load_store(self, store: RecordingStore) -> None:
+    def load_store(self, store: Store) -> None:
         try:
-            for path in store.paths():
-                if self._stop_loading.is_set():
-                    break
-                try:
-                    self.load_file(store, path)
-                except Exception as exc:  # noqa: BLE001 - one bad file never stops the others loading
-                    reason = str(exc) if isinstance(exc, LlmproxyError) else _describe(exc)
-                    self.problems.append(LoadProblem(path, reason))
-                    log.warning("recording skipped", path=str(path), reason=reason)
+            self.load_new(store)
         finally:
             self.loaded.set()
+
+    def load_new(self, store: Store, skip: Collection[str] = ()) -> int:
+        """Index the store's files not seen yet (all of them at start; then what other writers
+        added: refresh and --watch). `skip`: names this process wrote itself. Returns how many."""
+        fresh = [path for path in store.paths() if str(path) not in self._seen and str(path) not in skip]
+        self._seen.update(str(path) for path in fresh)
+        remote = store if not isinstance(store, RecordingStore) else None
+        self.max_file_bytes = store.max_file_bytes
+        added = 0
+        for path, document in store.load_many(fresh):
+            if self._stop_loading.is_set():
+                break
+            try:
+                if isinstance(document, Exception):
+                    raise document
+                entry = self.add(from_document(document, self.provider_for), path, check=True)
+                entry.store = remote
+                added += 1
+            except Exception as exc:  # noqa: BLE001 - one bad file never stops the others loading
+                reason = str(exc) if isinstance(exc, LlmproxyError) else _describe(exc)
+                self.problems.append(LoadProblem(path, reason))
+                log.warning("recording skipped", path=str(path), reason=reason)
+        return added
 
     def rendered(self, entry: Entry) -> Rendered:
         """The entry's framed response, from the cache or read and framed now (blocking I/O:

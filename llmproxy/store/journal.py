@@ -26,7 +26,8 @@ from typing import Any, Literal
 import orjson
 import structlog
 
-from llmproxy.store.directory import RecordingStore
+from llmproxy.store.base import Store
+from llmproxy.store.directory import RecordingStore, StoreError
 
 log = structlog.get_logger("llmproxy.journal")
 
@@ -49,7 +50,7 @@ class Target:
     sequence: int
     scope: str | None = None  # a test's (or a client's) own recordings: their own folder and repeats
 
-    def relative(self, store: RecordingStore, sequence: int | None = None) -> Path:
+    def relative(self, store: Store, sequence: int | None = None) -> Path:
         return store.name_for(
             route=self.route,
             path=self.path,
@@ -200,18 +201,26 @@ def pending_entries(data: bytes) -> list[tuple[Target, bytes]]:
     return list(entries.values())
 
 
-def write_create_only(store: RecordingStore, target: Target, data: bytes) -> Path:
-    """Write under the first free sequence from the target's: a recording already on disk
-    under that name (another process, an earlier run) is never replaced."""
+def write_create_only(store: Store, target: Target, data: bytes) -> Path:
+    """Write under the first free sequence from the target's: a recording already on disk (or in
+    the bucket) under that name (another process, an earlier run) is never replaced. Taking a
+    name is one atomic link (or one conditional PUT); losing the race moves on to the next number."""
     sequence = target.sequence
     document: dict[str, Any] | None = None
     for attempt in range(MAX_NAME_ATTEMPTS):
         try:
             return store.write(target.relative(store, sequence), data)
         except FileExistsError:
-            if attempt == 0 and _same_file(store.root / target.relative(store, sequence), data):
-                return store.root / target.relative(store, sequence)  # written before the kill
-            taken = store.highest_sequence(target.route, target.key, target.scope) if attempt == 0 else sequence
+            if attempt == 0 and _same_file(store, target.relative(store, sequence), data):
+                # Written before the kill.
+                relative = target.relative(store, sequence)
+                return store.root / relative if store.root is not None else relative
+            # Jump past every repeat already stored once, then step (races are rare).
+            taken = (
+                store.highest_sequence(target.route, target.key, name=target.relative(store, 1), scope=target.scope)
+                if attempt == 0
+                else sequence
+            )
             sequence = max(sequence, taken) + 1
             if document is None:
                 document = orjson.loads(data)
@@ -220,10 +229,12 @@ def write_create_only(store: RecordingStore, target: Target, data: bytes) -> Pat
     raise RuntimeError(f"no free sequence for key {target.key[:16]} after {MAX_NAME_ATTEMPTS} attempts")
 
 
-def _same_file(path: Path, data: bytes) -> bool:
+def _same_file(store: Store, relative: Path, data: bytes) -> bool:
     try:
-        return path.read_bytes() == data
-    except OSError:
+        if store.root is not None:
+            return (store.root / relative).read_bytes() == data
+        return store.read_bytes(relative) == data
+    except (OSError, StoreError):
         return False
 
 

@@ -26,7 +26,7 @@ from llmproxy.call import Call, NotRecorded, Outcome
 from llmproxy.canonical import RawBody, public_query
 from llmproxy.headers import recorded_response_headers
 from llmproxy.providers import Provider
-from llmproxy.store.directory import RecordingStore
+from llmproxy.store.base import Store
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
 from llmproxy.store.journal import Journal, Target, write_create_only
 from llmproxy.store.secrets import SecretScanner, request_credentials
@@ -60,7 +60,7 @@ JournalMode = Literal["on", "fsync", "off"]
 
 @dataclass(slots=True)
 class Recorder:
-    store: RecordingStore
+    store: Store
     outcome: Outcome
     scanner: SecretScanner = field(default_factory=SecretScanner)
     # 429 and 5xx answers would poison replay, so they are only kept when asked for.
@@ -103,6 +103,10 @@ class Recorder:
         to them)."""
         sequence = self._sequences[key] = max(self._sequences.get(key, 0), after) + 1
         return sequence
+
+    def known(self, key: str) -> int:
+        """The highest sequence of `key` this recorder gave out or wrote."""
+        return self._sequences.get(key, 0)
 
     def give_back(self, key: str, sequence: int) -> None:
         """Undo `next_sequence` for a call that will not be recorded after all."""
@@ -216,7 +220,9 @@ class Recorder:
         batch, self._outbox = self._outbox, []
         if not batch:
             return
-        if self.journal_mode != "off":
+        # A bucket has no directory on this machine to journal in: its recordings are written
+        # (a durable PUT) right after, unjournaled.
+        if self.journal_mode != "off" and self.store.root is not None:
             try:
                 if self.journal is None:
                     self.journal = Journal(self.store.root, fsync="always" if self.journal_mode == "fsync" else "off")

@@ -25,7 +25,7 @@ REPORT_KIND = "llmproxy-usage-report"
 def build_report(
     mode: str,
     outcome: Outcome,
-    recordings: Path,
+    recordings: Path | str,
     recorded: list[Path],
     unused: list[Path] | None,
     saved: dict[str, Any] | None = None,

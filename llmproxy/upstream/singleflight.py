@@ -49,9 +49,15 @@ class InFlight:
             return None
         return Lock(sock)
 
+    async def acquire(self, key: str) -> Lock | None | bool:
+        return self.try_acquire(key)
+
     @staticmethod
     def release(lock: Lock) -> None:
         lock.sock.close()
+
+    async def aclose(self) -> None:
+        pass
 
     async def wait(self, key: str, timeout: float) -> bool:
         """Wait until nobody holds `key` (True), or give up after `timeout` seconds (False)."""

@@ -1,0 +1,437 @@
+"""Beyond one machine: recordings in an S3-compatible bucket, single-flight through Redis.
+
+Real services, started by the tests: moto's S3 server (`moto[server]`, the `test` extra) and
+`redis-server` (the Debian package .ci/run installs). Where one cannot be started, its tests
+skip and say why. Proxies are `llmproxy` child processes on their own ports, as replicas are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+import pytest
+
+from llmproxy.store.base import open_store
+from tests.support import REPO, CliProxy, LoopThread, RunningApp, files_under, free_port, start_proxy, wait_until
+from tests.upstreams.openai_wire import OpenAIWire
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-access-key",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Service:
+    """A server child process on a free 127.0.0.1 port."""
+
+    def __init__(self, command: list[str], port: int) -> None:
+        self.port = port
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: _listening(port) or self.process.poll() is not None, f"{command[0]} to listen")
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"{command} exited: {self.process.stderr.read().decode() if self.process.stderr else ''}"
+            )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=15)
+
+
+@pytest.fixture
+def s3_server() -> Iterator[dict[str, str]]:
+    # One server per test: moto's server was seen wedging (every GET timing out) after a few
+    # tests' worth of traffic, so no test depends on the traffic of the ones before it.
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("aiobotocore") is None:
+        pytest.skip("moto[server] and aiobotocore are not installed (pip install -e '.[s3,test]')")
+    port = free_port()
+    service = Service([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port)
+    yield {**AWS_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    service.stop()
+
+
+@pytest.fixture
+def aws(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for name, value in s3_server.items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+_buckets = iter(range(10_000))
+
+
+@pytest.fixture
+def bucket(aws: dict[str, str]) -> str:
+    """A new, empty bucket; its s3:// location."""
+    import boto3
+
+    name = f"llmproxy-test-{os.getpid()}-{next(_buckets)}"
+    boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+    return f"s3://{name}/recordings"
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Service]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+    if importlib.util.find_spec("redis") is None:
+        pytest.skip("the redis client is not installed (pip install -e '.[redis]')")
+    port = free_port()
+    service = Service([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], port)
+    yield service
+    service.stop()
+
+
+def _objects(location: str) -> dict[str, bytes]:
+    """Every recording in the bucket, by name, read back independently of the proxy (boto3)."""
+    import boto3
+
+    bucket, _, prefix = location.removeprefix("s3://").partition("/")
+    client = boto3.client("s3")
+    found = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for item in page.get("Contents", []):
+            found[item["Key"]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    return found
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="sk-test-not-a-real-key", max_retries=0)
+
+
+def _ask(url: str, prompt: str) -> tuple[str, str]:
+    """The answer's text and the upstream's request id (distinct per upstream answer)."""
+    raw = _client(url).chat.completions.with_raw_response.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": prompt}],  # type: ignore[list-item]
+    )
+    return raw.parse().choices[0].message.content or "", raw.headers["x-request-id"]
+
+
+def _stream(url: str, prompt: str) -> str:
+    stream = _client(url).chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": prompt}],  # type: ignore[list-item]
+        stream=True,
+    )
+    return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+
+def _proxy(mode: str, location: str, upstream: str, env: dict[str, str], *extra: str) -> CliProxy:
+    args = ["record", "--missing"] if mode == "record-missing" else [mode]
+    return CliProxy(*args, "--recordings", location, "--upstream", upstream, "--port", "0", *extra, env=env)
+
+
+def _valid_recordings(objects: dict[str, bytes]) -> list[dict[str, Any]]:
+    documents = [orjson.loads(data) for data in objects.values()]
+    for document in documents:
+        assert document["response"]["status"] == 200 and document["request"]["url"].endswith("/v1/chat/completions")
+    return documents
+
+
+def test_a_records_to_the_bucket_and_b_replays_it_without_a_restart(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str], tmp_path: Path
+) -> None:
+    wire = OpenAIWire()
+    upstream = RunningApp(loop_thread, wire.app()).start()
+    # B starts first, on the empty bucket: what A records later must reach it by refresh.
+    b = _proxy("replay", bucket, upstream.url, aws, "--config", str(_refresh_config(tmp_path, 0.2)))
+    a = _proxy("record", bucket, upstream.url, aws)
+    try:
+        with pytest.raises(openai.NotFoundError):
+            _ask(b.url, "shared between replicas")
+        answer, request_id = _ask(a.url, "shared between replicas")
+        wait_until(lambda: len(_objects(bucket)) == 1, "A's recording in the bucket")
+        b.wait_for_event("recordings added since start")
+        assert _ask(b.url, "shared between replicas") == (answer, request_id)
+        assert len(wire.requests) == 1  # B answered from the bucket
+    finally:
+        a.stop()
+        events = b.stop()
+        upstream.stop()
+    (name,) = _objects(bucket)
+    assert name.startswith("recordings/openai/chat-completions-gpt-4o-") and name.endswith(".json")
+    summary = next(e for e in events if e["event"] == "summary")
+    assert summary["hits"] == 1
+    # Credentials for the bucket come from the environment and never reach a log line.
+    assert not any(aws["AWS_SECRET_ACCESS_KEY"] in line for line in b.lines + a.lines)
+
+
+def _refresh_config(tmp_path: Path, seconds: float) -> Path:
+    config = tmp_path / f"refresh-{seconds}.toml"
+    config.write_text(f"[proxy]\nrefresh_seconds = {seconds}\n")
+    return config
+
+
+def _gated_wire(loop_thread: LoopThread) -> OpenAIWire:
+    wire = OpenAIWire()
+
+    async def make_gate() -> asyncio.Event:
+        return asyncio.Event()
+
+    wire.gate = loop_thread.run(make_gate())
+    return wire
+
+
+def _open_gate(loop_thread: LoopThread, wire: OpenAIWire) -> None:
+    assert wire.gate is not None
+    loop_thread.loop.call_soon_threadsafe(wire.gate.set)
+
+
+def test_identical_calls_across_two_replicas_go_upstream_once_with_redis(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str], redis_server: Service
+) -> None:
+    wire = _gated_wire(loop_thread)
+    upstream = RunningApp(loop_thread, wire.app()).start()
+    redis = ["--redis-url", f"redis://127.0.0.1:{redis_server.port}/0", "--log-level", "info"]
+    a = _proxy("record-missing", bucket, upstream.url, aws, *redis)
+    b = _proxy("record-missing", bucket, upstream.url, aws, *redis)
+    try:
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            futures = [pool.submit(_stream, proxy.url, "one call for all") for proxy in (a, b) for _ in range(16)]
+            a.wait_for_event("live call: no recording yet", count=16)
+            b.wait_for_event("live call: no recording yet", count=16)
+            _open_gate(loop_thread, wire)
+            answers = [future.result(timeout=60) for future in futures]
+        wait_until(lambda: len(_objects(bucket)) == 1, "the one recording")
+    finally:
+        a.stop()
+        b.stop()
+        upstream.stop()
+    assert len(wire.requests) == 1, "identical calls across replicas went upstream more than once"
+    assert answers == ["ECHO: ONE CALL FOR ALL"] * 32
+    (document,) = _valid_recordings(_objects(bucket))
+    assert document["request"].get("sequence", 1) == 1
+
+
+def test_redis_stopped_mid_run_calls_go_upstream_and_nothing_is_torn_or_lost(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str], redis_server: Service
+) -> None:
+    wire = _gated_wire(loop_thread)
+    upstream = RunningApp(loop_thread, wire.app()).start()
+    redis = ["--redis-url", f"redis://127.0.0.1:{redis_server.port}/0", "--log-level", "info"]
+    a = _proxy("record-missing", bucket, upstream.url, aws, *redis)
+    b = _proxy("record-missing", bucket, upstream.url, aws, *redis)
+    try:
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            futures = [pool.submit(_stream, proxy.url, "redis goes away") for proxy in (a, b) for _ in range(16)]
+            a.wait_for_event("live call: no recording yet", count=16)
+            b.wait_for_event("live call: no recording yet", count=16)
+            # One replica leads (holding the Redis lock, its answer held upstream); the other waits.
+            wait_until(lambda: len(wire.requests) >= 1, "the leader's upstream call")
+            redis_server.stop()
+            # The waiting replica loses Redis, so it stops waiting and goes upstream itself.
+            wait_until(lambda: len(wire.requests) >= 2, "the other replica going upstream without Redis")
+            _open_gate(loop_thread, wire)
+            answers = [future.result(timeout=60) for future in futures]
+        calls = len(wire.requests)
+        wait_until(lambda: len(_objects(bucket)) == calls, "one recording per upstream call")
+    finally:
+        events = a.stop() + b.stop()
+        upstream.stop()
+    assert answers == ["ECHO: REDIS GOES AWAY"] * 32
+    documents = _valid_recordings(_objects(bucket))
+    assert len(documents) == calls  # every upstream call recorded, none overwritten
+    assert sorted(d["request"].get("sequence", 1) for d in documents) == list(range(1, calls + 1))
+    assert any(e["event"].startswith("redis unavailable") for e in events)
+
+
+def test_two_record_processes_on_one_bucket_each_twice_make_four_distinct_repeats(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str]
+) -> None:
+    wire = OpenAIWire()
+    upstream = RunningApp(loop_thread, wire.app()).start()
+    # Unshared, so the two processes' calls at the same moment both go upstream (shared, the
+    # second would be served the first's recording): both then claim repeat 1, 2... at once.
+    # Debug: "recorded" is a debug event (one per file).
+    first = _proxy("record", bucket, upstream.url, aws, "--no-share-inflight", "--log-level", "debug")
+    second = _proxy("record", bucket, upstream.url, aws, "--no-share-inflight", "--log-level", "debug")
+
+    def twice(proxy: CliProxy) -> list[str]:
+        ids = []
+        for count in (1, 2):
+            ids.append(_ask(proxy.url, "sample me four times")[1])
+            proxy.wait_for_event("recorded", count=count)
+        return ids
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            both = [pool.submit(twice, first), pool.submit(twice, second)]  # at the same time
+            ids = [request_id for future in both for request_id in future.result(timeout=60)]
+    finally:
+        first.stop()
+        second.stop()
+        upstream.stop()
+    objects = _objects(bucket)
+    documents = _valid_recordings(objects)
+    assert len(objects) == 4 and len(set(objects)) == 4
+    assert sorted(d["request"].get("sequence", 1) for d in documents) == [1, 2, 3, 4]
+    # Each file holds its own upstream answer: none was overwritten by another writer's.
+    assert sorted(d["response"]["headers"]["x-request-id"] for d in documents) == sorted(ids)
+    assert len(set(ids)) == 4
+
+
+def _llmproxy(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmproxy", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+
+
+def test_sync_round_trip_directory_bucket_directory_is_byte_identical(
+    bucket: str, aws: dict[str, str], tmp_path: Path
+) -> None:
+    source = REPO.parent / "shared" / "corpus"
+    if not source.is_dir():
+        pytest.skip(f"{source} (the shared corpus) is not on this machine")
+    original = tmp_path / "original"
+    shutil.copytree(source, original)
+    names = {p.relative_to(original): p.read_bytes() for p in files_under(original) if p.suffix == ".json"}
+    assert len(names) > 50
+
+    up = _llmproxy("sync", str(original), bucket, env=aws)
+    assert up.returncode == 0, up.stderr
+    assert f"copied {len(names)}, unchanged 0, failed 0" in up.stdout
+    assert {key.removeprefix("recordings/") for key in _objects(bucket)} == {p.as_posix() for p in names}
+
+    copy = tmp_path / "copy"
+    down = _llmproxy("sync", bucket, str(copy), env=aws)
+    assert down.returncode == 0, down.stderr
+    assert {p.relative_to(copy): p.read_bytes() for p in files_under(copy)} == names
+
+    # Only what differs moves: nothing the second time; one changed file the third.
+    again = _llmproxy("sync", str(original), bucket, env=aws)
+    assert f"copied 0, unchanged {len(names)}, failed 0" in again.stdout, again.stdout + again.stderr
+    changed = sorted(names)[0]
+    (original / changed).write_bytes(names[changed].replace(b"\n", b"\n ", 1))
+    third = _llmproxy("sync", str(original), bucket, env=aws)
+    assert f"copied 1, unchanged {len(names) - 1}, failed 0" in third.stdout, third.stdout + third.stderr
+    assert _objects(bucket)[f"recordings/{changed.as_posix()}"] == (original / changed).read_bytes()
+
+
+def test_bucket_writes_are_create_only(bucket: str, aws: dict[str, str]) -> None:
+    store = open_store(bucket)
+    try:
+        store.write(Path("openai/x.json"), {"a": 1})
+        with pytest.raises(FileExistsError):
+            store.write(Path("openai/x.json"), {"a": 2})
+        assert store.load(Path("openai/x.json")) == {"a": 1}
+    finally:
+        store.close()
+
+
+def test_watch_picks_up_files_added_to_the_directory(loop_thread: LoopThread, tmp_path: Path) -> None:
+    wire = OpenAIWire()
+    upstream = RunningApp(loop_thread, wire.app()).start()
+    elsewhere, watched = tmp_path / "elsewhere", tmp_path / "watched"
+    watched.mkdir()
+    recorder = start_proxy(loop_thread, "record", elsewhere, upstream=upstream.url)
+    replayer = start_proxy(loop_thread, "replay", watched, watch=True, refresh_seconds=0.05)
+    try:
+        answer = _ask(recorder.url, "added while running")
+        recorder.stop()
+        with pytest.raises(openai.NotFoundError):
+            _ask(replayer.url, "added while running")
+        for path in files_under(elsewhere):
+            target = watched / path.relative_to(elsewhere)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+        index = replayer.server.pipeline.index
+        wait_until(lambda: len(index) == 1, "the copied file in the index")
+        assert _ask(replayer.url, "added while running") == answer
+    finally:
+        replayer.stop()
+        upstream.stop()
+    assert len(wire.requests) == 1
+
+
+@pytest.mark.parametrize("ui", [False, True], ids=["no-ui", "with-ui"])
+def test_health_endpoint_answers_before_routing_and_the_token(
+    loop_thread: LoopThread, tmp_path: Path, ui: bool
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    # The recordings page's sub-app lives under the same /_llmproxy/ prefix: health still answers.
+    proxy = start_proxy(loop_thread, "replay", tmp_path, token="proxy-token-123", allow_empty=True, ui=ui)
+    try:
+        with urllib.request.urlopen(proxy.url + "/_llmproxy/health", timeout=10) as response:
+            assert response.status == 200
+            assert orjson.loads(response.read()) == {"status": "ok", "mode": "replay", "recordings": 0}
+        request = urllib.request.Request(proxy.url + "/v1/models")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401  # everything else still needs the token
+    finally:
+        proxy.stop()
+
+
+def _ask_in(url: str, prompt: str, scope: str | None) -> str:
+    """The upstream's request id of an answer asked in `scope` (x-llmproxy-scope)."""
+    headers = {"x-llmproxy-scope": scope} if scope else {}
+    raw = _client(url).chat.completions.with_raw_response.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": prompt}],  # type: ignore[list-item]
+        extra_headers=headers,
+    )
+    return raw.headers["x-request-id"]
+
+
+def test_scoped_recordings_go_under_their_scope_in_the_bucket_and_replay_per_scope(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str]
+) -> None:
+    wire = OpenAIWire()
+    upstream = RunningApp(loop_thread, wire.app()).start()
+    scope = "tests/test_app.py::test_one"
+    recorder = _proxy("record", bucket, upstream.url, aws)
+    try:
+        recorded = [_ask_in(recorder.url, "scoped", scope) for _ in range(2)] + [_ask_in(recorder.url, "scoped", None)]
+    finally:
+        recorder.stop()
+    objects = _objects(bucket)
+    prefix = bucket.removeprefix("s3://").partition("/")[2] + "/"
+    names = sorted(name.removeprefix(prefix) for name in objects)
+    assert len(names) == 3
+    scoped = [name for name in names if name.startswith("tests/test_app/test_one/openai/")]
+    assert len(scoped) == 2 and any(name.endswith("-2.json") for name in scoped)  # repeats within the scope
+    shared = [name for name in names if name.startswith("openai/")]
+    assert len(shared) == 1 and not shared[0].endswith("-2.json")  # the scope's repeats are its own
+    for name, data in objects.items():
+        document = orjson.loads(data)
+        assert document["request"].get("scope") == (scope if "/tests/" in name else None)
+
+    replayer = _proxy("replay", bucket, "http://127.0.0.1:9", aws)
+    try:
+        # Requests are served while the bucket loads, and a key's -2 file sorts before its first:
+        # asked mid-load, repeat 2 could answer first. Loaded, the order is the recorded one.
+        replayer.wait_for_event("recordings loaded")
+        replayed = [_ask_in(replayer.url, "scoped", scope) for _ in range(2)] + [_ask_in(replayer.url, "scoped", None)]
+    finally:
+        replayer.stop()
+        upstream.stop()
+    assert replayed == recorded
+    assert len(wire.requests) == 3  # replay never went upstream
