@@ -7,8 +7,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from llmproxy.store.directory import RecordingStore
 from llmproxy.store.index import RecordingIndex
 from llmproxy.upstream.singleflight import InFlight, Lock
 from tests.providers_support import normalise_json_whitespace, write_config
-from tests.support import REPO, CliProxy, LoopThread, RunningApp, files_under, sse_data, start_proxy
+from tests.support import REPO, CliProxy, LoopThread, RunningApp, files_under, sse_data, start_proxy, wait_until
 from tests.upstreams.openai_wire import OpenAIWire
 
 
@@ -113,13 +111,6 @@ class HeldStream:
         return response
 
 
-def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def _leave_after(
     loop_thread: LoopThread, url: str, body: dict[str, Any], marker: bytes, headers: dict[str, str]
 ) -> bytes:
@@ -153,10 +144,10 @@ def _record_with_early_leaver(
             headers = {"anthropic-version": "2023-06-01"} if provider == "anthropic" else {}
             received = _leave_after(loop_thread, proxy.url + url_path, body, marker, headers)
             # The proxy has seen its client go, and the upstream has not finished yet.
-            _wait_until(lambda: proxy.server.pipeline.serving == 0, "the proxy to notice the client left")
+            wait_until(lambda: proxy.server.pipeline.serving == 0, "the proxy to notice the client left")
             assert upstream.requests == 1 and not files_under(recordings)
             loop_thread.loop.call_soon_threadsafe(upstream.release.set)
-            _wait_until(lambda: bool(files_under(recordings)), "the recording")
+            wait_until(lambda: bool(files_under(recordings)), "the recording")
     finally:
         proxy.stop()
         app.stop()
@@ -279,7 +270,7 @@ def test_discard_closes_a_silent_upstream_when_the_client_leaves(loop_thread: Lo
             with structlog.testing.capture_logs() as logs:
                 _leave_while_silent(loop_thread, proxy.url, upstream, stream)
                 outcome = proxy.server.pipeline.outcome
-                _wait_until(lambda: outcome.not_recorded == 1, "the exchange to be counted")  # noqa: B023
+                wait_until(lambda: outcome.not_recorded == 1, "the exchange to be counted")  # noqa: B023
         finally:
             proxy.stop()
             app.stop()
@@ -316,10 +307,10 @@ def test_a_client_leaving_a_non_streamed_call_in_flight_keeps_the_recording_and_
 
     try:
         loop_thread.run(leave())
-        _wait_until(lambda: proxy.server.pipeline.serving == 0, "the proxy to notice the client left")
+        wait_until(lambda: proxy.server.pipeline.serving == 0, "the proxy to notice the client left")
         loop_thread.loop.call_soon_threadsafe(release.set)
-        _wait_until(lambda: bool(files_under(tmp_path)), "the recording")
-        _wait_until(lambda: not proxy.server.pipeline._locks, "the lock to be released")
+        wait_until(lambda: bool(files_under(tmp_path)), "the recording")
+        wait_until(lambda: not proxy.server.pipeline._locks, "the lock to be released")
     finally:
         proxy.stop()
         app.stop()
@@ -362,7 +353,7 @@ def test_a_response_over_max_recording_mb_streams_to_the_client_but_is_not_recor
     try:
         with structlog.testing.capture_logs() as logs:
             received = loop_thread.run(fetch())
-            _wait_until(lambda: proxy.server.pipeline.outcome.not_recorded == 1, "the exchange to be counted")
+            wait_until(lambda: proxy.server.pipeline.outcome.not_recorded == 1, "the exchange to be counted")
     finally:
         proxy.stop()
     app.stop()

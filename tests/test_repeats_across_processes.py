@@ -4,14 +4,13 @@ workers sampling the same prompt) each record the same request once: two files, 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import openai
 import orjson
 
 from llmproxy.store.directory import RecordingStore
-from tests.support import CliProxy, LoopThread, RunningApp, files_under, start_proxy
+from tests.support import CliProxy, LoopThread, RunningApp, files_under, start_proxy, wait_until
 from tests.upstreams.openai_wire import OpenAIWire
 
 MESSAGES = [{"role": "user", "content": "sample me twice"}]
@@ -26,13 +25,11 @@ def _ask(url: str) -> str:
 
 def _wait_for_files(directory: Path, count: int, timeout: float = 20) -> list[Path]:
     # The recording is written after the client was answered: wait for the file itself.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [p for p in files_under(directory) if p.suffix == ".json"] if directory.exists() else []
-        if len(found) >= count:
-            return found
-        time.sleep(0.01)
-    raise AssertionError(f"expected {count} recordings under {directory}")
+    def found() -> list[Path]:
+        return [p for p in files_under(directory) if p.suffix == ".json"] if directory.exists() else []
+
+    wait_until(lambda: len(found()) >= count, f"{count} recordings under {directory}", timeout)
+    return found()
 
 
 def test_two_record_processes_same_request_one_after_the_other_write_two_files(
