@@ -53,6 +53,10 @@ def _click_option(option: Option, command: str) -> Callable[[Callable[..., Any]]
         kwargs["type"] = click.IntRange(0, 65535)
     elif option.key in _PATH_TYPES:
         kwargs["type"] = _PATH_TYPES[option.key]
+    elif option.kind in (int, (int, float), float):
+        # Numbers from the command line and LLMPROXY_* come in as text: click converts them
+        # (and refuses what is not one, naming the flag).
+        kwargs["type"] = click.INT if option.kind is int else click.FLOAT
     if option.metavar:
         kwargs["metavar"] = option.metavar
     return click.option(option.flag, name, **kwargs)

@@ -8,6 +8,7 @@ import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ log = structlog.get_logger("llmproxy.playback")
 
 # Realtime pacing trusts the file's timing only this far: a pause is at most this long.
 MAX_PAUSE_MS = 60_000.0
+READ_THREADS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,13 @@ class Playback:
         self.refresh_seconds: float | None = None
         self.own_files: Collection[str] = ()
         self._refreshing: asyncio.Task[None] | None = None
+        # Hinted loads in flight, by key prefix: a second request for the same key waits for
+        # the first's instead of finding its files taken but not indexed yet.
+        self._hinting: dict[str, asyncio.Future[int]] = {}
+        # Reads a request waits for (its hinted files, a body read for its first replay): threads
+        # of their own, mostly waiting on storage, so a slow bucket never fills the loop's
+        # default executor (which the loader and the writer use too).
+        self._reads = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="llmproxy-read")
 
     async def start(self) -> None:
         """Load the store in a worker thread; requests are served while it loads."""
@@ -174,12 +183,44 @@ class Playback:
             return (scope, key), entries
         return (None, key), self.index.get(key)
 
+    def _still_loading(self) -> bool:
+        return self._loading is not None and not self._loading.done()
+
+    async def _load_hinted(self, key: str) -> int:
+        """While loading: have this key's files (known by their names) read first. Returns
+        how many files are named for it."""
+        prefix = key[:16]
+        pending = self._hinting.get(prefix)
+        if pending is None:
+            if not self._still_loading():
+                return 0
+            pending = asyncio.get_running_loop().run_in_executor(self._reads, self.index.load_hinted, key)
+            self._hinting[prefix] = pending
+            pending.add_done_callback(lambda _: self._hinting.pop(prefix, None))
+        try:
+            return await asyncio.shield(pending)
+        except Exception as exc:  # noqa: BLE001 - the full load still finds them
+            log.warning("hinted load failed; waiting for the full load", key=prefix, reason=str(exc))
+            return 0
+
+    def _settled(self, call: Call, group: Group, entries: list[Entry]) -> bool:
+        """What is indexed so far answers this call as the whole store would: its own scope's
+        recordings, with the repeat it needs next in recorded order (a later one may have been
+        loaded first)."""
+        if not entries or group[0] != call.scope:
+            return False
+        served = self._served.get(group, 0)
+        return served < len(entries) and entries[served].sequence <= served + 1
+
     async def lookup(self, call: Call) -> Lookup:
         """The recording that answers this call (None: nothing recorded for it)."""
+        named = await self._load_hinted(call.canonical.key)
         group, entries = self._entries(call)
-        while (not entries or group[0] != call.scope) and self._loading is not None and not self._loading.done():
-            # Perhaps not loaded yet (or only the shared one so far): look again as the index
-            # grows, until loading ends.
+        # Files named for the key were all read: what was found is the answer (only a miss
+        # waits for the rest, which may hold the key under another name).
+        while self._still_loading() and not (entries and named) and not self._settled(call, group, entries):
+            # Perhaps not loaded yet (or only the shared one, or a later repeat, so far): look
+            # again as the index grows, until loading ends.
             await asyncio.wait([self._loading], timeout=0.02)
             group, entries = self._entries(call)
         if not entries:
@@ -193,7 +234,7 @@ class Playback:
         rendered = self.index.cache.get(entry)
         if rendered is None:
             try:
-                rendered = await asyncio.get_running_loop().run_in_executor(None, self.index.rendered, entry)
+                rendered = await asyncio.get_running_loop().run_in_executor(self._reads, self.index.rendered, entry)
             except LlmproxyError as exc:
                 log.error("recording cannot be replayed", file=str(entry.source), reason=str(exc))
                 return Unreadable(entry, str(exc))

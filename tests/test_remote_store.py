@@ -435,3 +435,222 @@ def test_scoped_recordings_go_under_their_scope_in_the_bucket_and_replay_per_sco
         upstream.stop()
     assert replayed == recorded
     assert len(wire.requests) == 3  # replay never went upstream
+
+
+class GatedS3:
+    """moto behind a gate: object reads wait until the gate opens, except reads of files whose
+    name carries `passes` (a slow bucket whose full load stalls, with one key's files at hand)."""
+
+    def __init__(self, loop_thread: LoopThread, target: str, passes: str) -> None:
+        import aiohttp
+        from aiohttp import web
+
+        self.loop_thread, self.target, self.passes = loop_thread, target, passes
+        self.held = 0
+        self.opened: asyncio.Event = loop_thread.run(self._event())
+        self._session: aiohttp.ClientSession | None = None
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.app = RunningApp(loop_thread, app).start()
+
+    @staticmethod
+    async def _event() -> asyncio.Event:
+        return asyncio.Event()
+
+    async def handle(self, request: Any) -> Any:
+        import aiohttp
+        from aiohttp import web
+
+        is_object_read = request.method == "GET" and request.path.count("/") >= 3
+        if is_object_read and self.passes not in request.path:
+            self.held += 1
+            await self.opened.wait()
+        if self._session is None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+        hop = {"content-length", "transfer-encoding", "connection"}
+        headers = {name: value for name, value in request.headers.items() if name.lower() not in hop}
+        async with self._session.request(
+            request.method, self.target + request.path_qs, headers=headers, data=await request.read()
+        ) as answer:
+            body = await answer.read()
+            kept = {name: value for name, value in answer.headers.items() if name.lower() not in hop}
+            return web.Response(status=answer.status, body=body, headers=kept)
+
+    def open(self) -> None:
+        self.loop_thread.loop.call_soon_threadsafe(self.opened.set)
+
+    def stop(self) -> None:
+        self.open()
+
+        async def close() -> None:
+            if self._session is not None:
+                await self._session.close()
+
+        self.loop_thread.run(close())
+        self.app.stop()
+
+
+def _health(url: str) -> tuple[int, dict[str, Any]]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/_llmproxy/health", timeout=10) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, orjson.loads(refused.read())
+
+
+def test_a_request_is_answered_from_the_files_named_for_it_while_the_bucket_still_loads(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str]
+) -> None:
+    import boto3
+
+    wire = OpenAIWire()
+    upstream = RunningApp(loop_thread, wire.app()).start()
+    recorder = _proxy("record", bucket, upstream.url, aws)
+    try:
+        first, second = _ask(recorder.url, "wanted"), _ask(recorder.url, "wanted")
+        other = _ask(recorder.url, "another prompt")
+    finally:
+        recorder.stop()
+    assert first[1] != second[1]  # two upstream answers: repeats 1 and 2
+    names = list(_objects(bucket))
+    repeat = next(name for name in names if name.endswith("-2.json"))
+    key16 = repeat.removesuffix("-2.json").rsplit("-", 1)[1]
+    other_name = next(name for name in names if key16 not in name)
+    # A copy of the other recording under a name without a key, sorted first: the full load
+    # stalls on it, and only reading it tells what it holds.
+    name, _, prefix = bucket.removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3")
+    s3.copy_object(Bucket=name, Key=f"{prefix}/openai/0000-first.json", CopySource={"Bucket": name, "Key": other_name})
+    s3.delete_object(Bucket=name, Key=other_name)
+
+    gate = GatedS3(loop_thread, aws["AWS_ENDPOINT_URL"], passes=key16)
+    replay = _proxy("replay", bucket, upstream.url, {**aws, "AWS_ENDPOINT_URL": gate.app.url})
+    try:
+        impatient = openai.OpenAI(base_url=replay.url + "/v1", api_key="sk-test", max_retries=0, timeout=20)
+
+        def ask(prompt: str) -> tuple[str, str]:
+            raw = impatient.chat.completions.with_raw_response.create(
+                model="gpt-4o",
+                messages=[{"role": "user", "content": prompt}],  # type: ignore[list-item]
+            )
+            return raw.parse().choices[0].message.content or "", raw.headers["x-request-id"]
+
+        # Repeats in recorded order, though `-2.json` sorts before `.json`.
+        assert ask("wanted") == first
+        assert ask("wanted") == second
+        # Answered while the bucket was still loading: reads of other files are held.
+        assert gate.held >= 1
+        assert _health(replay.url) == (503, {"status": "loading", "mode": "replay", "recordings": 2})
+        gate.open()
+        wait_until(lambda: _health(replay.url)[0] == 200, "the full load")
+        assert ask("another prompt") == other
+        assert len(wire.requests) == 3  # only the recording run went upstream
+    finally:
+        replay.stop()
+        gate.stop()
+        upstream.stop()
+
+
+COMPOSE = REPO / "docs" / "deploy" / "compose.yaml"
+
+
+def _compose_replica(service: dict[str, Any], services: dict[str, str]) -> tuple[list[str], dict[str, str], str]:
+    """The llmproxy command line and environment a compose replica runs, with the compose
+    network's host names pointed at the services this test started, and what pip installs."""
+    import shlex
+
+    shell = shlex.split(service["command"])
+    assert shell[:2] == ["sh", "-c"], shell
+    install, _, run = shell[2].partition("&&")
+    run_args = shlex.split(run.replace("$${", "${"))
+    assert run_args[:2] == ["exec", "llmproxy"], run_args
+    environment = {name: str(value) for name, value in service["environment"].items()}
+    args = [os.path.expandvars(arg) if arg.startswith("${") else arg for arg in run_args[2:]]
+    for name, value in list(environment.items()):
+        for host, address in services.items():
+            value = value.replace(host, address)
+        environment[name] = value
+    args = [arg.replace("redis://redis:6379", services["redis:6379"]) for arg in args]
+    return args, environment, install
+
+
+def test_the_compose_deployment_runs_two_replicas_on_one_bucket_and_one_redis(
+    loop_thread: LoopThread, s3_server: dict[str, str], redis_server: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/deploy/compose.yaml, run without Docker: each replica's own command and environment,
+    with minio and redis replaced by moto and redis-server on 127.0.0.1."""
+    import tomllib
+
+    import boto3
+    import yaml
+
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert {"proxy-a", "proxy-b", "minio", "redis"} <= set(services)
+    bucket_setup = services["minio-bucket"]["entrypoint"]
+    bucket_name = bucket_setup.split("mc mb --ignore-existing local/")[1].split()[0].strip('"')
+    moto = s3_server["AWS_ENDPOINT_URL"]
+    boto3.client("s3", endpoint_url=moto, **_aws_keys(s3_server)).create_bucket(Bucket=bucket_name)
+    hosts = {"http://minio:9000": moto, "redis:6379": f"redis://127.0.0.1:{redis_server.port}"}
+
+    wire = OpenAIWire()
+    upstream = RunningApp(loop_thread, wire.app()).start()
+    replicas: list[CliProxy] = []
+    try:
+        for name in ("proxy-a", "proxy-b"):
+            args, environment, install = _compose_replica(services[name], hosts)
+            extras = install.split("[")[1].split("]")[0].split(",")
+            declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+            assert set(extras) <= set(declared), extras
+            monkeypatch.setenv("LLMPROXY_TOKEN", environment["LLMPROXY_TOKEN"])
+            args = [*_expanded(args), "--upstream", upstream.url]
+            # Tests bind 127.0.0.1 and an ephemeral port (compose maps each replica's 8765).
+            args[args.index("--host") + 1] = "127.0.0.1"
+            args[args.index("--port") + 1] = "0"
+            args.remove("--log-json")  # CliProxy adds it
+            replicas.append(CliProxy(*args, env={**environment, "AWS_ENDPOINT_URL": moto}))
+        a, b = replicas
+        token = {"x-llmproxy-token": services["proxy-a"]["environment"]["LLMPROXY_TOKEN"]}
+        for replica in replicas:
+            # Each replica's compose healthcheck, pointed at its port.
+            check = services["proxy-a"]["healthcheck"]["test"]
+            script = check[-1].replace("8765", str(replica.port))
+
+            def healthy(script: str = script) -> bool:
+                return subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 0
+
+            wait_until(healthy, "the compose healthcheck to pass")
+
+        def ask(replica: CliProxy) -> tuple[str, str]:
+            client = openai.OpenAI(
+                base_url=replica.url + "/v1", api_key="sk-test", max_retries=0, timeout=30, default_headers=token
+            )
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o",
+                messages=[{"role": "user", "content": "through the compose deployment"}],  # type: ignore[list-item]
+            )
+            return raw.parse().choices[0].message.content or "", raw.headers["x-request-id"]
+
+        recorded = ask(a)
+        # B misses, takes the call's lock and finds A's recording in the bucket: no second call.
+        assert ask(b) == recorded
+        assert len(wire.requests) == 1
+    finally:
+        for replica in replicas:
+            replica.stop()
+        upstream.stop()
+
+
+def _aws_keys(env: dict[str, str]) -> dict[str, str]:
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_DEFAULT_REGION"],
+    }
+
+
+def _expanded(args: list[str]) -> list[str]:
+    return [os.path.expandvars(arg) for arg in args]

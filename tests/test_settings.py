@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -147,6 +148,31 @@ def test_start_up_refuses_what_cannot_work_in_one_line(
     )
     assert result.returncode == 2
     assert expected in _one_line(result)
+
+
+NUMBER_FLAGS = [option for option in OPTIONS if option.flag and option.kind in (int, float, (int, float))]
+
+
+@pytest.mark.parametrize("option", NUMBER_FLAGS, ids=lambda option: option.flag)
+def test_number_options_are_taken_from_the_command_line_and_the_environment(tmp_path: Path, option: Any) -> None:
+    assert option.flag and option.env
+    (tmp_path / "recordings").mkdir()
+    value = (
+        "0"
+        if option.key == "port"
+        else "2.5"
+        if float in (option.kind if isinstance(option.kind, tuple) else ())
+        else "3"
+    )
+    command = "replay" if not option.commands or "replay" in option.commands else "record"
+    base = [command, "--recordings", str(tmp_path / "recordings")]
+    port = [] if option.key == "port" else ["--port", "0"]
+    for args, env in ((base + port + [option.flag, value], {}), (base + port, {option.env: value})):
+        proxy = CliProxy(*args, cwd=tmp_path, env=env)
+        proxy.stop()
+    refused = llmproxy(*base, *port, option.flag, "many", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert option.flag in refused.stderr and "'many'" in refused.stderr
 
 
 def test_run_takes_the_serving_options_honours_port_and_names_itself_in_a_miss(tmp_path: Path) -> None:

@@ -35,9 +35,10 @@ class Store(Protocol):
         """A recording file's JSON, bounded (StoreError says why not)."""
         ...
 
-    def load_many(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Any]]:
+    def load_many(self, paths: Iterable[Path], *, urgent: bool = False) -> Iterator[tuple[Path, Any]]:
         """(path, JSON or the StoreError it raised) for each path, in order; a remote store
-        reads them concurrently."""
+        reads them concurrently. `urgent`: a request waits for these (a lane of their own,
+        not queued behind a bulk load)."""
         ...
 
     def read_bytes(self, path: Path) -> bytes:

@@ -113,7 +113,7 @@ class RecordingStore:
     def location(self) -> str:
         return str(self.root)
 
-    def load_many(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Any]]:
+    def load_many(self, paths: Iterable[Path], *, urgent: bool = False) -> Iterator[tuple[Path, Any]]:
         for path in paths:
             try:
                 yield path, self.load(path)

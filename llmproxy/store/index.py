@@ -2,6 +2,10 @@
 
 A recording's key is computed from its stored request with today's routes and rules, never
 read from its file name, so renamed files, other recorders' files and rule changes all work.
+Names serve only as hints while loading: llmproxy's names end in the key's first 16 hex digits,
+so a request that arrives before its files were read has them read first (a bucket of 10,000
+files answers in the time of one listing, not of 10,000 reads); what it serves is still keyed
+from the files' contents.
 
 The index keeps, per recording, only what identifies it (its canonical request) and where it
 lives. Response bodies are read when first replayed and kept, framed, in a cache bounded in
@@ -226,8 +230,15 @@ class RecordingIndex:
         self.compared = 0
         self.problems: list[LoadProblem] = []
         self.loaded = threading.Event()
+        self.listed = threading.Event()  # the first listing is done: names can be hinted
         self._stop_loading = threading.Event()
         self._seen: set[str] = set()  # files already read (indexed or skipped)
+        # While loading: files by the key prefix in their name, and the files already taken by
+        # the loader or by a request's hinted load (each file is indexed once).
+        self._hints: dict[str, list[Path]] = {}
+        self._claimed: set[str] = set()
+        self._claim_lock = threading.Lock()
+        self._loading_from: Store | None = None
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._entries.values())
@@ -254,7 +265,10 @@ class RecordingIndex:
         for group in [group for group in list(self._entries) if group[0] == scope]:
             entries = self._entries.pop(group)
             # Their names may be written again (and found again by refresh or --watch).
-            self._seen.difference_update(str(entry.source) for entry in entries if entry.source is not None)
+            sources = [str(entry.source) for entry in entries if entry.source is not None]
+            self._seen.difference_update(sources)
+            with self._claim_lock:
+                self._claimed.difference_update(sources)
             endpoint = (entries[0].canonical.route, entries[0].canonical.path)
             self._by_endpoint[endpoint] = [other for other in self._by_endpoint.get(endpoint, []) if other != group]
 
@@ -316,6 +330,7 @@ class RecordingIndex:
         try:
             self.load_new(store)
         finally:
+            self.listed.set()
             self.loaded.set()
 
     def load_new(self, store: Store, skip: Collection[str] = ()) -> int:
@@ -325,21 +340,64 @@ class RecordingIndex:
         self._seen.update(str(path) for path in fresh)
         remote = store if not isinstance(store, RecordingStore) else None
         self.max_file_bytes = store.max_file_bytes
+        with self._claim_lock:
+            for path in fresh:
+                hint = _KEY_IN_NAME.search(path.name)
+                if hint is not None:
+                    self._hints.setdefault(hint.group(1), []).append(path)
+            self._loading_from = store
+        self.listed.set()
         added = 0
-        for path, document in store.load_many(fresh):
-            if self._stop_loading.is_set():
-                break
-            try:
-                if isinstance(document, Exception):
-                    raise document
-                entry = self.add(from_document(document, self.provider_for), path, check=True)
-                entry.store = remote
-                added += 1
-            except Exception as exc:  # noqa: BLE001 - one bad file never stops the others loading
-                reason = str(exc) if isinstance(exc, LlmproxyError) else _describe(exc)
-                self.problems.append(LoadProblem(path, reason))
-                log.warning("recording skipped", path=str(path), reason=reason)
+        try:
+            for path, document in store.load_many(fresh):
+                if self._stop_loading.is_set():
+                    break
+                with self._claim_lock:
+                    # Claimed and indexed under one lock: a hinted load never sees a file taken
+                    # but not yet indexed.
+                    if str(path) in self._claimed:
+                        continue
+                    self._claimed.add(str(path))
+                    added += self._index(path, document, remote)
+        finally:
+            with self._claim_lock:
+                self._hints.clear()
+                self._claimed.clear()
+                self._loading_from = None
         return added
+
+    def load_hinted(self, key: str) -> int:
+        """While loading: read and index now the files whose names carry `key`'s prefix, ahead
+        of the others. Returns how many files are named for it (0: none, or not loading). Once
+        it returns, every such file is indexed, except those another hinted load of the same
+        key is still reading (the caller serialises calls per key)."""
+        self.listed.wait()  # set once the names are known, or loading failed
+        with self._claim_lock:
+            store = self._loading_from
+            named = self._hints.get(key[:16], [])
+            wanted = [path for path in named if str(path) not in self._claimed]
+            self._claimed.update(str(path) for path in wanted)
+        if store is None or not named:
+            return 0
+        remote = store if not isinstance(store, RecordingStore) else None
+        for path, document in store.load_many(wanted, urgent=True):
+            with self._claim_lock:
+                self._index(path, document, remote)
+        return len(named)
+
+    def _index(self, path: Path, document: Any, remote: Store | None) -> int:
+        """Index one loaded file (1), or record why it cannot be served (0)."""
+        try:
+            if isinstance(document, Exception):
+                raise document
+            entry = self.add(from_document(document, self.provider_for), path, check=True)
+            entry.store = remote
+            return 1
+        except Exception as exc:  # noqa: BLE001 - one bad file never stops the others loading
+            reason = str(exc) if isinstance(exc, LlmproxyError) else _describe(exc)
+            self.problems.append(LoadProblem(path, reason))
+            log.warning("recording skipped", path=str(path), reason=reason)
+            return 0
 
     def rendered(self, entry: Entry) -> Rendered:
         """The entry's framed response, from the cache or read and framed now (blocking I/O:
@@ -374,6 +432,8 @@ class RecordingIndex:
 
 
 NEAREST_CANDIDATES = 1000
+# llmproxy's file names end in the request key's first 16 hex digits and the repeat number.
+_KEY_IN_NAME = re.compile(r"-([0-9a-f]{16})(?:-\d+)?\.json$")
 NEAREST_TEXT_BYTES = 16 * 1024
 
 

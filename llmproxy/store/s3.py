@@ -26,7 +26,7 @@ import threading
 from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -42,11 +42,20 @@ from llmproxy.store.directory import (
 )
 
 T = TypeVar("T")
+# Which limit a read waits for: a request waiting on it, the loader, anything else (sync).
+Lane = Literal["urgent", "load", "plain"]
 
 # Reads in flight at once (loading, sync): a local server answers 10,000 files in seconds.
 DEFAULT_CONCURRENCY = 64
 # Loading holds at most this many read-ahead documents (memory stays bounded).
 READ_AHEAD = 256
+# Reads a waiting request needs (its own recordings, while the bucket loads): a lane of their
+# own, and the bulk load holds back while any is in flight, so they never queue behind it at
+# the service. The bulk load itself is bound by the client's CPU (botocore signs and parses
+# each request, ~4.6 ms here), not by round trips: a few reads at once keep it busy.
+URGENT_CONCURRENCY = 16
+LOAD_CONCURRENCY = 16
+URGENT_HOLDS_LOAD = 0.25  # seconds a bulk read waits for urgent ones at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +94,10 @@ class S3Store:
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._semaphore: asyncio.Semaphore | None = None
+        self._urgent: asyncio.Semaphore | None = None
+        self._loading: asyncio.Semaphore | None = None
+        self._urgent_in_flight = 0
+        self._no_urgent: asyncio.Event | None = None
         self._start_lock = threading.Lock()
 
     @property
@@ -116,7 +129,7 @@ class S3Store:
 
         custom_endpoint = bool(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
         config = AioConfig(
-            max_pool_connections=self.concurrency,
+            max_pool_connections=self.concurrency + URGENT_CONCURRENCY,
             retries={"max_attempts": 3, "mode": "standard"},
             # Self-hosted services (MinIO, SeaweedFS, moto) seldom have wildcard DNS for buckets.
             s3={"addressing_style": "path" if custom_endpoint else "auto"},
@@ -124,6 +137,10 @@ class S3Store:
         self._stack = contextlib.AsyncExitStack()
         self._client = await self._stack.enter_async_context(get_session().create_client("s3", config=config))
         self._semaphore = asyncio.Semaphore(self.concurrency)
+        self._urgent = asyncio.Semaphore(URGENT_CONCURRENCY)
+        self._loading = asyncio.Semaphore(LOAD_CONCURRENCY)
+        self._no_urgent = asyncio.Event()
+        self._no_urgent.set()
 
     def close(self) -> None:
         if self._loop is None:
@@ -200,18 +217,38 @@ class S3Store:
 
     # -- reading ----------------------------------------------------------------------------
 
-    async def _get(self, relative: Path | PurePosixPath) -> bytes:
-        assert self._semaphore is not None
-        async with self._semaphore:
+    async def _get(self, relative: Path | PurePosixPath, *, lane: Lane = "plain") -> bytes:
+        assert self._semaphore is not None and self._urgent is not None and self._loading is not None
+        assert self._no_urgent is not None
+        if lane == "urgent":
+            self._urgent_in_flight += 1
+            self._no_urgent.clear()
             try:
-                response = await self._client.get_object(Bucket=self.bucket, Key=self._key(relative))
-            except Exception as exc:  # noqa: BLE001
-                raise StoreError(f"cannot read: {_describe(exc)}") from None
-            async with response["Body"] as body:
-                size = int(response.get("ContentLength") or 0)
-                if size > self.max_file_bytes:
-                    raise StoreError(f"file is {size} bytes, over the {self.max_file_bytes} byte limit (max_file_mb)")
-                data = await body.read()
+                async with self._urgent:
+                    return await self._fetch(relative)
+            finally:
+                self._urgent_in_flight -= 1
+                if not self._urgent_in_flight:
+                    self._no_urgent.set()
+        if lane == "load":
+            async with self._loading:
+                # Bounded: steady first-time hits must not starve the load a miss waits for.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._no_urgent.wait(), URGENT_HOLDS_LOAD)
+                return await self._fetch(relative)
+        async with self._semaphore:
+            return await self._fetch(relative)
+
+    async def _fetch(self, relative: Path | PurePosixPath) -> bytes:
+        try:
+            response = await self._client.get_object(Bucket=self.bucket, Key=self._key(relative))
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"cannot read: {_describe(exc)}") from None
+        async with response["Body"] as body:
+            size = int(response.get("ContentLength") or 0)
+            if size > self.max_file_bytes:
+                raise StoreError(f"file is {size} bytes, over the {self.max_file_bytes} byte limit (max_file_mb)")
+            data = await body.read()
         if len(data) > self.max_file_bytes:
             raise StoreError(f"file is over the {self.max_file_bytes} byte limit (max_file_mb)")
         return data
@@ -220,16 +257,17 @@ class S3Store:
         return self._run(self._get(path))
 
     def load(self, path: Path) -> Any:
-        return parse_document(self.read_bytes(path))
+        # One file read on demand (a recording replayed for the first time): a request waits.
+        return parse_document(self._run(self._get(path, lane="urgent")))
 
-    def load_many(self, paths: Iterable[Path]) -> Iterator[tuple[Path, Any]]:
+    def load_many(self, paths: Iterable[Path], *, urgent: bool = False) -> Iterator[tuple[Path, Any]]:
         """Read concurrently (up to `concurrency` requests), hand back in order, at most
         READ_AHEAD documents ahead of the consumer."""
         loop = self._started()
 
         async def one(path: Path) -> Any:
             try:
-                return parse_document(await self._get(path))
+                return parse_document(await self._get(path, lane="urgent" if urgent else "load"))
             except StoreError as exc:
                 return exc
 
