@@ -140,14 +140,19 @@ HEALTH_PATH = UI_PREFIX + "/health"
 @web.middleware
 async def health_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """For load balancers and orchestrators: answered before the token check and routing (it
-    says nothing secret), 503 until the recordings are loaded."""
+    says nothing secret). 503 `starting` until the recordings are listed; then 200: `loading`
+    while their files are read (a recorded request is answered at once, its files read first;
+    a request without one waits for the rest), `ok` once every file is indexed."""
     if request.path != HEALTH_PATH or request.method not in ("GET", "HEAD"):
         return await handler(request)
     pipeline = request.app[PIPELINE]
     index = pipeline.index
-    ready = index is None or index.loaded.is_set()
-    body = {"status": "ok" if ready else "loading", "mode": pipeline.name, "recordings": len(index or ())}
-    return web.json_response(body, status=200 if ready else 503)
+    if index is None or index.loaded.is_set():
+        status = "ok"
+    else:
+        status = "loading" if index.listed.is_set() else "starting"
+    body = {"status": status, "mode": pipeline.name, "recordings": len(index or ())}
+    return web.json_response(body, status=503 if status == "starting" else 200)
 
 
 @web.middleware

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import orjson
 import pytest
@@ -442,12 +443,12 @@ class GatedS3:
     name carries `passes` (a slow bucket whose full load stalls, with one key's files at hand)."""
 
     def __init__(self, loop_thread: LoopThread, target: str, passes: str) -> None:
-        import aiohttp
         from aiohttp import web
 
         self.loop_thread, self.target, self.passes = loop_thread, target, passes
         self.held = 0
         self.opened: asyncio.Event = loop_thread.run(self._event())
+        self.listing_opened: asyncio.Event = loop_thread.run(self._event())
         self._session: aiohttp.ClientSession | None = None
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self.handle)
@@ -458,13 +459,14 @@ class GatedS3:
         return asyncio.Event()
 
     async def handle(self, request: Any) -> Any:
-        import aiohttp
         from aiohttp import web
 
         is_object_read = request.method == "GET" and request.path.count("/") >= 3
         if is_object_read and self.passes not in request.path:
             self.held += 1
             await self.opened.wait()
+        elif request.method == "GET" and "list-type" in request.query:
+            await self.listing_opened.wait()
         if self._session is None:
             self._session = aiohttp.ClientSession(auto_decompress=False)
         hop = {"content-length", "transfer-encoding", "connection"}
@@ -479,8 +481,12 @@ class GatedS3:
     def open(self) -> None:
         self.loop_thread.loop.call_soon_threadsafe(self.opened.set)
 
+    def open_listing(self) -> None:
+        self.loop_thread.loop.call_soon_threadsafe(self.listing_opened.set)
+
     def stop(self) -> None:
         self.open()
+        self.open_listing()
 
         async def close() -> None:
             if self._session is not None:
@@ -538,14 +544,17 @@ def test_a_request_is_answered_from_the_files_named_for_it_while_the_bucket_stil
             )
             return raw.parse().choices[0].message.content or "", raw.headers["x-request-id"]
 
+        # Until the bucket is listed, a load balancer is told to wait.
+        assert _health(replay.url) == (503, {"status": "starting", "mode": "replay", "recordings": 0})
+        gate.open_listing()
         # Repeats in recorded order, though `-2.json` sorts before `.json`.
         assert ask("wanted") == first
         assert ask("wanted") == second
         # Answered while the bucket was still loading: reads of other files are held.
         assert gate.held >= 1
-        assert _health(replay.url) == (503, {"status": "loading", "mode": "replay", "recordings": 2})
+        assert _health(replay.url) == (200, {"status": "loading", "mode": "replay", "recordings": 2})
         gate.open()
-        wait_until(lambda: _health(replay.url)[0] == 200, "the full load")
+        wait_until(lambda: _health(replay.url)[1]["status"] == "ok", "the full load")
         assert ask("another prompt") == other
         assert len(wire.requests) == 3  # only the recording run went upstream
     finally:
