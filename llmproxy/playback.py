@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
 from collections.abc import AsyncIterator, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -100,6 +102,7 @@ class Playback:
     async def start(self) -> None:
         """Load the store in a worker thread; requests are served while it loads."""
         if self.store is not None:
+            self.index.begin_loading(self.store)
             self._loading = asyncio.get_running_loop().run_in_executor(None, self._load, self.store)
             if self.refresh_seconds:
                 self._refreshing = asyncio.create_task(self._refresh(self.store, self.refresh_seconds))
@@ -186,15 +189,17 @@ class Playback:
     def _still_loading(self) -> bool:
         return self._loading is not None and not self._loading.done()
 
-    async def _load_hinted(self, key: str) -> int:
-        """While loading: have this key's files (known by their names) read first. Returns
+    async def _load_hinted(self, call: Call) -> int:
+        """While loading: have this call's files (known by their names) read first. Returns
         how many files are named for it."""
+        key = call.canonical.key
         prefix = key[:16]
         pending = self._hinting.get(prefix)
         if pending is None:
             if not self._still_loading():
                 return 0
-            pending = asyncio.get_running_loop().run_in_executor(self._reads, self.index.load_hinted, key)
+            find = functools.partial(self._named_for, call)
+            pending = asyncio.get_running_loop().run_in_executor(self._reads, self.index.load_hinted, key, find)
             self._hinting[prefix] = pending
             pending.add_done_callback(lambda _: self._hinting.pop(prefix, None))
         try:
@@ -202,6 +207,17 @@ class Playback:
         except Exception as exc:  # noqa: BLE001 - the full load still finds them
             log.warning("hinted load failed; waiting for the full load", key=prefix, reason=str(exc))
             return 0
+
+    def _named_for(self, call: Call) -> list[Path]:
+        """The files the store holds under the names this call's repeats get, in its scope and,
+        with fallback, the shared ones (one small listing each: the whole store is not listed yet)."""
+        assert self.store is not None
+        key, found = call.canonical.key, []
+        scopes = (call.scope, None) if call.scope is not None and self.fallback else (call.scope,)
+        for scope in scopes:
+            first = self.store.name_for(route=call.route.name, path=call.path, model=call.model, key=key, scope=scope)
+            found += self.store.named_for(call.route.name, key, name=first, scope=scope)
+        return found
 
     def _settled(self, call: Call, group: Group, entries: list[Entry]) -> bool:
         """What is indexed so far answers this call as the whole store would: its own scope's
@@ -214,7 +230,7 @@ class Playback:
 
     async def lookup(self, call: Call) -> Lookup:
         """The recording that answers this call (None: nothing recorded for it)."""
-        named = await self._load_hinted(call.canonical.key)
+        named = await self._load_hinted(call)
         group, entries = self._entries(call)
         # Files named for the key were all read: what was found is the answer (only a miss
         # waits for the rest, which may hold the key under another name).

@@ -439,10 +439,11 @@ def test_scoped_recordings_go_under_their_scope_in_the_bucket_and_replay_per_sco
 
 
 class GatedS3:
-    """moto behind a gate: object reads wait until the gate opens, except reads of files whose
-    name carries `passes` (a slow bucket whose full load stalls, with one key's files at hand)."""
+    """moto behind two gates: folder listings wait for one, object reads for the other, except
+    reads of files whose names carry one of `passes` (a slow bucket whose full load stalls, with
+    some keys' files at hand)."""
 
-    def __init__(self, loop_thread: LoopThread, target: str, passes: str) -> None:
+    def __init__(self, loop_thread: LoopThread, target: str, passes: tuple[str, ...]) -> None:
         from aiohttp import web
 
         self.loop_thread, self.target, self.passes = loop_thread, target, passes
@@ -462,11 +463,11 @@ class GatedS3:
         from aiohttp import web
 
         is_object_read = request.method == "GET" and request.path.count("/") >= 3
-        if is_object_read and self.passes not in request.path:
+        if is_object_read and not any(name in request.path for name in self.passes):
             self.held += 1
             await self.opened.wait()
-        elif request.method == "GET" and "list-type" in request.query:
-            await self.listing_opened.wait()
+        elif request.method == "GET" and request.query.get("prefix", "").endswith("/"):
+            await self.listing_opened.wait()  # a folder's listing, not one name's
         if self._session is None:
             self._session = aiohttp.ClientSession(auto_decompress=False)
         hop = {"content-length", "transfer-encoding", "connection"}
@@ -517,14 +518,22 @@ def test_a_request_is_answered_from_the_files_named_for_it_while_the_bucket_stil
     recorder = _proxy("record", bucket, upstream.url, aws)
     try:
         first, second = _ask(recorder.url, "wanted"), _ask(recorder.url, "wanted")
+        third = _ask(recorder.url, "asked once listed")
         other = _ask(recorder.url, "another prompt")
     finally:
         recorder.stop()
     assert first[1] != second[1]  # two upstream answers: repeats 1 and 2
     names = list(_objects(bucket))
     repeat = next(name for name in names if name.endswith("-2.json"))
-    key16 = repeat.removesuffix("-2.json").rsplit("-", 1)[1]
-    other_name = next(name for name in names if key16 not in name)
+    wanted_key = repeat.removesuffix("-2.json").rsplit("-", 1)[1]
+    others = [name for name in names if wanted_key not in name]
+    third_name = next(
+        name
+        for name in others
+        if orjson.loads(_objects(bucket)[name])["request"]["body"]["messages"][0]["content"] == "asked once listed"
+    )
+    other_name = next(name for name in others if name != third_name)
+    third_key = third_name.removesuffix(".json").rsplit("-", 1)[1]
     # A copy of the other recording under a name without a key, sorted first: the full load
     # stalls on it, and only reading it tells what it holds.
     name, _, prefix = bucket.removeprefix("s3://").partition("/")
@@ -532,7 +541,7 @@ def test_a_request_is_answered_from_the_files_named_for_it_while_the_bucket_stil
     s3.copy_object(Bucket=name, Key=f"{prefix}/openai/0000-first.json", CopySource={"Bucket": name, "Key": other_name})
     s3.delete_object(Bucket=name, Key=other_name)
 
-    gate = GatedS3(loop_thread, aws["AWS_ENDPOINT_URL"], passes=key16)
+    gate = GatedS3(loop_thread, aws["AWS_ENDPOINT_URL"], passes=(wanted_key, third_key))
     replay = _proxy("replay", bucket, upstream.url, {**aws, "AWS_ENDPOINT_URL": gate.app.url})
     try:
         impatient = openai.OpenAI(base_url=replay.url + "/v1", api_key="sk-test", max_retries=0, timeout=20)
@@ -544,19 +553,23 @@ def test_a_request_is_answered_from_the_files_named_for_it_while_the_bucket_stil
             )
             return raw.parse().choices[0].message.content or "", raw.headers["x-request-id"]
 
-        # Until the bucket is listed, a load balancer is told to wait.
+        # The bucket's listing is held: a load balancer is told to wait, yet a recorded request
+        # is answered (its repeats found by their names), in recorded order though `-2.json`
+        # sorts before `.json`.
         assert _health(replay.url) == (503, {"status": "starting", "mode": "replay", "recordings": 0})
-        gate.open_listing()
-        # Repeats in recorded order, though `-2.json` sorts before `.json`.
         assert ask("wanted") == first
         assert ask("wanted") == second
-        # Answered while the bucket was still loading: reads of other files are held.
+        assert _health(replay.url)[1]["status"] == "starting"
+        # Listed, with the reads of other files held: names from the listing lead to the files.
+        gate.open_listing()
+        wait_until(lambda: _health(replay.url)[0] == 200, "the listing")
+        assert ask("asked once listed") == third
         assert gate.held >= 1
-        assert _health(replay.url) == (200, {"status": "loading", "mode": "replay", "recordings": 2})
+        assert _health(replay.url) == (200, {"status": "loading", "mode": "replay", "recordings": 3})
         gate.open()
         wait_until(lambda: _health(replay.url)[1]["status"] == "ok", "the full load")
         assert ask("another prompt") == other
-        assert len(wire.requests) == 3  # only the recording run went upstream
+        assert len(wire.requests) == 4  # only the recording run went upstream
     finally:
         replay.stop()
         gate.stop()

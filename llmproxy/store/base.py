@@ -72,6 +72,12 @@ class Store(Protocol):
         """The most recent recording of `key` written at or after `since` (a Unix time)."""
         ...
 
+    def named_for(self, route: str, key: str, *, name: Path | None = None, scope: str | None = None) -> list[Path]:
+        """The files whose names llmproxy gives `key`'s repeats in `scope` (as `paths` names
+        them), found without listing the whole store: `name`, its first repeat's, lets a
+        bucket list only those."""
+        ...
+
     def remove_scope(self, scope: str) -> list[Path]:
         """Delete one scope's own recordings (re-recording a test); returns their names."""
         ...

@@ -156,6 +156,15 @@ class RecordingStore:
             pass
         return highest
 
+    def named_for(self, route: str, key: str, *, name: Path | None = None, scope: str | None = None) -> list[Path]:
+        pattern = re.compile(rf"-{re.escape(key[:16])}(?:-\d+)?\.json$")
+        directory = self.root / scope_path(scope) / slug(route, 40)
+        try:
+            with os.scandir(directory) as entries:
+                return [Path(entry.path) for entry in entries if pattern.search(entry.name)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def newest_recording(
         self, route: str, key: str, *, since: float, name: Path | None = None, scope: str | None = None
     ) -> Path | None:

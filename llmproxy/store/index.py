@@ -19,7 +19,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,19 +336,19 @@ class RecordingIndex:
     def load_new(self, store: Store, skip: Collection[str] = ()) -> int:
         """Index the store's files not seen yet (all of them at start; then what other writers
         added: refresh and --watch). `skip`: names this process wrote itself. Returns how many."""
-        fresh = [path for path in store.paths() if str(path) not in self._seen and str(path) not in skip]
-        self._seen.update(str(path) for path in fresh)
-        remote = store if not isinstance(store, RecordingStore) else None
-        self.max_file_bytes = store.max_file_bytes
-        with self._claim_lock:
-            for path in fresh:
-                hint = _KEY_IN_NAME.search(path.name)
-                if hint is not None:
-                    self._hints.setdefault(hint.group(1), []).append(path)
-            self._loading_from = store
-        self.listed.set()
         added = 0
         try:
+            self.begin_loading(store)
+            fresh = [path for path in store.paths() if str(path) not in self._seen and str(path) not in skip]
+            self._seen.update(str(path) for path in fresh)
+            remote = store if not isinstance(store, RecordingStore) else None
+            self.max_file_bytes = store.max_file_bytes
+            with self._claim_lock:
+                for path in fresh:
+                    hint = _KEY_IN_NAME.search(path.name)
+                    if hint is not None:
+                        self._hints.setdefault(hint.group(1), []).append(path)
+            self.listed.set()
             for path, document in store.load_many(fresh):
                 if self._stop_loading.is_set():
                     break
@@ -366,19 +366,28 @@ class RecordingIndex:
                 self._loading_from = None
         return added
 
-    def load_hinted(self, key: str) -> int:
-        """While loading: read and index now the files whose names carry `key`'s prefix, ahead
-        of the others. Returns how many files are named for it (0: none, or not loading). Once
-        it returns, every such file is indexed, except those another hinted load of the same
-        key is still reading (the caller serialises calls per key)."""
-        self.listed.wait()  # set once the names are known, or loading failed
+    def begin_loading(self, store: Store) -> None:
+        """Say which store is being loaded, before its listing starts (hinted loads need it)."""
+        with self._claim_lock:
+            self._loading_from = store
+
+    def load_hinted(self, key: str, find: Callable[[], Iterable[Path]] | None = None) -> int:
+        """While loading: read and index now the files named for `key` (their names carry its
+        first 16 hex digits), ahead of the others: from the store's listing once it is done,
+        before that from `find` (which asks the store for the names the request's own repeats
+        would have). Returns how many files are named for it (0: none, or not loading). Once it
+        returns, every such file is indexed, except those another hinted load of the same key
+        is still reading (the caller serialises calls per key)."""
         with self._claim_lock:
             store = self._loading_from
-            named = self._hints.get(key[:16], [])
+            named = list(self._hints.get(key[:16], ())) if self.listed.is_set() else None
+        if store is None:
+            return 0
+        if named is None:
+            named = list(find()) if find is not None else []
+        with self._claim_lock:
             wanted = [path for path in named if str(path) not in self._claimed]
             self._claimed.update(str(path) for path in wanted)
-        if store is None or not named:
-            return 0
         remote = store if not isinstance(store, RecordingStore) else None
         for path, document in store.load_many(wanted, urgent=True):
             with self._claim_lock:

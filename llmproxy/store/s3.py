@@ -356,6 +356,9 @@ class S3Store:
                 found.append((relative, info, int(match.group(1) or 1)))
         return found
 
+    def named_for(self, route: str, key: str, *, name: Path | None = None, scope: str | None = None) -> list[Path]:
+        return [Path(relative) for relative, _, _ in self._of_key(route, key, name, scope)]
+
     def highest_sequence(self, route: str, key: str, *, name: Path | None = None, scope: str | None = None) -> int:
         return max((sequence for _, _, sequence in self._of_key(route, key, name, scope)), default=0)
 
