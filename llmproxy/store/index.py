@@ -287,16 +287,18 @@ class RecordingIndex:
             raise RecordingError(f"no route serves {request.method} {request.path}")
         return match.route
 
-    def add(self, recording: Recording, source: Path | None = None, *, check: bool = False) -> Entry:
+    def add(
+        self, recording: Recording, source: Path | None = None, *, check: bool = False, cache: bool = False
+    ) -> Entry:
         """Index a recording. `check` renders its response first (RecordingError if it cannot
-        be served): the loader indexes only files that would replay."""
+        be served): the loader indexes only files that would replay. `cache` keeps that
+        rendering (a request is waiting to be served it)."""
         route = self.route_of(recording)
         request = recording.request
         canonical = canonical_for_route(
             route, request.method, request.path, request.query, request.headers, request.body
         )
-        if check:
-            render(recording, route)
+        rendered = render(recording, route) if check or cache else None
         held = recording if (source is None or self.keep_recordings) else None
         entry = Entry(
             canonical, route, request.sequence, source, request.model, held, self.max_file_bytes, request.scope
@@ -309,6 +311,8 @@ class RecordingIndex:
         self._entries[group] = entries
         if not previous:
             self._by_endpoint.setdefault((canonical.route, canonical.path), []).append(group)
+        if cache and rendered is not None:
+            self.cache.put(entry, rendered)
         return entry
 
     def load_document(self, document: Any, source: Path | None = None) -> Entry:
@@ -391,15 +395,15 @@ class RecordingIndex:
         remote = store if not isinstance(store, RecordingStore) else None
         for path, document in store.load_many(wanted, urgent=True):
             with self._claim_lock:
-                self._index(path, document, remote)
+                self._index(path, document, remote, cache=True)  # served next: not read twice
         return len(named)
 
-    def _index(self, path: Path, document: Any, remote: Store | None) -> int:
+    def _index(self, path: Path, document: Any, remote: Store | None, *, cache: bool = False) -> int:
         """Index one loaded file (1), or record why it cannot be served (0)."""
         try:
             if isinstance(document, Exception):
                 raise document
-            entry = self.add(from_document(document, self.provider_for), path, check=True)
+            entry = self.add(from_document(document, self.provider_for), path, check=True, cache=cache)
             entry.store = remote
             return 1
         except Exception as exc:  # noqa: BLE001 - one bad file never stops the others loading

@@ -23,7 +23,7 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
@@ -56,6 +56,7 @@ READ_AHEAD = 256
 URGENT_CONCURRENCY = 16
 LOAD_CONCURRENCY = 16
 URGENT_HOLDS_LOAD = 0.25  # seconds a bulk read waits for urgent ones at most
+LISTING_PAGE = 250  # keys per page of the listing at start (S3's largest is 1,000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,32 +188,42 @@ class S3Store:
 
     # -- listing ----------------------------------------------------------------------------
 
-    async def _list(self, under: str = "", *, stem: str | None = None) -> dict[PurePosixPath, ObjectInfo]:
-        """Objects under a folder (`under`), or whose name starts with `stem` (a relative name)."""
+    async def _list(
+        self, under: str = "", *, stem: str | None = None, yielding: bool = False
+    ) -> dict[PurePosixPath, ObjectInfo]:
+        """Objects under a folder (`under`), or whose name starts with `stem` (a relative name).
+        `yielding` (the whole store's listing at start): each next page waits while requests
+        wait on urgent reads, in smaller pages."""
         if stem is not None:
             prefix = self._key(PurePosixPath(stem))
         else:
             prefix = self._key(PurePosixPath(under)) + "/" if under else (f"{self.prefix}/" if self.prefix else "")
         found: dict[PurePosixPath, ObjectInfo] = {}
         paginator = self._client.get_paginator("list_objects_v2")
+        pages = {"PageSize": LISTING_PAGE} if yielding else {}
+        # One name's repeats (a request waiting, or the writer numbering a repeat): urgent.
+        urgent = self._urgent_work() if stem is not None else contextlib.nullcontext()
         try:
-            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                for item in page.get("Contents", []):
-                    relative = self._relative(item["Key"])
-                    if _is_recording_name(relative):
-                        found[relative] = ObjectInfo(
-                            int(item["Size"]), str(item.get("ETag", "")).strip('"'), item["LastModified"].timestamp()
-                        )
+            async with urgent:
+                async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, PaginationConfig=pages):
+                    if yielding:
+                        await self._yield_to_urgent()
+                    for item in page.get("Contents", []):
+                        relative = self._relative(item["Key"])
+                        if _is_recording_name(relative):
+                            modified = item["LastModified"].timestamp()
+                            etag = str(item.get("ETag", "")).strip('"')
+                            found[relative] = ObjectInfo(int(item["Size"]), etag, modified)
         except Exception as exc:  # noqa: BLE001 - botocore raises many kinds; the message says which
             raise StoreError(f"cannot list {self.location}: {_describe(exc)}") from None
         return found
 
-    def list_objects(self) -> dict[PurePosixPath, ObjectInfo]:
-        self.listing = self._run(self._list())
+    def list_objects(self, *, yielding: bool = False) -> dict[PurePosixPath, ObjectInfo]:
+        self.listing = self._run(self._list(yielding=yielding))
         return self.listing
 
     def paths(self) -> Iterator[Path]:
-        for relative in sorted(self.list_objects()):
+        for relative in sorted(self.list_objects(yielding=True)):
             yield Path(relative)
 
     # -- reading ----------------------------------------------------------------------------
@@ -221,23 +232,34 @@ class S3Store:
         assert self._semaphore is not None and self._urgent is not None and self._loading is not None
         assert self._no_urgent is not None
         if lane == "urgent":
-            self._urgent_in_flight += 1
-            self._no_urgent.clear()
-            try:
-                async with self._urgent:
-                    return await self._fetch(relative)
-            finally:
-                self._urgent_in_flight -= 1
-                if not self._urgent_in_flight:
-                    self._no_urgent.set()
+            async with self._urgent_work(), self._urgent:
+                return await self._fetch(relative)
         if lane == "load":
             async with self._loading:
-                # Bounded: steady first-time hits must not starve the load a miss waits for.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._no_urgent.wait(), URGENT_HOLDS_LOAD)
+                await self._yield_to_urgent()
                 return await self._fetch(relative)
         async with self._semaphore:
             return await self._fetch(relative)
+
+    @contextlib.asynccontextmanager
+    async def _urgent_work(self) -> AsyncIterator[None]:
+        """A request waits on what runs inside: bulk work holds back meanwhile."""
+        assert self._no_urgent is not None
+        self._urgent_in_flight += 1
+        self._no_urgent.clear()
+        try:
+            yield
+        finally:
+            self._urgent_in_flight -= 1
+            if not self._urgent_in_flight:
+                self._no_urgent.set()
+
+    async def _yield_to_urgent(self) -> None:
+        """Bulk work (the listing and reading at start) waits while requests wait on urgent
+        reads; bounded, so steady first-time hits never starve the load a miss waits for."""
+        assert self._no_urgent is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_urgent.wait(), URGENT_HOLDS_LOAD)
 
     async def _fetch(self, relative: Path | PurePosixPath) -> bytes:
         try:
