@@ -34,10 +34,12 @@ from llmproxy.errors import LlmproxyError
 from llmproxy.headers import client_response_headers
 from llmproxy.lastresort import report_unexpected
 from llmproxy.playback import Exhausted, Found, Playback, Unreadable
+from llmproxy.providers import PLACEHOLDER_KEYS
 from llmproxy.store import dropped
 from llmproxy.store.base import Store
 from llmproxy.store.document import from_document
 from llmproxy.store.index import Rendered, render
+from llmproxy.store.secrets import request_credentials
 from llmproxy.store.writer import Recorder
 from llmproxy.upstream.base import Upstream, UpstreamFailure
 from llmproxy.upstream.client import Exchange
@@ -241,6 +243,16 @@ class Pipeline:
         self, request: web.Request, call: Call, *, record: bool, miss: dict[str, Any] | None = None
     ) -> web.StreamResponse:
         assert self.upstream is not None
+        placeholder = placeholder_key_in(call)
+        if placeholder is not None:
+            # A replay run's stand-in key would only earn a 401, recorded as the answer.
+            self.outcome.count(Result.ERROR)
+            log.warning("refused: the request carries a placeholder key", variable=placeholder, route=call.route.name)
+            message = (
+                f"this call goes upstream but carries llmproxy's replay placeholder key ({placeholder}, set by "
+                f"`llmproxy run` or the pytest plugin in replay); set a real {placeholder} to record it"
+            )
+            return error_response(call.route, 401, message, "placeholder_key")
         key = call.scoped_key  # identical calls of different scopes are recorded apart
         share = record and self.share_inflight
         if share:
@@ -541,3 +553,17 @@ class Pipeline:
 def _abort(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.close()
+
+
+# Values that stand in for a key in replay runs (not region names and the like).
+_PLACEHOLDER_VALUES = {value for value in PLACEHOLDER_KEYS.values() if "placeholder" in value}
+
+
+def placeholder_key_in(call: Call) -> str | None:
+    """The variable (of the call's provider) whose replay placeholder this call carries as its
+    credential, if it carries one."""
+    carried = set(request_credentials(call.headers, call.query)) & _PLACEHOLDER_VALUES
+    if not carried:
+        return None
+    own = [name for name, value in call.route.provider.placeholder_keys.items() if value in carried]
+    return " or ".join(own) or "API key variable"

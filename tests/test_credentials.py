@@ -184,3 +184,44 @@ def test_route_names_cannot_escape_the_recordings_directory(tmp_path: Path, name
     written = store.write(relative, {"request": {}, "response": {}})
     assert (tmp_path / "rec").resolve() in written.resolve().parents
     assert not written.name.startswith(".")
+
+
+def test_a_replay_placeholder_key_is_never_sent_upstream_or_recorded(loop_thread: LoopThread, tmp_path: Path) -> None:
+    """A test marked to record inside a replay run (or `llmproxy run replay` with a miss sent
+    live) has only the placeholder key `run` and the plugin set: a clear 401, nothing upstream."""
+    import anthropic
+
+    from llmproxy.tools.run import client_environment
+
+    oa, an = OpenAIWire(), AnthropicWire()
+    apps = [RunningApp(loop_thread, wire.app()).start() for wire in (oa, an)]
+    config = write_config(
+        tmp_path / "llmproxy.toml",
+        [
+            {"name": "openai", "provider": "openai", "upstream": apps[0].url},
+            {"name": "anthropic", "provider": "anthropic", "upstream": apps[1].url},
+        ],
+    )
+    (tmp_path / "recordings").mkdir()
+    proxy = start_proxy(loop_thread, "record", tmp_path / "recordings", config)
+    try:
+        replay_env = client_environment(proxy.url, "replay", {})
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=replay_env["OPENAI_API_KEY"], max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as refused:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        assert "OPENAI_API_KEY" in str(refused.value) and "placeholder" in str(refused.value)
+        claude = anthropic.Anthropic(base_url=proxy.url, api_key=replay_env["ANTHROPIC_API_KEY"], max_retries=0)
+        with pytest.raises(anthropic.AuthenticationError) as refused_too:
+            claude.messages.create(
+                model="claude-3-5-sonnet-latest", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+            )
+        assert "ANTHROPIC_API_KEY" in str(refused_too.value)
+        # A real key goes through and is recorded.
+        real = openai.OpenAI(base_url=proxy.url + "/v1", api_key=SECRETS["bearer"], max_retries=0)
+        assert real.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}]).choices
+    finally:
+        proxy.stop()
+        for app in apps:
+            app.stop()
+    assert len(oa.requests) == 1 and not an.requests
+    assert len(files_under(tmp_path / "recordings")) == 1
