@@ -499,3 +499,68 @@ def test_event_stream_encoder_matches_botocore() -> None:
     messages = list(buffer)
     assert [m.headers[":message-type"] for m in messages] == ["event", "exception"]
     assert json.loads(messages[0].payload) == {"contentBlockIndex": 0, "delta": {"text": "Hi"}}
+
+
+def test_resolving_the_proxys_aws_credentials_never_stalls_other_requests(
+    loop_thread: LoopThread, tmp_path: Path, aws_env: pytest.MonkeyPatch
+) -> None:
+    """The first Bedrock call resolves the proxy's credentials (here a credential_process that
+    waits for the test; elsewhere SSO, instance metadata over the network): meanwhile another
+    client's OpenAI call goes through the same proxy."""
+    import os
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from tests.support import wait_until
+    from tests.upstreams.openai_wire import OpenAIWire
+
+    release, started = tmp_path / "release", tmp_path / "started"
+    os.mkfifo(release)
+    process = tmp_path / "credentials.py"
+    answer = {"Version": 1, "AccessKeyId": PROXY_KEY, "SecretAccessKey": PROXY_SECRET, "SessionToken": PROXY_TOKEN}
+    process.write_text(
+        "import json, pathlib\n"
+        f"pathlib.Path({str(started)!r}).touch()\n"
+        f"open({str(release)!r}).read()\n"
+        f"print(json.dumps({answer!r}))\n"
+    )
+    (tmp_path / "aws-config").write_text(f"[default]\ncredential_process = {sys.executable} {process}\n")
+    bedrock_wire, openai_wire = BedrockWire(PROXY_KEY, PROXY_SECRET, PROXY_TOKEN), OpenAIWire()
+    apps = [RunningApp(loop_thread, wire.app()).start() for wire in (bedrock_wire, openai_wire)]
+    config = write_config(
+        tmp_path / "llmproxy.toml",
+        [
+            {"name": "bedrock", "provider": "bedrock", "upstream": apps[0].url},
+            {"name": "openai", "provider": "openai", "upstream": apps[1].url},
+        ],
+    )
+    env = {"AWS_CONFIG_FILE": str(tmp_path / "aws-config")}
+    proxy = CliProxy(
+        "record", "--config", str(config), "--recordings", str(tmp_path / "recordings"), "--port", "0", env=env
+    )
+    released = False
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            converse = pool.submit(
+                lambda: client(proxy.url).converse(
+                    modelId=MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}]
+                )
+            )
+            wait_until(started.exists, "the proxy to ask for its AWS credentials")
+            quick = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-other-client", max_retries=0, timeout=20)
+            assert quick.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}]).choices
+            assert not converse.done()  # still waiting for its credentials
+            with open(release, "w") as fifo:
+                fifo.write("go")
+            released = True
+            assert converse.result(timeout=30)["output"]["message"]["role"] == "assistant"
+    finally:
+        if not released:
+            with open(release, "w") as fifo:
+                fifo.write("go")
+        proxy.stop()
+        for app in apps:
+            app.stop()
+    assert len(bedrock_wire.authorizations) == 1 and PROXY_KEY in bedrock_wire.authorizations[0]

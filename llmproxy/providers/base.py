@@ -203,6 +203,9 @@ class Provider:
         """Tokens the answer reports; `values` are its JSON values (a stream's chunks, or the body)."""
         return any_usage(values)
 
+    # prepare_upstream may block (credential lookups, hashing a body): it runs off the event loop.
+    prepare_blocks: ClassVar[bool] = False
+
     def prepare_upstream(
         self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
     ) -> tuple[str | URL, list[tuple[str, str]]]:

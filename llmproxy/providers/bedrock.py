@@ -123,6 +123,9 @@ class BedrockProvider(Provider):
     name = "bedrock"
     claim_priority = 25
     stream_content_type = EVENTSTREAM_CONTENT_TYPE
+    # The first signature resolves the proxy's AWS credentials: files, SSO, a credential
+    # process, instance metadata over the network.
+    prepare_blocks = True
     # SigV4 (Authorization + the STS session token) or a Bedrock API key (Bearer).
     credential_headers = frozenset({"authorization", "x-amz-security-token"})
     # Only AWS SDKs send these: such a request is never forwarded to another provider.

@@ -6,6 +6,8 @@ answer becomes an Exchange, for the recorder to tee.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -101,9 +103,13 @@ class AiohttpUpstream:
         route = call.route
         try:
             url = route.upstream_url(call.path, call.query_string)
-            target, headers = route.provider.prepare_upstream(
-                call.method, url, forward_request_headers(call.raw_headers), call.body
+            prepare = functools.partial(
+                route.provider.prepare_upstream, call.method, url, forward_request_headers(call.raw_headers), call.body
             )
+            if route.provider.prepare_blocks:
+                target, headers = await asyncio.get_running_loop().run_in_executor(None, prepare)
+            else:
+                target, headers = prepare()
         except LookupError as exc:  # no upstream, or the provider cannot prepare the request
             raise UpstreamFailure(502, getattr(exc, "code", "no_upstream"), str(exc)) from None
         started = time.monotonic()
