@@ -450,6 +450,8 @@ class GatedS3:
         self.held = 0
         self.opened: asyncio.Event = loop_thread.run(self._event())
         self.listing_opened: asyncio.Event = loop_thread.run(self._event())
+        self.names_opened: asyncio.Event = loop_thread.run(self._event())
+        self.names_asked = 0
         self._session: aiohttp.ClientSession | None = None
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self.handle)
@@ -468,6 +470,9 @@ class GatedS3:
             await self.opened.wait()
         elif request.method == "GET" and request.query.get("prefix", "").endswith("/"):
             await self.listing_opened.wait()  # a folder's listing, not one name's
+        elif request.method == "GET" and "prefix" in request.query:
+            self.names_asked += 1
+            await self.names_opened.wait()
         if self._session is None:
             self._session = aiohttp.ClientSession(auto_decompress=False)
         hop = {"content-length", "transfer-encoding", "connection"}
@@ -485,9 +490,13 @@ class GatedS3:
     def open_listing(self) -> None:
         self.loop_thread.loop.call_soon_threadsafe(self.listing_opened.set)
 
+    def open_names(self) -> None:
+        self.loop_thread.loop.call_soon_threadsafe(self.names_opened.set)
+
     def stop(self) -> None:
         self.open()
         self.open_listing()
+        self.open_names()
 
         async def close() -> None:
             if self._session is not None:
@@ -553,6 +562,7 @@ def test_a_request_is_answered_from_the_files_named_for_it_while_the_bucket_stil
             )
             return raw.parse().choices[0].message.content or "", raw.headers["x-request-id"]
 
+        gate.open_names()
         # The bucket's listing is held: a load balancer is told to wait, yet a recorded request
         # is answered (its repeats found by their names), in recorded order though `-2.json`
         # sorts before `.json`.
@@ -570,6 +580,35 @@ def test_a_request_is_answered_from_the_files_named_for_it_while_the_bucket_stil
         wait_until(lambda: _health(replay.url)[1]["status"] == "ok", "the full load")
         assert ask("another prompt") == other
         assert len(wire.requests) == 4  # only the recording run went upstream
+    finally:
+        replay.stop()
+        gate.stop()
+        upstream.stop()
+
+
+def test_a_name_found_after_the_load_ended_is_not_indexed_twice(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str]
+) -> None:
+    wire = OpenAIWire()
+    upstream = RunningApp(loop_thread, wire.app()).start()
+    recorder = _proxy("record", bucket, upstream.url, aws)
+    try:
+        recorded = _ask(recorder.url, "only once")
+    finally:
+        recorder.stop()
+    # The request's own LIST (by its name) is held until the whole bucket was loaded.
+    gate = GatedS3(loop_thread, aws["AWS_ENDPOINT_URL"], passes=())
+    gate.open()
+    replay = _proxy("replay", bucket, upstream.url, {**aws, "AWS_ENDPOINT_URL": gate.app.url})
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(_ask, replay.url, "only once")
+            wait_until(lambda: gate.names_asked == 1, "the request to look for its own name")
+            gate.open_listing()
+            wait_until(lambda: _health(replay.url)[1]["status"] == "ok", "the full load")
+            gate.open_names()
+            assert asked.result(timeout=30) == recorded
+        assert _health(replay.url)[1]["recordings"] == 1
     finally:
         replay.stop()
         gate.stop()

@@ -390,6 +390,8 @@ class RecordingIndex:
         if named is None:
             named = list(find()) if find is not None else []
         with self._claim_lock:
+            if self._loading_from is not store:
+                return len(named)  # the load ended meanwhile: it indexed them all
             wanted = [path for path in named if str(path) not in self._claimed]
             self._claimed.update(str(path) for path in wanted)
         remote = store if not isinstance(store, RecordingStore) else None
