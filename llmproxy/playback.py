@@ -136,6 +136,8 @@ class Playback:
         if self._loading is not None and not self._loading.done():
             self.index.stop_loading()
             await self._loading
+        # Called once requests are done (the app's cleanup): its threads end with it.
+        self._reads.shutdown(wait=False, cancel_futures=True)
 
     def _load(self, store: Store) -> None:
         started = time.perf_counter()
