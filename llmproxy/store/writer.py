@@ -25,6 +25,7 @@ from llmproxy import __version__
 from llmproxy.call import Call, NotRecorded, Outcome
 from llmproxy.canonical import RawBody, public_query
 from llmproxy.headers import recorded_response_headers
+from llmproxy.logs import debug_enabled
 from llmproxy.providers import Provider
 from llmproxy.store.base import Store
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
@@ -312,16 +313,17 @@ class Recorder:
         # GIL-atomic; a stale read elsewhere only costs one more FileExistsError.
         self._sequences[key] = max(self._sequences.get(key, 0), prepared.target.sequence)
         self.written.append(str(path))
-        log.debug(
-            "recorded",
-            route=call.route.name,
-            method=call.method,
-            path=call.path,
-            status=prepared.status,
-            file=str(path),
-            key=call.canonical.key[:16],
-            scope=call.scope,
-        )
+        if debug_enabled():
+            log.debug(
+                "recorded",
+                route=call.route.name,
+                method=call.method,
+                path=call.path,
+                status=prepared.status,
+                file=str(path),
+                key=call.canonical.key[:16],
+                scope=call.scope,
+            )
         return path
 
     def prepare(self, exchange: Exchange, sequence: int = 1) -> Prepared | None:
