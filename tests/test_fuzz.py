@@ -117,7 +117,8 @@ def plain_sse_streams(draw: Any) -> bytes:
         elif spelling == "python":
             payload = json.dumps(value)
         else:
-            payload = "[DONE]" if spelling == "done" else draw(st.text(max_size=8)).replace("\n", " ").replace("\r", " ")
+            text = draw(st.text(max_size=8)).replace("\n", " ").replace("\r", " ")
+            payload = "[DONE]" if spelling == "done" else text
         events.append(f"data: {payload}\n\n")
     tail = draw(st.sampled_from(["", 'data: {"cut', "\n"]))
     return ("".join(events) + tail).encode()
