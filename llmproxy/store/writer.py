@@ -409,7 +409,10 @@ def capture_response(provider: Provider, path: str, codec: Codec, raw: bytes) ->
         # Compared as bytes, not as values: key order must survive the packing too.
         if packed is not None and orjson.dumps(provider.json_value(packed)) == orjson.dumps(value):
             captured.body = packed
-    # The codecs promise this; checked here so a codec bug costs a readable file, never a byte.
+    # The codecs promise this; checked here so a codec bug costs a readable file, never a byte
+    # (unless the capture proved it already: a second rendering of a long stream costs a fifth).
+    if captured.exact:
+        return captured
     try:
         exact = b"".join(codec.render(captured.body, captured.framing, provider.json_value)) == raw
     except ValueError:

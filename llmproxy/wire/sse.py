@@ -155,7 +155,11 @@ class SseCodec(TextStreamCodec):
             body.append(typed(labeler(value), value))
             chunk_ends.append(offset)
         end = pending + remainder.decode("utf-8")
-        return self._finish(body, chunk_ends, inserts, {}, framed, "\n" if body else None, None, end)
+        captured = self._finish(body, chunk_ends, inserts, {}, framed, "\n" if body else None, None, end)
+        # Every event rendered is `data: ` + orjson's text of its value + "\n\n", which is its text
+        # when no event needed another style or its verbatim text; the rest is kept as received.
+        captured.exact = "verbatim" not in captured.framing and "json_style" not in captured.framing
+        return captured
 
     def frame(self, payload: str, event: str | None, line_ending: str) -> str:
         return frame_sse(payload, event=event, line_ending=line_ending)
