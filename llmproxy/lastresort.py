@@ -68,32 +68,26 @@ def report_unexpected(
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def last_resort_middleware(resolve: Callable[[web.Request], Route | None]) -> Any:
-    """The outermost middleware: `resolve` names the request's route for the error's shape."""
-
-    @web.middleware
-    async def last_resort(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except web.HTTPException:
-            raise  # aiohttp's own answers (they are not failures)
-        except Exception as exc:  # noqa: BLE001 - this is the one place that catches everything
-            headers = {name.lower(): value for name, value in request.headers.items()}
-            query = parse_qsl(request.query_string, keep_blank_values=True)
-            error_id = report_unexpected(exc, headers, query, method=request.method, path=request.path)
-            if request.writer is not None and request.writer.output_size > 0:
-                # Part of an answer is out: the only honest end is to cut the connection.
-                if request.transport is not None:
-                    request.transport.close()
-                raise ResponseAbandoned(f"internal error {error_id} after the response started") from None
-            try:
-                route = resolve(request)
-            except Exception:  # noqa: BLE001 - the error still gets an answer, in the default shape
-                route = None
-            message = f"llmproxy failed on this request (error id {error_id}; its log has the details)"
-            return error_response(route, 500, message, "internal_error", headers={ERROR_ID_HEADER: error_id})
-
-    return last_resort
+def answer_unexpected(
+    request: web.Request, exc: Exception, resolve: Callable[[web.Request], Route | None]
+) -> web.StreamResponse:
+    """The last resort's answer to an exception nobody expected: logged as one redacted line, and
+    an error in the route's shape (`resolve` names it) with its id, or the connection cut when
+    part of an answer is already out."""
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    query = parse_qsl(request.query_string, keep_blank_values=True)
+    error_id = report_unexpected(exc, headers, query, method=request.method, path=request.path)
+    if request.writer is not None and request.writer.output_size > 0:
+        # Part of an answer is out: the only honest end is to cut the connection.
+        if request.transport is not None:
+            request.transport.close()
+        raise ResponseAbandoned(f"internal error {error_id} after the response started") from None
+    try:
+        route = resolve(request)
+    except Exception:  # noqa: BLE001 - the error still gets an answer, in the default shape
+        route = None
+    message = f"llmproxy failed on this request (error id {error_id}; its log has the details)"
+    return error_response(route, 500, message, "internal_error", headers={ERROR_ID_HEADER: error_id})
 
 
 class LoopErrors:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 from typing import TextIO
 
 import orjson
@@ -45,6 +46,61 @@ def add_logger_name(logger: object, _method: str, event_dict: structlog.typing.E
     return event_dict
 
 
+class RequestContext:
+    """What every log line caused by a request says about it: set once per request, filled in as
+    it is known (route and key after routing), read only when a line is actually logged."""
+
+    __slots__ = ("method", "path", "route", "key")
+
+    def __init__(self, method: str, path: str) -> None:
+        self.method, self.path = method, path
+        self.route: str | None = None
+        self.key: str | None = None
+
+    def update(self, route: str, key: str) -> None:
+        self.route, self.key = route, key
+
+
+_request: ContextVar[RequestContext | None] = ContextVar("llmproxy_request", default=None)
+_NO_REQUEST = RequestContext("", "")
+
+
+def bind_request(method: str, path: str) -> RequestContext:
+    """The context of the request now served (tasks it starts see it too): one variable set, no
+    per-key bookkeeping; a connection's earlier request is replaced."""
+    context = RequestContext(method, path)
+    _request.set(context)
+    return context
+
+
+def request_context() -> RequestContext:
+    return _request.get() or _NO_REQUEST
+
+
+def merge_request_context(
+    _logger: object, _method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Add the request's method, path, route and key (key: 16 characters) to a line that has not
+    set them itself."""
+    context = _request.get()
+    if context is not None:
+        event_dict.setdefault("method", context.method)
+        event_dict.setdefault("path", context.path)
+        if context.route is not None:
+            event_dict.setdefault("route", context.route)
+            event_dict.setdefault("key", context.key[:16] if context.key else context.key)
+    return event_dict
+
+
+# Whether debug lines are logged at all: hot paths test it before building a debug line (with
+# loggers not cached, even a filtered-out call builds a bound logger). True until configured.
+_debug = True
+
+
+def debug_enabled() -> bool:
+    return _debug
+
+
 class _ClientProtocolErrors(logging.Filter):
     """aiohttp reports a client's malformed HTTP with a traceback; it is the client's fault."""
 
@@ -77,8 +133,11 @@ def configure_logging(*, json: bool = False, level: str = "info") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
+    global _debug
+    _debug = numeric <= logging.DEBUG
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        merge_request_context,
         add_logger_name,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -33,6 +33,7 @@ from llmproxy.call import Call, NotRecorded, Outcome, Result, error_response
 from llmproxy.errors import LlmproxyError
 from llmproxy.headers import client_response_headers
 from llmproxy.lastresort import report_unexpected
+from llmproxy.logs import debug_enabled
 from llmproxy.playback import Exhausted, Found, Playback, Unreadable
 from llmproxy.providers import PLACEHOLDER_KEYS
 from llmproxy.store import dropped
@@ -320,7 +321,8 @@ class Pipeline:
         self.outcome.count(Result.SHARED)
         if miss is not None:
             self._flight_misses.setdefault(flight, []).append(miss)
-        log.debug("identical call in flight: fed from it", key=key[:16])
+        if debug_enabled():
+            log.debug("identical call in flight: fed from it", key=key[:16])
         return flight, flight.join()
 
     async def _serve(

@@ -20,6 +20,7 @@ from aiohttp import web
 from llmproxy.call import Call, error_response
 from llmproxy.canonical import CanonicalRequest, request_differences
 from llmproxy.errors import LlmproxyError
+from llmproxy.logs import debug_enabled
 from llmproxy.store import dropped
 from llmproxy.store.base import Store
 from llmproxy.store.index import Entry, Group, RecordingIndex, Rendered
@@ -256,14 +257,15 @@ class Playback:
             except LlmproxyError as exc:
                 log.error("recording cannot be replayed", file=str(entry.source), reason=str(exc))
                 return Unreadable(entry, str(exc))
-        log.debug(
-            "replay hit",
-            path=call.path,
-            key=key[:16],
-            scope=call.scope,
-            shared=group[0] != call.scope,
-            file=str(entry.source) if entry.source else None,
-        )
+        if debug_enabled():
+            log.debug(
+                "replay hit",
+                path=call.path,
+                key=key[:16],
+                scope=call.scope,
+                shared=group[0] != call.scope,
+                file=str(entry.source) if entry.source else None,
+            )
         return Found(rendered, entry)
 
     def _pause_ms(self, value: Any) -> float:

@@ -18,7 +18,8 @@ from llmproxy.call import Call, Outcome, error_response
 from llmproxy.canonical import BadRequest, KeyMemo, RawBody, header_bytes, parse_body
 from llmproxy.config import Settings, validate_timing
 from llmproxy.intake import read_body, token_matches
-from llmproxy.lastresort import install_loop_errors, last_resort_middleware
+from llmproxy.lastresort import answer_unexpected, install_loop_errors
+from llmproxy.logs import bind_request, request_context
 from llmproxy.pipeline import MODES, MissPolicy, Pipeline, RecordPolicy
 from llmproxy.playback import Playback
 from llmproxy.routing import Refusal, Route, Router
@@ -137,14 +138,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HEALTH_PATH = UI_PREFIX + "/health"
 
 
-@web.middleware
-async def health_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _health(request: web.Request) -> web.Response:
     """For load balancers and orchestrators: answered before the token check and routing (it
     says nothing secret). 503 `starting` until the recordings are listed; then 200: `loading`
     while their files are read (a recorded request is answered at once, its files read first;
     a request without one waits for the rest), `ok` once every file is indexed."""
-    if request.path != HEALTH_PATH or request.method not in ("GET", "HEAD"):
-        return await handler(request)
     pipeline = request.app[PIPELINE]
     index = pipeline.index
     if index is None or index.loaded.is_set():
@@ -155,60 +153,38 @@ async def health_middleware(request: web.Request, handler: Handler) -> web.Strea
     return web.json_response(body, status=503 if status == "starting" else 200)
 
 
-@web.middleware
-async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bind the request's context once for every log line it causes (a connection may carry many
-    requests, so whatever an earlier one bound is cleared first)."""
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(method=request.method, path=request.path)
-    return await handler(request)
-
-
-@web.middleware
-async def tracking_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Keep each running handler's task, so shutting down can cancel them at its deadline."""
-    task = asyncio.current_task()
-    running = request.app[HANDLERS]
-    if task is not None:
-        running.add(task)
-    try:
-        return await handler(request)
-    finally:
-        running.discard(task)  # type: ignore[arg-type]
-
-
-@web.middleware
-async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
+def _refused(request: web.Request, settings: Settings) -> web.Response | None:
+    """The token and method checks: an answer when the request goes no further."""
     token = settings.token
-    # The browser's page is served to anyone who reaches it (it then asks for the token); its
-    # sub-app checks the token on every API call itself.
-    ui_page = settings.ui and (request.path == UI_PREFIX or request.path.startswith(UI_PREFIX + "/"))
-    if token is not None and not ui_page and not token_matches(request.headers.get(TOKEN_HEADER), token):
-        log.warning("client refused: missing or wrong token", path=request.path, peer=request.remote)
-        return error_response(None, 401, f"this llmproxy needs the {TOKEN_HEADER} header", "proxy_token_required")
-    return await handler(request)
-
-
-@web.middleware
-async def method_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if token is not None:
+        # The browser's page is served to anyone who reaches it (it then asks for the token); its
+        # sub-app checks the token on every API call itself.
+        ui_page = settings.ui and (request.path == UI_PREFIX or request.path.startswith(UI_PREFIX + "/"))
+        if not ui_page and not token_matches(request.headers.get(TOKEN_HEADER), token):
+            log.warning("client refused: missing or wrong token", path=request.path, peer=request.remote)
+            return error_response(None, 401, f"this llmproxy needs the {TOKEN_HEADER} header", "proxy_token_required")
     if request.method not in ALLOWED_METHODS:
         log.warning("method not allowed", method=request.method, path=request.path)
         return error_response(None, 405, f"method {request.method} is not proxied", "method_not_allowed")
-    return await handler(request)
+    return None
 
 
-@web.middleware
-async def body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _read_body(request: web.Request, settings: Settings) -> web.StreamResponse | None:
     """Read the body once (kept by aiohttp for the handler): over max_body_mb, undecodable or cut
-    short by a client leaving, it is answered here in the route's error shape."""
-    limit = request.app[SETTINGS].max_body_bytes
-    timeout = request.app[SETTINGS].body_timeout
+    short by a client leaving, it is answered here in the route's error shape (else None)."""
+    limit = settings.max_body_bytes
+    timeout = settings.body_timeout
     problem: BadRequest | None = None
     if request.content_length is not None and request.content_length > limit:
         problem = BadRequest(
             413, "body_too_large", f"request body exceeds the {limit} byte limit", "request body too large"
         )
+    elif request.content.is_eof():
+        # The whole body came with the head (most requests): nothing to wait for, no timer.
+        try:
+            await read_body(request, limit)
+        except BadRequest as exc:
+            problem = exc
     else:
         try:
             async with asyncio.timeout(timeout):  # a client that stalls mid-body holds no connection for ever
@@ -222,18 +198,50 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
             # aiohttp cancels the handler when its client disconnects: one line, no traceback.
             log.warning("client left during the request body", path=request.path)
             raise
-    if problem is not None:
-        log.warning(problem.event, path=request.path, reason=problem.message, code=problem.code, limit=limit)
-        match = request.app[ROUTER].resolve(request.method, request.path, request.headers)
-        response = error_response(match.route if match else None, problem.status, problem.message, problem.code)
-        if problem.status == 408 and request.transport is not None:
-            # Answer, then close: aiohttp would otherwise linger reading the rest of the body.
-            response.force_close()
-            await response.prepare(request)
-            await response.write_eof()
-            request.transport.close()
-        return response
-    return await handler(request)
+    if problem is None:
+        return None
+    log.warning(problem.event, path=request.path, reason=problem.message, code=problem.code, limit=limit)
+    match = request.app[ROUTER].resolve(request.method, request.path, request.headers)
+    response = error_response(match.route if match else None, problem.status, problem.message, problem.code)
+    if problem.status == 408 and request.transport is not None:
+        # Answer, then close: aiohttp would otherwise linger reading the rest of the body.
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.transport.close()
+    return response
+
+
+@web.middleware
+async def front_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request's checks, in order, in one coroutine (each middleware is a frame and a call
+    per request): its log context, the last resort, tracking for shutdown, health, token and
+    method, then the body."""
+    # Bound lazily: log lines read the request through one context variable (logs.py), so a
+    # request that logs nothing costs one set (a connection's earlier request is replaced).
+    bind_request(request.method, request.path)
+    try:
+        task = asyncio.current_task()
+        running = request.app[HANDLERS]  # kept, so shutting down can cancel them at its deadline
+        if task is not None:
+            running.add(task)
+        try:
+            if request.path == HEALTH_PATH and request.method in ("GET", "HEAD"):
+                return _health(request)
+            settings = request.app[SETTINGS]
+            refused = _refused(request, settings)
+            if refused is not None:
+                return refused
+            problem = await _read_body(request, settings)
+            if problem is not None:
+                return problem
+            return await handler(request)
+        finally:
+            running.discard(task)  # type: ignore[arg-type]
+    except web.HTTPException:
+        raise  # aiohttp's own answers (they are not failures)
+    except Exception as exc:  # noqa: BLE001 - the last resort: the one place that catches everything
+        return answer_unexpected(request, exc, _route_of)
 
 
 def _route_of(request: web.Request) -> Route | None:
@@ -294,7 +302,7 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
                 key_query = [(name, scanner.redact_text(value, credentials)) for name, value in query]
             canonical = canonical_for_route(route, request.method, match.path, key_query, headers, body_value)
             keys.put(memo_key, (body_value, canonical), len(body))
-        structlog.contextvars.bind_contextvars(route=route.name, key=canonical.key[:16])
+        request_context().update(route.name, canonical.key)
         call = Call(
             route=route,
             method=request.method.upper(),
@@ -317,15 +325,7 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[
-            context_middleware,
-            last_resort_middleware(_route_of),
-            tracking_middleware,
-            health_middleware,
-            token_middleware,
-            method_middleware,
-            body_middleware,
-        ],
+        middlewares=[front_middleware],
     )
     app[SETTINGS] = settings
     app[ROUTER] = router

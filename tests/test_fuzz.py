@@ -16,7 +16,8 @@ from llmproxy.providers import get_provider
 from llmproxy.routing import Router, default_routes
 from llmproxy.store.document import RecordingError, from_document
 from llmproxy.wire.registry import capture, render_segments, split_stream, stream_splitter
-from llmproxy.wire.sse import parse_sse_event
+from llmproxy.wire.sse import SSE, parse_sse_event
+from llmproxy.wire.textstream import TextStreamCodec
 
 # FUZZ_EXAMPLES=5000 for a longer hunt than the suite's default.
 FUZZ = settings(
@@ -102,6 +103,37 @@ def test_captured_sse_renders_back_exactly(stream: bytes) -> None:
     captured = capture("sse", stream, lambda value: "json")
     stored = orjson.loads(orjson.dumps({"body": captured.body, "framing": captured.framing}))
     assert b"".join(render_segments(stored["body"], stored["framing"])) == stream
+
+
+@st.composite
+def plain_sse_streams(draw: Any) -> bytes:
+    """Streams of one-line `data:` events and "\n" only (the capture's fast path), payloads spelt
+    by orjson or json.dumps, or not JSON at all."""
+    events = []
+    for value in draw(st.lists(json_values, max_size=6)):
+        spelling = draw(st.sampled_from(["orjson", "python", "done", "text"]))
+        if spelling == "orjson":
+            payload = orjson.dumps(value).decode()
+        elif spelling == "python":
+            payload = json.dumps(value)
+        else:
+            text = draw(st.text(max_size=8)).replace("\n", " ").replace("\r", " ")
+            payload = "[DONE]" if spelling == "done" else text
+        events.append(f"data: {payload}\n\n")
+    tail = draw(st.sampled_from(["", 'data: {"cut', "\n"]))
+    return ("".join(events) + tail).encode()
+
+
+@FUZZ
+@given(stream=plain_sse_streams())
+def test_sse_fast_capture_equals_the_general_loop(stream: bytes) -> None:
+    fast = SSE._capture_plain(stream, lambda value: "json")
+    general = TextStreamCodec._capture(SSE, stream, lambda value: "json")
+    assert fast is not None
+    assert (fast.body, fast.framing, fast.chunk_ends) == (general.body, general.framing, general.chunk_ends)
+    assert list(fast.framing) == list(general.framing)  # the same file, key order included
+    if fast.exact:  # what lets the recorder skip rendering it again to check
+        assert b"".join(SSE.render(fast.body, fast.framing)) == stream
 
 
 @FUZZ

@@ -25,6 +25,7 @@ from llmproxy import __version__
 from llmproxy.call import Call, NotRecorded, Outcome
 from llmproxy.canonical import RawBody, public_query
 from llmproxy.headers import recorded_response_headers
+from llmproxy.logs import debug_enabled
 from llmproxy.providers import Provider
 from llmproxy.store.base import Store
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
@@ -312,16 +313,17 @@ class Recorder:
         # GIL-atomic; a stale read elsewhere only costs one more FileExistsError.
         self._sequences[key] = max(self._sequences.get(key, 0), prepared.target.sequence)
         self.written.append(str(path))
-        log.debug(
-            "recorded",
-            route=call.route.name,
-            method=call.method,
-            path=call.path,
-            status=prepared.status,
-            file=str(path),
-            key=call.canonical.key[:16],
-            scope=call.scope,
-        )
+        if debug_enabled():
+            log.debug(
+                "recorded",
+                route=call.route.name,
+                method=call.method,
+                path=call.path,
+                status=prepared.status,
+                file=str(path),
+                key=call.canonical.key[:16],
+                scope=call.scope,
+            )
         return path
 
     def prepare(self, exchange: Exchange, sequence: int = 1) -> Prepared | None:
@@ -407,7 +409,10 @@ def capture_response(provider: Provider, path: str, codec: Codec, raw: bytes) ->
         # Compared as bytes, not as values: key order must survive the packing too.
         if packed is not None and orjson.dumps(provider.json_value(packed)) == orjson.dumps(value):
             captured.body = packed
-    # The codecs promise this; checked here so a codec bug costs a readable file, never a byte.
+    # The codecs promise this; checked here so a codec bug costs a readable file, never a byte
+    # (unless the capture proved it already: a second rendering of a long stream costs a fifth).
+    if captured.exact:
+        return captured
     try:
         exact = b"".join(codec.render(captured.body, captured.framing, provider.json_value)) == raw
     except ValueError:

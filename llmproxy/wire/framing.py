@@ -54,6 +54,9 @@ class CapturedBody:
     # every chunk the arrival time of the network read that finished it.
     chunk_ends: list[int] = field(default_factory=list)
     streaming: bool = False
+    # The capture itself proved that rendering gives back the received bytes (no need to render
+    # it again to check): set only where the rendering is the received text by construction.
+    exact: bool = False
 
     @property
     def is_streaming(self) -> bool:

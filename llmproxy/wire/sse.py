@@ -10,7 +10,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmproxy.wire.framing import Format
+import orjson
+
+from llmproxy.wire.framing import CapturedBody, Format, Labeler, typed
 from llmproxy.wire.textstream import TextStreamCodec
 
 # An SSE event ends at an empty line. A lone "\r" only counts as a terminator when it is not
@@ -114,6 +116,50 @@ class SseCodec(TextStreamCodec):
                 return lines[0][7:], lines[1][6:]
         parsed = parse_sse_event(text)
         return parsed.event, parsed.data
+
+    def _capture(self, raw: bytes, labeler: Labeler) -> CapturedBody:
+        plain = self._capture_plain(raw, labeler)
+        return plain if plain is not None else super()._capture(raw, labeler)
+
+    def _capture_plain(self, raw: bytes, labeler: Labeler) -> CapturedBody | None:
+        """The usual stream (OpenAI's), every event one `data:` line and a blank line, "\n" only:
+        captured as the general loop would, without its per-event parsing and framing (the
+        event's text is `data: ` + payload + "\n\n" by construction). None: not that shape."""
+        if b"\r" in raw:
+            return None
+        parts = raw.split(b"\n\n")
+        remainder = parts.pop()
+        body: list[dict[str, Any]] = []
+        chunk_ends: list[int] = []
+        inserts: dict[str, str] = {}
+        framed: list[tuple[int, Any, str, str]] = []
+        pending = ""
+        offset = 0
+        for part in parts:
+            if not part.startswith(b"data: ") or b"\n" in part:
+                return None
+            offset += len(part) + 2
+            text = part.decode("utf-8") + "\n\n"
+            try:
+                value = orjson.loads(part[6:])
+            except orjson.JSONDecodeError:
+                value = None
+            if not isinstance(value, (dict, list)):
+                pending += text
+                continue
+            index = len(body)
+            if pending:
+                inserts[str(index)] = pending
+                pending = ""
+            framed.append((index, value, text[6:-2], text))
+            body.append(typed(labeler(value), value))
+            chunk_ends.append(offset)
+        end = pending + remainder.decode("utf-8")
+        captured = self._finish(body, chunk_ends, inserts, {}, framed, "\n" if body else None, None, end)
+        # Every event rendered is `data: ` + orjson's text of its value + "\n\n", which is its text
+        # when no event needed another style or its verbatim text; the rest is kept as received.
+        captured.exact = "verbatim" not in captured.framing and "json_style" not in captured.framing
+        return captured
 
     def frame(self, payload: str, event: str | None, line_ending: str) -> str:
         return frame_sse(payload, event=event, line_ending=line_ending)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import orjson
+
 from llmproxy.wire.framing import CapturedBody, Format, JsonValue, Labeler, data_of, typed
 from llmproxy.wire.json import NOT_JSON, StyleDetector, dumps, loads, set_style, style_of
 
@@ -77,7 +79,8 @@ class TextStreamCodec:
         pending = ""  # non-chunk text waiting for the next chunk (or the end)
         line_ending: str | None = None
         event_field: str | None = None
-        detector = StyleDetector()
+        # Events whose framing matched, for the style check: done for all of them at once below.
+        framed: list[tuple[int, Any, str, str]] = []
         offset = 0
         for raw_event in events:
             offset += len(raw_event)
@@ -95,16 +98,39 @@ class TextStreamCodec:
             if pending:
                 inserts[str(index)] = pending
                 pending = ""
-            expected = self.frame(payload, _event_name(value, event_field), line_ending)
-            # Both checks: the framing around the JSON, and the JSON's own spelling.
-            if expected != text or not detector.accepts(value, payload):
+            # Both checks: the framing around the JSON (here), and the JSON's own spelling (below).
+            if self.frame(payload, _event_name(value, event_field), line_ending) != text:
                 verbatim[str(index)] = text
+            else:
+                framed.append((index, value, payload, text))
             body.append(typed(labeler(value), value))
             chunk_ends.append(offset)
+        return self._finish(
+            body, chunk_ends, inserts, verbatim, framed, line_ending, event_field, pending + remainder.decode("utf-8")
+        )
+
+    def _finish(
+        self,
+        body: list[dict[str, Any]],
+        chunk_ends: list[int],
+        inserts: dict[str, str],
+        verbatim: dict[str, str],
+        framed: list[tuple[int, Any, str, str]],
+        line_ending: str | None,
+        event_field: str | None,
+        end: str,
+    ) -> CapturedBody:
+        """The JSON spelling check of the framed events, then the framing."""
+        detector = StyleDetector()
+        if not _all_compact(framed):
+            for index, value, payload, text in framed:
+                if not detector.accepts(value, payload):
+                    verbatim[str(index)] = text
+            verbatim = dict(sorted(verbatim.items(), key=lambda item: int(item[0])))  # in event order
         framing: dict[str, Any] = {"format": self.format.value, "line_ending": line_ending or "\n"}
         self.extra_framing(framing, event_field)
         set_style(framing, detector.style)
-        framing["end"] = pending + remainder.decode("utf-8")
+        framing["end"] = end
         if inserts:
             framing["inserts"] = inserts
         if verbatim:
@@ -134,6 +160,20 @@ class TextStreamCodec:
         tail = inserts.get(str(len(body)), "") + (framing.get("end") or "")
         segments.append(tail.encode("utf-8"))
         return segments
+
+
+def _all_compact(framed: list[tuple[int, Any, str, str]]) -> bool:
+    """Whether orjson spells every payload exactly as received (the usual case), proven with one
+    serialisation of them all instead of one per event. Each payload is one object or array:
+    brackets delimit it, so equal joined texts mean equal texts one by one."""
+    if not framed:
+        return True
+    values = [value for _, value, _, _ in framed]
+    joined = "[" + ",".join(payload for _, _, payload, _ in framed) + "]"
+    try:
+        return orjson.dumps(values) == joined.encode("utf-8")
+    except (TypeError, orjson.JSONEncodeError):  # e.g. integers orjson cannot write back
+        return False
 
 
 def _event_name(value: Any, event_field: str | None) -> str | None:
