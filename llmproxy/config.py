@@ -10,6 +10,7 @@ from the table's defaults, and validates every value the same way wherever it ca
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -456,6 +457,8 @@ def _checked(option: Option, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: wrong type {type(value).__name__} (expected {expected})")
     if option.choices is not None and value not in option.choices:
         raise ConfigError(f"{where} must be one of {', '.join(option.choices)}, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, not {value!r}")
     return value
 
 
@@ -589,19 +592,24 @@ def _seconds(name: str, value: Any) -> float:
 
 
 def _megabytes(name: str, value: Any) -> int:
-    size = int(float(value) * 1024 * 1024)
+    megabytes = float(value)
+    if not math.isfinite(megabytes) or megabytes > 1024 * 1024:
+        raise ConfigError(f"{name} must be a number of megabytes up to 1048576, not {value!r}")
+    size = int(megabytes * 1024 * 1024)
     if size <= 0:
         raise ConfigError(f"{name} must be more than 0")
     return size
 
 
 def check_startup(settings: Settings, mode: Mode | str) -> None:
-    """Refuse, before listening, what cannot work: replay of a directory that is not there."""
-    if mode != Mode.REPLAY or settings.allow_empty:
-        return
+    """Refuse, before listening, what cannot work: replay of a directory that is not there, or
+    any mode on a bucket that cannot be listed (a record run would lose every recording)."""
     root = settings.recordings
     if is_remote(root):
-        return  # a bucket that cannot be listed is reported by the loader
+        _check_bucket(str(root))
+        return
+    if mode != Mode.REPLAY or settings.allow_empty:
+        return
     if not root.exists():
         raise StartupError(
             f"recordings directory {root} does not exist: nothing to replay "
@@ -611,6 +619,21 @@ def check_startup(settings: Settings, mode: Mode | str) -> None:
         raise StartupError(f"recordings directory {root} is not a directory")
     if not os.access(root, os.R_OK | os.X_OK):
         raise StartupError(f"recordings directory {root} cannot be read (permissions)")
+
+
+def _check_bucket(location: str) -> None:
+    from llmproxy.store.base import open_store
+    from llmproxy.store.directory import StoreError
+    from llmproxy.store.s3 import S3Store
+
+    store = open_store(location)
+    try:
+        assert isinstance(store, S3Store)
+        store.check()
+    except StoreError as exc:
+        raise StartupError(f"recordings bucket: {exc}") from None
+    finally:
+        store.close()
 
 
 def _with_openai_upstream(routes: list[Route], upstream: str) -> list[Route]:

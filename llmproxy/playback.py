@@ -30,6 +30,7 @@ log = structlog.get_logger("llmproxy.playback")
 # Realtime pacing trusts the file's timing only this far: a pause is at most this long.
 MAX_PAUSE_MS = 60_000.0
 READ_THREADS = 32
+STOP_LOADING_WAIT = 1.0  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +95,8 @@ class Playback:
         self._refreshing: asyncio.Task[None] | None = None
         # Hinted loads in flight, by key prefix: a second request for the same key waits for
         # the first's instead of finding its files taken but not indexed yet.
-        self._hinting: dict[str, asyncio.Future[int]] = {}
+        self._hinting: dict[tuple[str | None, str], asyncio.Future[int]] = {}
+        self.waiting = 0  # requests waiting on the store while it loads (health shows it)
         # Reads a request waits for (its hinted files, a body read for its first replay): threads
         # of their own, mostly waiting on storage, so a slow bucket never fills the loop's
         # default executor (which the loader and the writer use too).
@@ -136,13 +138,19 @@ class Playback:
                 await self._refreshing
         if self._loading is not None and not self._loading.done():
             self.index.stop_loading()
-            await self._loading
+            # A load waiting on a slow bucket is not waited for long: closing the store (the
+            # pipeline's last step) ends its reads.
+            await asyncio.wait([self._loading], timeout=STOP_LOADING_WAIT)
         # Called once requests are done (the app's cleanup): its threads end with it.
         self._reads.shutdown(wait=False, cancel_futures=True)
 
     def _load(self, store: Store) -> None:
         started = time.perf_counter()
-        self.index.load_store(store)
+        try:
+            self.index.load_store(store)
+        except LlmproxyError as exc:
+            log.error("recordings cannot be loaded", directory=store.location, reason=str(exc))
+            return
         self.dropped = dropped.read_notes(store.root) if store.root is not None else {}
         log.info(
             "recordings loaded",
@@ -192,24 +200,23 @@ class Playback:
     def _still_loading(self) -> bool:
         return self._loading is not None and not self._loading.done()
 
-    async def _load_hinted(self, call: Call) -> int:
-        """While loading: have this call's files (known by their names) read first. Returns
-        how many files are named for it."""
+    async def _load_hinted(self, call: Call) -> None:
+        """While loading: have this call's files (known by their names) read first."""
         key = call.canonical.key
-        prefix = key[:16]
-        pending = self._hinting.get(prefix)
+        # Per scope: each call lists its own scope's names (before the store is listed).
+        hinting = (call.scope, key[:16])
+        pending = self._hinting.get(hinting)
         if pending is None:
             if not self._still_loading():
-                return 0
+                return
             find = functools.partial(self._named_for, call)
             pending = asyncio.get_running_loop().run_in_executor(self._reads, self.index.load_hinted, key, find)
-            self._hinting[prefix] = pending
-            pending.add_done_callback(lambda _: self._hinting.pop(prefix, None))
+            self._hinting[hinting] = pending
+            pending.add_done_callback(lambda _: self._hinting.pop(hinting, None))
         try:
-            return await asyncio.shield(pending)
+            await asyncio.shield(pending)
         except Exception as exc:  # noqa: BLE001 - the full load still finds them
-            log.warning("hinted load failed; waiting for the full load", key=prefix, reason=str(exc))
-            return 0
+            log.warning("hinted load failed; waiting for the full load", key=key[:16], reason=str(exc))
 
     def _named_for(self, call: Call) -> list[Path]:
         """The files the store holds under the names this call's repeats get, in its scope and,
@@ -233,15 +240,21 @@ class Playback:
 
     async def lookup(self, call: Call) -> Lookup:
         """The recording that answers this call (None: nothing recorded for it)."""
-        named = await self._load_hinted(call)
-        group, entries = self._entries(call)
-        # Files named for the key were all read: what was found is the answer (only a miss
-        # waits for the rest, which may hold the key under another name).
-        while self._still_loading() and not (entries and named) and not self._settled(call, group, entries):
-            # Perhaps not loaded yet (or only the shared one, or a later repeat, so far): look
-            # again as the index grows, until loading ends.
-            await asyncio.wait([self._loading], timeout=0.02)
+        loading = self._still_loading() or bool(self._hinting)
+        if loading:
+            self.waiting += 1
+        try:
+            await self._load_hinted(call)
             group, entries = self._entries(call)
+            # What the names led to answers the call when it settles it; anything else (a miss,
+            # a shared answer to a scoped call, a repeat past those found) waits for the whole
+            # store, which may hold the call's files under other names.
+            while self._still_loading() and not self._settled(call, group, entries):
+                await asyncio.wait([self._loading], timeout=0.02)
+                group, entries = self._entries(call)
+        finally:
+            if loading:
+                self.waiting -= 1
         if not entries:
             return None
         key = group[1]

@@ -163,9 +163,11 @@ class SessionProxy:
             return server
 
         self.server = asyncio.run_coroutine_threadsafe(start(), self._loop).result(60)
-        for name, value in client_environment(self.url, self.mode, {}).items():
-            self._saved_env[name] = os.environ.get(name)
-            os.environ[name] = value
+        # A real key the user has stays (as under `run`): a test marked to record sends it.
+        for name, value in client_environment(self.url, self.mode, dict(os.environ)).items():
+            if os.environ.get(name) != value:
+                self._saved_env[name] = os.environ.get(name)
+                os.environ[name] = value
 
     def enter(self, nodeid: str, scope: str | None, mode: str | None) -> list[Path]:
         """The calls from now on are this test's (until leave()); its recordings are replaced

@@ -142,14 +142,20 @@ def _health(request: web.Request) -> web.Response:
     """For load balancers and orchestrators: answered before the token check and routing (it
     says nothing secret). 503 `starting` until the recordings are listed; then 200: `loading`
     while their files are read (a recorded request is answered at once, its files read first;
-    a request without one waits for the rest), `ok` once every file is indexed."""
+    a request without one waits for the rest), `ok` once every file is indexed; 503 `failed`
+    when the recordings could not be listed (the bucket went away after start)."""
     pipeline = request.app[PIPELINE]
     index = pipeline.index
+    if index is not None and index.failure is not None:
+        body = {"status": "failed", "mode": pipeline.name, "reason": index.failure}
+        return web.json_response(body, status=503)
     if index is None or index.loaded.is_set():
         status = "ok"
     else:
         status = "loading" if index.listed.is_set() else "starting"
-    body = {"status": status, "mode": pipeline.name, "recordings": len(index or ())}
+    body: dict[str, Any] = {"status": status, "mode": pipeline.name, "recordings": len(index or ())}
+    if status != "ok" and pipeline.playback is not None:
+        body["waiting"] = pipeline.playback.waiting  # requests waiting on the store meanwhile
     return web.json_response(body, status=503 if status == "starting" else 200)
 
 

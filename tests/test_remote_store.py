@@ -117,7 +117,7 @@ def _objects(location: str) -> dict[str, bytes]:
 
 
 def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="sk-test-not-a-real-key", max_retries=0)
+    return openai.OpenAI(base_url=url + "/v1", api_key="sk-test-not-a-real-key", max_retries=0, timeout=60)
 
 
 def _ask(url: str, prompt: str) -> tuple[str, str]:
@@ -452,6 +452,7 @@ class GatedS3:
         self.listing_opened: asyncio.Event = loop_thread.run(self._event())
         self.names_opened: asyncio.Event = loop_thread.run(self._event())
         self.names_asked = 0
+        self.listings = 0
         self._session: aiohttp.ClientSession | None = None
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self.handle)
@@ -468,7 +469,10 @@ class GatedS3:
         if is_object_read and not any(name in request.path for name in self.passes):
             self.held += 1
             await self.opened.wait()
+        elif request.query.get("max-keys") == "1":
+            pass  # start-up's check that the bucket can be listed
         elif request.method == "GET" and request.query.get("prefix", "").endswith("/"):
+            self.listings += 1
             await self.listing_opened.wait()  # a folder's listing, not one name's
         elif request.method == "GET" and "prefix" in request.query:
             self.names_asked += 1
@@ -492,6 +496,12 @@ class GatedS3:
 
     def open_names(self) -> None:
         self.loop_thread.loop.call_soon_threadsafe(self.names_opened.set)
+
+    def close_listing(self) -> None:
+        async def close() -> None:
+            self.listing_opened = asyncio.Event()
+
+        self.loop_thread.run(close())
 
     def stop(self) -> None:
         self.open()
@@ -566,7 +576,7 @@ def test_a_request_is_answered_from_the_files_named_for_it_while_the_bucket_stil
         # The bucket's listing is held: a load balancer is told to wait, yet a recorded request
         # is answered (its repeats found by their names), in recorded order though `-2.json`
         # sorts before `.json`.
-        assert _health(replay.url) == (503, {"status": "starting", "mode": "replay", "recordings": 0})
+        assert _health(replay.url) == (503, {"status": "starting", "mode": "replay", "recordings": 0, "waiting": 0})
         assert ask("wanted") == first
         assert ask("wanted") == second
         assert _health(replay.url)[1]["status"] == "starting"
@@ -575,7 +585,7 @@ def test_a_request_is_answered_from_the_files_named_for_it_while_the_bucket_stil
         wait_until(lambda: _health(replay.url)[0] == 200, "the listing")
         assert ask("asked once listed") == third
         assert gate.held >= 1
-        assert _health(replay.url) == (200, {"status": "loading", "mode": "replay", "recordings": 3})
+        assert _health(replay.url) == (200, {"status": "loading", "mode": "replay", "recordings": 3, "waiting": 0})
         gate.open()
         wait_until(lambda: _health(replay.url)[1]["status"] == "ok", "the full load")
         assert ask("another prompt") == other
@@ -613,6 +623,127 @@ def test_a_name_found_after_the_load_ended_is_not_indexed_twice(
         replay.stop()
         gate.stop()
         upstream.stop()
+
+
+def _record_bucket(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str], asks: list[tuple[str, str | None]]
+) -> list[str]:
+    """Record each (prompt, scope) through a record proxy; the upstream's request ids."""
+    wire = OpenAIWire()
+    upstream = RunningApp(loop_thread, wire.app()).start()
+    recorder = _proxy("record", bucket, upstream.url, aws)
+    try:
+        return [_ask_in(recorder.url, prompt, scope) for prompt, scope in asks]
+    finally:
+        recorder.stop()
+        upstream.stop()
+
+
+def test_a_scoped_and_a_shared_request_for_one_body_while_loading_each_get_their_own(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str]
+) -> None:
+    scope = "tests/test_app.py::test_own"
+    shared, scoped = _record_bucket(loop_thread, bucket, aws, [("one body", None), ("one body", scope)])
+    gate = GatedS3(loop_thread, aws["AWS_ENDPOINT_URL"], passes=("openai",))
+    replay = _proxy("replay", bucket, "http://127.0.0.1:9", {**aws, "AWS_ENDPOINT_URL": gate.app.url})
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            answers = [pool.submit(_ask_in, replay.url, "one body", each) for each in (None, scope)]
+            # Both wait on the bucket (its listing is held) while one lists its names: the other
+            # must look for its own scope's names, not borrow the first one's.
+            wait_until(lambda: _health(replay.url)[1].get("waiting") == 2, "both requests to wait on the bucket")
+            gate.open_names()
+            assert [answer.result(timeout=30) for answer in answers] == [shared, scoped]
+    finally:
+        replay.stop()
+        gate.stop()
+
+
+@pytest.mark.parametrize("mode", ["replay", "record-missing"])
+def test_a_repeat_in_a_renamed_file_is_waited_for_not_replaced(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str], mode: str
+) -> None:
+    import boto3
+
+    first, second = _record_bucket(loop_thread, bucket, aws, [("said twice", None), ("said twice", None)])
+    name, _, prefix = bucket.removeprefix("s3://").partition("/")
+    repeat = next(key for key in _objects(bucket) if key.endswith("-2.json"))
+    s3 = boto3.client("s3")
+    # Repeat 2 under a name without the key: only reading it tells what it holds.
+    s3.copy_object(Bucket=name, Key=f"{prefix}/openai/0000-renamed.json", CopySource={"Bucket": name, "Key": repeat})
+    s3.delete_object(Bucket=name, Key=repeat)
+    key16 = repeat.removesuffix("-2.json").rsplit("-", 1)[1]
+    wire = OpenAIWire()
+    upstream = RunningApp(loop_thread, wire.app()).start()
+    gate = GatedS3(loop_thread, aws["AWS_ENDPOINT_URL"], passes=(key16,))
+    gate.open_names()
+    gate.open_listing()
+    proxy = _proxy(mode, bucket, upstream.url, {**aws, "AWS_ENDPOINT_URL": gate.app.url}, "--after-last", "error")
+    try:
+        assert _ask_in(proxy.url, "said twice", None) == first
+        with ThreadPoolExecutor(1) as pool:
+            again = pool.submit(_ask_in, proxy.url, "said twice", None)
+            # Repeat 1 was found by its name; repeat 2 may be anywhere: the whole bucket decides.
+            wait_until(lambda: _health(proxy.url)[1].get("waiting") == 1, "the second request to wait for the load")
+            gate.open()
+            assert again.result(timeout=30) == second
+        assert wire.requests == []  # record --missing made no duplicate
+    finally:
+        proxy.stop()
+        gate.stop()
+        upstream.stop()
+
+
+def test_a_request_waiting_on_a_slow_bucket_does_not_stop_the_proxy_from_exiting(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str]
+) -> None:
+    _record_bucket(loop_thread, bucket, aws, [("never answered", None)])
+    gate = GatedS3(loop_thread, aws["AWS_ENDPOINT_URL"], passes=())
+    replay = _proxy("replay", bucket, "http://127.0.0.1:9", {**aws, "AWS_ENDPOINT_URL": gate.app.url})
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(_ask_in, replay.url, "never answered", None)
+            wait_until(lambda: gate.names_asked == 1, "the request to look for its own name")
+            events = replay.stop()  # SIGTERM; fails if the proxy is still running 15 s later
+            assert replay.process.returncode == 0
+            assert any(event["event"] == "summary" for event in events)
+    finally:
+        gate.stop()
+
+
+def test_a_name_found_during_a_refresh_is_not_indexed_twice(
+    loop_thread: LoopThread, bucket: str, aws: dict[str, str], tmp_path: Path
+) -> None:
+    recorded = _record_bucket(loop_thread, bucket, aws, [("refreshed once", None)])
+    gate = GatedS3(loop_thread, aws["AWS_ENDPOINT_URL"], passes=())
+    gate.open()
+    gate.open_listing()
+    env = {**aws, "AWS_ENDPOINT_URL": gate.app.url}
+    replay = _proxy("replay", bucket, "http://127.0.0.1:9", env, "--refresh-seconds", "0.1")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(_ask_in, replay.url, "refreshed once", None)
+            wait_until(lambda: gate.names_asked == 1, "the request to look for its own name")
+            wait_until(lambda: _health(replay.url)[1]["status"] == "ok", "the full load")
+            # A refresh is listing the bucket when the request's own listing comes back.
+            listings = gate.listings
+            gate.close_listing()
+            wait_until(lambda: gate.listings > listings, "a refresh")
+            gate.open_names()
+            assert [asked.result(timeout=30)] == recorded
+            gate.open_listing()
+        assert _health(replay.url)[1]["recordings"] == 1
+    finally:
+        replay.stop()
+        gate.stop()
+
+
+def test_a_bucket_that_cannot_be_listed_stops_start_up_in_one_line(aws: dict[str, str]) -> None:
+    for mode in ("replay", "record"):
+        result = _llmproxy(mode, "--recordings", "s3://no-such-bucket-here/recordings", "--port", "0", env=aws)
+        assert result.returncode == 1  # as for a missing directory
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "NoSuchBucket" in lines[0] and "s3://no-such-bucket-here" in lines[0], lines
 
 
 COMPOSE = REPO / "docs" / "deploy" / "compose.yaml"

@@ -86,12 +86,22 @@ class AnthropicProvider(Provider):
         return isinstance(last, dict) and last.get("type") in ("message_stop", "error")
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
-        kind = "not_found_error" if status == 404 else "api_error"
-        if status == 400:
-            kind = "invalid_request_error"
+        kind = _ERROR_TYPES.get(status, "api_error")
         return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
 
     def usage(self, path: str, values: list[Any]) -> TokenUsage | None:
         if path.endswith("/count_tokens"):
             return None  # counting tokens generates none and costs nothing
         return anthropic_usage(values)
+
+
+# Anthropic's error types by status (its API reference, "Errors").
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}

@@ -308,6 +308,14 @@ class BedrockProvider(Provider):
                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or AWS_BEARER_TOKEN_BEDROCK) in the proxy's environment",
                 "no_upstream_credentials",
             )
+        if credentials.access_key == self.placeholder_keys["AWS_ACCESS_KEY_ID"]:
+            # The pytest plugin (in this very process) or `run` set them for a replay run.
+            raise UpstreamRequestError(
+                "llmproxy's AWS credentials are the replay placeholders (AWS_ACCESS_KEY_ID="
+                f"{credentials.access_key}, set by `llmproxy run` or the pytest plugin in replay): "
+                "set real AWS credentials to record this call",
+                "placeholder_key",
+            )
         host = target.host or ""
         region_match = _REGION_HOST.match(host) or _SCOPE_REGION.search(client_auth)
         region = region_match.group(1) if region_match else default_region()

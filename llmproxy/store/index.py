@@ -231,6 +231,7 @@ class RecordingIndex:
         self.problems: list[LoadProblem] = []
         self.loaded = threading.Event()
         self.listed = threading.Event()  # the first listing is done: names can be hinted
+        self.failure: str | None = None  # why loading the store failed, if it did
         self._stop_loading = threading.Event()
         self._seen: set[str] = set()  # files already read (indexed or skipped)
         # While loading: files by the key prefix in their name, and the files already taken by
@@ -239,6 +240,10 @@ class RecordingIndex:
         self._claimed: set[str] = set()
         self._claim_lock = threading.Lock()
         self._loading_from: Store | None = None
+        self._generation = 0  # one per load (start, refresh): a hinted load belongs to one
+        # Hinted loads of one key prefix run one at a time: the second finds the first's files
+        # indexed, never taken and still being read.
+        self._prefix_locks: dict[str, threading.Lock] = {}
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._entries.values())
@@ -333,6 +338,9 @@ class RecordingIndex:
     def load_store(self, store: Store) -> None:
         try:
             self.load_new(store)
+        except LlmproxyError as exc:  # the store cannot be listed or read: said by health too
+            self.failure = str(exc)
+            raise
         finally:
             self.listed.set()
             self.loaded.set()
@@ -367,12 +375,15 @@ class RecordingIndex:
             with self._claim_lock:
                 self._hints.clear()
                 self._claimed.clear()
+                self._prefix_locks.clear()
                 self._loading_from = None
         return added
 
     def begin_loading(self, store: Store) -> None:
         """Say which store is being loaded, before its listing starts (hinted loads need it)."""
         with self._claim_lock:
+            if self._loading_from is not store:
+                self._generation += 1
             self._loading_from = store
 
     def load_hinted(self, key: str, find: Callable[[], Iterable[Path]] | None = None) -> int:
@@ -380,18 +391,23 @@ class RecordingIndex:
         first 16 hex digits), ahead of the others: from the store's listing once it is done,
         before that from `find` (which asks the store for the names the request's own repeats
         would have). Returns how many files are named for it (0: none, or not loading). Once it
-        returns, every such file is indexed, except those another hinted load of the same key
-        is still reading (the caller serialises calls per key)."""
+        returns, every such file is indexed (or skipped, saying why)."""
         with self._claim_lock:
-            store = self._loading_from
-            named = list(self._hints.get(key[:16], ())) if self.listed.is_set() else None
+            store, generation = self._loading_from, self._generation
+            prefix_lock = self._prefix_locks.setdefault(key[:16], threading.Lock())
         if store is None:
             return 0
+        with prefix_lock:
+            return self._load_named(key, find, store, generation)
+
+    def _load_named(self, key: str, find: Callable[[], Iterable[Path]] | None, store: Store, generation: int) -> int:
+        with self._claim_lock:
+            named = list(self._hints.get(key[:16], ())) if self.listed.is_set() else None
         if named is None:
             named = list(find()) if find is not None else []
         with self._claim_lock:
-            if self._loading_from is not store:
-                return len(named)  # the load ended meanwhile: it indexed them all
+            if self._loading_from is not store or self._generation != generation:
+                return len(named)  # that load ended meanwhile: it indexed them all
             wanted = [path for path in named if str(path) not in self._claimed]
             self._claimed.update(str(path) for path in wanted)
         remote = store if not isinstance(store, RecordingStore) else None

@@ -19,6 +19,7 @@ sequence instead (see writer.py).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -100,6 +101,8 @@ class S3Store:
         self._urgent_in_flight = 0
         self._no_urgent: asyncio.Event | None = None
         self._start_lock = threading.Lock()
+        self._closed = False
+        self._pending: set[concurrent.futures.Future[Any]] = set()
 
     @property
     def location(self) -> str:
@@ -108,11 +111,27 @@ class S3Store:
     # -- the store's own loop ---------------------------------------------------------------
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self._result(self._submit(coroutine))
+
+    def _submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if self._closed:
+            coroutine.close()
+            raise StoreError(f"{self.location} is closed (the proxy is stopping)")
         loop = self._started()
         if threading.current_thread() is self._thread:
             coroutine.close()
             raise RuntimeError("S3Store's blocking methods cannot be called from its own loop")
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        # Closing cancels what is still waited for, so no thread waits on a stopped loop.
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        return future
+
+    def _result(self, future: concurrent.futures.Future[T]) -> T:
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise StoreError(f"{self.location} was closed (the proxy is stopping)") from None
 
     def _started(self) -> asyncio.AbstractEventLoop:
         with self._start_lock:
@@ -144,6 +163,9 @@ class S3Store:
         self._no_urgent.set()
 
     def close(self) -> None:
+        self._closed = True
+        for future in list(self._pending):
+            future.cancel()
         if self._loop is None:
             return
         loop, stack = self._loop, self._stack
@@ -218,6 +240,19 @@ class S3Store:
             raise StoreError(f"cannot list {self.location}: {_describe(exc)}") from None
         return found
 
+    def check(self) -> None:
+        """One small listing: StoreError when the bucket cannot be listed (missing, refused,
+        unreachable), said before the proxy listens rather than by a loader that finds nothing."""
+
+        async def probe() -> None:
+            prefix = f"{self.prefix}/" if self.prefix else ""
+            try:
+                await self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+            except Exception as exc:  # noqa: BLE001 - botocore raises many kinds; the message says which
+                raise StoreError(f"cannot list {self.location}: {_describe(exc)}") from None
+
+        self._run(probe())
+
     def list_objects(self, *, yielding: bool = False) -> dict[PurePosixPath, ObjectInfo]:
         self.listing = self._run(self._list(yielding=yielding))
         return self.listing
@@ -285,7 +320,6 @@ class S3Store:
     def load_many(self, paths: Iterable[Path], *, urgent: bool = False) -> Iterator[tuple[Path, Any]]:
         """Read concurrently (up to `concurrency` requests), hand back in order, at most
         READ_AHEAD documents ahead of the consumer."""
-        loop = self._started()
 
         async def one(path: Path) -> Any:
             try:
@@ -295,12 +329,12 @@ class S3Store:
 
         pending: list[tuple[Path, Any]] = []
         for path in paths:
-            pending.append((path, asyncio.run_coroutine_threadsafe(one(path), loop)))
+            pending.append((path, self._submit(one(path))))
             if len(pending) >= READ_AHEAD:
                 first, future = pending.pop(0)
-                yield first, future.result()
+                yield first, self._result(future)
         for path, future in pending:
-            yield path, future.result()
+            yield path, self._result(future)
 
     # -- writing ----------------------------------------------------------------------------
 

@@ -85,9 +85,9 @@ def request_credentials(headers: Mapping[str, str], query: Iterable[tuple[str, s
                 add(cookie_value, f"cookie {cookie.strip()}")
         elif lowered in credential_headers() or _CREDENTIAL_NAME.search(lowered):
             add(value, f"header {lowered}")
-            scheme, _, token = value.strip().partition(" ")
-            if token and scheme.isalpha():
-                add(token, f"header {lowered}")
+            parts = value.split(None, 1)  # any whitespace after the scheme
+            if len(parts) == 2 and parts[0].isalpha():
+                add(parts[1], f"header {lowered}")
     for name, value in query:
         if name.lower() in secret_query_params() or _CREDENTIAL_NAME.search(name):
             add(value, f"query {name}")
