@@ -564,3 +564,27 @@ def test_resolving_the_proxys_aws_credentials_never_stalls_other_requests(
         for app in apps:
             app.stop()
     assert len(bedrock_wire.authorizations) == 1 and PROXY_KEY in bedrock_wire.authorizations[0]
+
+
+def test_replay_placeholder_aws_credentials_in_the_proxy_never_sign_an_upstream_call(
+    loop_thread: LoopThread, tmp_path: Path, aws_env: pytest.MonkeyPatch
+) -> None:
+    """The pytest plugin sets placeholder AWS keys in its own process, where an in-process
+    proxy also finds its credentials: a call marked to record gets a clear error instead."""
+    placeholders = get_provider("bedrock").placeholder_keys
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        aws_env.setenv(name, placeholders[name])
+    upstream = BedrockWire(PROXY_KEY, PROXY_SECRET, PROXY_TOKEN)
+    app = RunningApp(loop_thread, upstream.app()).start()
+    config = write_config(tmp_path / "llmproxy.toml", [{"name": "bedrock", "provider": "bedrock", "upstream": app.url}])
+    proxy = start_proxy(loop_thread, "record", tmp_path, config)
+    try:
+        with pytest.raises(ClientError) as caught:
+            client(proxy.url).converse(modelId=MODEL, messages=[{"role": "user", "content": [{"text": "hi"}]}])
+    finally:
+        proxy.stop()
+        app.stop()
+    assert caught.value.response["Error"]["Code"] == "placeholder_key"
+    assert "set real AWS credentials" in caught.value.response["Error"]["Message"]
+    assert upstream.requests == []
+    assert not [path for path in files_under(tmp_path) if path.suffix == ".json"]

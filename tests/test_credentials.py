@@ -210,12 +210,22 @@ def test_a_replay_placeholder_key_is_never_sent_upstream_or_recorded(loop_thread
         with pytest.raises(openai.AuthenticationError) as refused:
             client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
         assert "OPENAI_API_KEY" in str(refused.value) and "placeholder" in str(refused.value)
+        # Any whitespace between the scheme and the key.
+        tabbed = openai.OpenAI(
+            base_url=proxy.url + "/v1",
+            api_key="unused",
+            max_retries=0,
+            default_headers={"Authorization": "Bearer\t" + replay_env["OPENAI_API_KEY"]},
+        )
+        with pytest.raises(openai.AuthenticationError):
+            tabbed.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
         claude = anthropic.Anthropic(base_url=proxy.url, api_key=replay_env["ANTHROPIC_API_KEY"], max_retries=0)
         with pytest.raises(anthropic.AuthenticationError) as refused_too:
             claude.messages.create(
                 model="claude-3-5-sonnet-latest", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
             )
         assert "ANTHROPIC_API_KEY" in str(refused_too.value)
+        assert refused_too.value.body["error"]["type"] == "authentication_error"  # Anthropic's own type
         # A real key goes through and is recorded.
         real = openai.OpenAI(base_url=proxy.url + "/v1", api_key=SECRETS["bearer"], max_retries=0)
         assert real.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}]).choices

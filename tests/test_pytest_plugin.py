@@ -249,3 +249,37 @@ def test_the_ini_mode_also_starts_the_proxy_before_collection(tmp_path: Path) ->
     result = run_pytest(project, "-p", "no:xdist", env={"OPENAI_BASE_URL": "https://api.openai.com/v1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "mode replay: 0 hit(s), 0 miss(es)" in result.stdout
+
+
+MARKED_RECORD = """
+import openai
+import pytest
+
+
+@pytest.mark.llmproxy(mode="record")
+def test_recorded_in_a_replay_run():
+    client = openai.OpenAI(max_retries=0)
+    assert client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "marked"}]
+    ).choices[0].message.content == "ECHO: MARKED"
+"""
+
+
+def test_a_test_marked_to_record_in_a_replay_run_sends_the_users_real_key(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    """Replay sets placeholder keys only where the user has none: a real one stays for the
+    tests that record."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "test_marked.py").write_text(MARKED_RECORD)
+    wire = OpenAIWire()
+    app = RunningApp(loop_thread, wire.app()).start()
+    try:
+        result = run_pytest(project, "--llmproxy-mode", "replay", "--llmproxy-upstream", app.url)
+    finally:
+        app.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    (request,) = wire.requests
+    assert request["headers"]["Authorization"] == "Bearer sk-test-plugin-key-000000000000000000"
+    assert len(files_under(project / "recordings")) == 1

@@ -173,6 +173,12 @@ def test_number_options_are_taken_from_the_command_line_and_the_environment(tmp_
     refused = llmproxy(*base, *port, option.flag, "many", cwd=tmp_path)
     assert refused.returncode == 2
     assert option.flag in refused.stderr and "'many'" in refused.stderr
+    if option.kind is not int:
+        for endless in ("nan", "inf", "1e400"):
+            for args, env in (([*base, *port, option.flag, endless], {}), ([*base, *port], {option.env: endless})):
+                result = llmproxy(*args, cwd=tmp_path, env=env)
+                assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+                assert len(result.stderr.strip().splitlines()) == 1 and "finite" in result.stderr
 
 
 def test_run_takes_the_serving_options_honours_port_and_names_itself_in_a_miss(tmp_path: Path) -> None:
