@@ -156,6 +156,8 @@ def _health(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"status": status, "mode": pipeline.name, "recordings": len(index or ())}
     if status != "ok" and pipeline.playback is not None:
         body["waiting"] = pipeline.playback.waiting  # requests waiting on the store meanwhile
+    if index is not None and index.problems:
+        body["skipped"] = len(index.problems)  # files that could not be read or served (logged)
     return web.json_response(body, status=503 if status == "starting" else 200)
 
 

@@ -391,6 +391,16 @@ def test_health_endpoint_answers_before_routing_and_the_token(
         proxy.stop()
 
 
+def test_health_counts_the_files_that_could_not_be_loaded(loop_thread: LoopThread, tmp_path: Path) -> None:
+    (tmp_path / "openai").mkdir()
+    (tmp_path / "openai" / "torn.json").write_text('{"request": {"method": "POST"')
+    proxy = start_proxy(loop_thread, "replay", tmp_path)
+    try:
+        assert _health(proxy.url) == (200, {"status": "ok", "mode": "replay", "recordings": 0, "skipped": 1})
+    finally:
+        proxy.stop()
+
+
 def _ask_in(url: str, prompt: str, scope: str | None) -> str:
     """The upstream's request id of an answer asked in `scope` (x-llmproxy-scope)."""
     headers = {"x-llmproxy-scope": scope} if scope else {}
