@@ -16,6 +16,7 @@ from aiohttp import web
 from llmproxy.canonical import CanonicalRequest
 from llmproxy.providers import get_provider
 from llmproxy.routing import Route
+from llmproxy.store.secrets import request_credentials
 
 
 @dataclass(slots=True)
@@ -35,6 +36,14 @@ class Call:
     raw_headers: list[tuple[str, str]] = field(default_factory=list)
     # Whose recordings answer it: a pytest node id, an x-llmproxy-scope header, None for shared.
     scope: str | None = None
+    _credentials: dict[str, str] | None = field(default=None, repr=False)
+
+    def credentials(self) -> dict[str, str]:
+        """Every credential value the request carried -> where (listed once per call: the
+        placeholder check and the secret scan both need them)."""
+        if self._credentials is None:
+            self._credentials = request_credentials(self.headers, self.query)
+        return self._credentials
 
     @property
     def model(self) -> str | None:

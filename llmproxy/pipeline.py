@@ -40,7 +40,6 @@ from llmproxy.store import dropped
 from llmproxy.store.base import Store
 from llmproxy.store.document import from_document
 from llmproxy.store.index import Rendered, render
-from llmproxy.store.secrets import request_credentials
 from llmproxy.store.writer import Recorder
 from llmproxy.upstream.base import Upstream, UpstreamFailure
 from llmproxy.upstream.client import Exchange
@@ -564,7 +563,7 @@ _PLACEHOLDER_VALUES = {value for value in PLACEHOLDER_KEYS.values() if "placehol
 def placeholder_key_in(call: Call) -> str | None:
     """The variable (of the call's provider) whose replay placeholder this call carries as its
     credential, if it carries one."""
-    carried = set(request_credentials(call.headers, call.query)) & _PLACEHOLDER_VALUES
+    carried = set(call.credentials()) & _PLACEHOLDER_VALUES
     if not carried:
         return None
     own = [name for name, value in call.route.provider.placeholder_keys.items() if value in carried]

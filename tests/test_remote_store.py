@@ -609,30 +609,23 @@ def test_a_request_is_answered_from_the_files_named_for_it_while_the_bucket_stil
 def test_a_name_found_after_the_load_ended_is_not_indexed_twice(
     loop_thread: LoopThread, bucket: str, aws: dict[str, str]
 ) -> None:
-    wire = OpenAIWire()
-    upstream = RunningApp(loop_thread, wire.app()).start()
-    recorder = _proxy("record", bucket, upstream.url, aws)
-    try:
-        recorded = _ask(recorder.url, "only once")
-    finally:
-        recorder.stop()
+    recorded = _record_bucket(loop_thread, bucket, aws, [("only once", None)])
     # The request's own LIST (by its name) is held until the whole bucket was loaded.
     gate = GatedS3(loop_thread, aws["AWS_ENDPOINT_URL"], passes=())
     gate.open()
-    replay = _proxy("replay", bucket, upstream.url, {**aws, "AWS_ENDPOINT_URL": gate.app.url})
+    replay = _proxy("replay", bucket, "http://127.0.0.1:9", {**aws, "AWS_ENDPOINT_URL": gate.app.url})
     try:
         with ThreadPoolExecutor(1) as pool:
-            asked = pool.submit(_ask, replay.url, "only once")
+            asked = pool.submit(_ask_in, replay.url, "only once", None)
             wait_until(lambda: gate.names_asked == 1, "the request to look for its own name")
             gate.open_listing()
             wait_until(lambda: _health(replay.url)[1]["status"] == "ok", "the full load")
             gate.open_names()
-            assert asked.result(timeout=30) == recorded
+            assert [asked.result(timeout=30)] == recorded
         assert _health(replay.url)[1]["recordings"] == 1
     finally:
         replay.stop()
         gate.stop()
-        upstream.stop()
 
 
 def _record_bucket(

@@ -59,6 +59,15 @@ def slug(text: str, limit: int = 48) -> str:
 MAX_SCOPE_DEPTH = 12
 
 
+# `name_for` ends a recording's name with its key's first 16 hex digits, then `-N` for repeat N.
+KEY_IN_NAME = re.compile(r"-([0-9a-f]{16})(?:-(\d+))?\.json$")
+
+
+def repeat_names(key: str) -> re.Pattern[str]:
+    """The names `name_for` gives `key`'s repeats (group 1: the repeat number, absent for 1)."""
+    return re.compile(rf"-{re.escape(key[:16])}(?:-(\d+))?\.json$")
+
+
 def scope_path(scope: str | None) -> Path:
     """Where a scope's recordings live, readable: `tests/test_app.py::TestX::test_one[a]` is
     `tests/test_app/testx/test_one-a`. Shared recordings (None) are at the top."""
@@ -144,7 +153,7 @@ class RecordingStore:
     def highest_sequence(self, route: str, key: str, *, name: Path | None = None, scope: str | None = None) -> int:
         """The highest repeat number any file of `key` has under the route's directory (0: none).
         `name` (its first repeat's name) lets a remote store list less; a directory scans anyway."""
-        pattern = re.compile(rf"-{re.escape(key[:16])}(?:-(\d+))?\.json$")
+        pattern = repeat_names(key)
         highest = 0
         try:
             with os.scandir(self.root / scope_path(scope) / slug(route, 40)) as entries:
@@ -157,7 +166,7 @@ class RecordingStore:
         return highest
 
     def named_for(self, route: str, key: str, *, name: Path | None = None, scope: str | None = None) -> list[Path]:
-        pattern = re.compile(rf"-{re.escape(key[:16])}(?:-\d+)?\.json$")
+        pattern = repeat_names(key)
         directory = self.root / scope_path(scope) / slug(route, 40)
         try:
             with os.scandir(directory) as entries:

@@ -32,7 +32,7 @@ from llmproxy.headers import replay_headers
 from llmproxy.providers import Provider
 from llmproxy.routing import Route, Router
 from llmproxy.store.base import Store
-from llmproxy.store.directory import DEFAULT_MAX_FILE_BYTES, RecordingStore
+from llmproxy.store.directory import DEFAULT_MAX_FILE_BYTES, KEY_IN_NAME, RecordingStore
 from llmproxy.store.document import Recording, RecordingError, from_document
 from llmproxy.wire.registry import default_content_type, render_segments
 
@@ -357,7 +357,7 @@ class RecordingIndex:
             self.max_file_bytes = store.max_file_bytes
             with self._claim_lock:
                 for path in fresh:
-                    hint = _KEY_IN_NAME.search(path.name)
+                    hint = KEY_IN_NAME.search(path.name)
                     if hint is not None:
                         self._hints.setdefault(hint.group(1), []).append(path)
             self.listed.set()
@@ -463,8 +463,6 @@ class RecordingIndex:
 
 
 NEAREST_CANDIDATES = 1000
-# llmproxy's file names end in the request key's first 16 hex digits and the repeat number.
-_KEY_IN_NAME = re.compile(r"-([0-9a-f]{16})(?:-\d+)?\.json$")
 NEAREST_TEXT_BYTES = 16 * 1024
 
 

@@ -22,7 +22,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
-import re
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from llmproxy.store.directory import (
     NOT_RECORDINGS,
     StoreError,
     parse_document,
+    repeat_names,
     scope_path,
     slug,
 )
@@ -400,7 +400,7 @@ class S3Store:
     ) -> list[tuple[PurePosixPath, ObjectInfo, int]]:
         """The key's recordings: listed by the name of its first repeat when known (one LIST
         request whatever the bucket holds), else the whole route folder."""
-        pattern = re.compile(rf"-{re.escape(key[:16])}(?:-(\d+))?\.json$")
+        pattern = repeat_names(key)
         found = []
         if name is not None:
             listing = self._list(stem=Path(name).as_posix().removesuffix(".json"))

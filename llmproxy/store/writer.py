@@ -30,7 +30,7 @@ from llmproxy.providers import Provider
 from llmproxy.store.base import Store
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
 from llmproxy.store.journal import Journal, Target, write_create_only
-from llmproxy.store.secrets import SecretScanner, request_credentials
+from llmproxy.store.secrets import SecretScanner
 from llmproxy.upstream.client import Exchange
 from llmproxy.wire.framing import CapturedBody, Codec, Format, data_of
 from llmproxy.wire.opaque import OPAQUE
@@ -346,7 +346,7 @@ class Recorder:
             document = to_document(recording)
             data = self.store.serialize(document)
             # This request's own credentials are searched for too: upstreams echo keys back.
-            values = request_credentials(call.headers, call.query)
+            values = call.credentials()
             findings = self.scanner.scan(document, data, values)
             if findings and self.redact:
                 document = self.scanner.redact(document, values)
