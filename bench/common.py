@@ -122,8 +122,20 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of the live children it runs (llmproxy's file writer)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    total = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                total += cpu_seconds(int(child))
+            except (OSError, ValueError):
+                pass
+    return total
 
 
 def rss_mb(pid: int) -> float:

@@ -42,6 +42,7 @@ ClientDisconnect = Literal["discard", "drain"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Secrets = Literal["refuse", "redact"]
 JournalMode = Literal["on", "fsync", "off"]
+WriterKind = Literal["process", "thread"]
 # Timing is "fast", "realtime" or "xN"; validated by validate_timing.
 
 SERVING = ("record", "replay", "run")  # the commands that start a proxy
@@ -250,6 +251,15 @@ OPTIONS: tuple[Option, ...] = (
         choices=get_args(JournalMode),
     ),
     Option(
+        "writer",
+        "process",
+        str,
+        "Record: who creates the recording files: a child process (no GIL shared with the proxy's "
+        "event loop) or a thread of the proxy. A bucket is always written by a thread.",
+        commands=("record", "run"),
+        choices=get_args(WriterKind),
+    ),
+    Option(
         "max_pending_mb",
         32,
         (int, float),
@@ -344,6 +354,7 @@ class Settings:
     body_timeout: float = default("body_timeout")
     durable_writes: bool = default("durable_writes")
     journal: JournalMode = default("journal")
+    writer: WriterKind = default("writer")
     max_pending_bytes: int = int(default("max_pending_mb") * 1024 * 1024)
     allow_empty: bool = default("allow_empty")
     secrets: Secrets = default("secrets")
@@ -569,6 +580,7 @@ def load_settings(
         body_timeout=_seconds("body_timeout", pick("body_timeout")),
         durable_writes=bool(pick("durable_writes")),
         journal=pick("journal"),
+        writer=pick("writer"),
         max_pending_bytes=_megabytes("max_pending_mb", pick("max_pending_mb")),
         allow_empty=bool(pick("allow_empty")),
         secrets=pick("secrets"),

@@ -145,6 +145,8 @@ class Pipeline:
             await self.playback.start()
         if self.upstream is not None:
             await self.upstream.start()
+        if self.recorder is not None and self.record is not RecordPolicy.OFF:
+            await self.recorder.start()  # a switchable pipeline (the pytest plugin) starts it when recording
 
     async def wait_ready(self) -> None:
         if self.playback is not None:

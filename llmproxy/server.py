@@ -83,6 +83,7 @@ def build_pipeline(settings: Settings, mode_name: str, *, switchable: bool = Fal
             record_errors=settings.record_errors,
             redact=settings.secrets == "redact",
             journal_mode=settings.journal,
+            writer=settings.writer,
             max_pending_bytes=settings.max_pending_bytes,
         )
     if playback is not None and (settings.watch or is_remote(settings.recordings)):

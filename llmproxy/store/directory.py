@@ -86,6 +86,8 @@ class RecordingStore:
     def __init__(self, root: Path, *, durable: bool = False, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
         self.root = Path(root)
         self.durable = durable
+        # Off once O_TMPFILE or linking through /proc failed here (see _write_unnamed).
+        self._unnamed_files = bool(_O_TMPFILE) and os.environ.get("LLMP_NO_TMPFILE") is None
         self.max_file_bytes = max_file_bytes
         self._made_dirs: set[Path] = set()
 
@@ -233,14 +235,18 @@ class RecordingStore:
             directory.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(directory)
         data = document if isinstance(document, bytes) else self.serialize(document)
+        if not replace and self._unnamed_files:
+            try:
+                self._write_unnamed(directory, target, data)
+                return target
+            except _NoUnnamedFiles:
+                self._unnamed_files = False
         # Unique across processes (pid) and threads (the counter), with no syscall to make it.
         temp = directory / f".{target.name}.{os.getpid()}-{next(_temp_numbers)}{TEMP_SUFFIX}"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, data)
                 if self.durable:
                     os.fsync(fd)
             finally:
@@ -252,6 +258,61 @@ class RecordingStore:
         finally:
             temp.unlink(missing_ok=True)
         return target
+
+    def _write_unnamed(self, directory: Path, target: Path, data: bytes) -> None:
+        """Linux: the file is made without a name (O_TMPFILE), filled, then given its name in one
+        create-only link. Half the directory updates of a named temp file (no temp entry to add
+        and remove), and a kill leaves nothing behind: the unnamed inode is freed."""
+        try:
+            fd = os.open(directory, _O_TMPFILE | os.O_WRONLY, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                raise _NoUnnamedFiles from None  # the kernel or the filesystem has none
+            raise
+        try:
+            _write_all(fd, data)
+            if self.durable:
+                os.fsync(fd)
+            try:
+                # The descriptor's /proc link names the unnamed inode (linkat with AT_EMPTY_PATH
+                # would need CAP_DAC_READ_SEARCH); given a directory descriptor, os.link calls
+                # linkat with AT_SYMLINK_FOLLOW, which follows that link (plain link() does not).
+                os.link(f"self/fd/{fd}", target, src_dir_fd=_proc(), follow_symlinks=True)
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise _NoUnnamedFiles from None  # no /proc, or no links here
+                raise
+        finally:
+            os.close(fd)
+
+
+class _NoUnnamedFiles(Exception):
+    """O_TMPFILE and linking through /proc do not work here: named temp files are used."""
+
+
+_proc_fd: int | None = None
+
+
+def _proc() -> int:
+    global _proc_fd
+    if _proc_fd is None:
+        try:
+            _proc_fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise _NoUnnamedFiles from None
+    return _proc_fd
+
+
+# os.O_TMPFILE exists only where the platform has it (Linux 3.11+).
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _link_new(temp: Path, target: Path) -> None:

@@ -19,6 +19,7 @@ import fcntl
 import os
 import secrets
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -81,34 +82,26 @@ class Journal:
         return self.append_many([(target, data)])[0]
 
     def append_many(self, recordings: list[tuple[Target, bytes]]) -> list[int]:
-        """Journal recordings' final bytes in one write; returns their ids. On return they survive
-        a kill of this process (and a power cut too with fsync = "always": one flush for all)."""
-        parts: list[bytes] = []
+        """Journal recordings' final bytes in one write; returns their ids."""
+        entries = self.next_ids(len(recordings))
+        self.append_framed(b"".join(frame_entries(zip(entries, recordings, strict=True))), entries)
+        return entries
+
+    def next_ids(self, count: int) -> list[int]:
         with self._lock:
-            entries = []
-            for target, data in recordings:
-                self._next += 1
-                entry = self._next
-                header = {
-                    "id": entry,
-                    "size": len(data),
-                    "route": target.route,
-                    "path": target.path,
-                    "model": target.model,
-                    "key": target.key,
-                    "sequence": target.sequence,
-                    "scope": target.scope,
-                }
-                parts.append(orjson.dumps(header) + b"\n")
-                parts.append(data)
-                entries.append(entry)
-            record = b"".join(parts)
-            _write_all(self._fd, record)
-            self._size += len(record)
+            first = self._next + 1
+            self._next += count
+        return list(range(first, first + count))
+
+    def append_framed(self, data: bytes, entries: list[int]) -> None:
+        """Journal entries framed by `frame_entries` (ids from `next_ids`) in one write. On return
+        they survive a kill of this process (and a power cut too with fsync = "always")."""
+        with self._lock:
+            _write_all(self._fd, data)
+            self._size += len(data)
             self._open.update(entries)
         if self.fsync == "always":
             os.fsync(self._fd)
-        return entries
 
     def done(self, entries: list[int]) -> None:
         """These entries' files are written: they need no recovery (one write for all)."""
@@ -169,25 +162,45 @@ def abandoned(path: Path) -> bool:
         os.close(fd)
 
 
-def pending_entries(data: bytes) -> list[tuple[Target, bytes]]:
-    """The complete entries of a journal's bytes that are not marked done, in order."""
-    entries: dict[int, tuple[Target, bytes]] = {}
-    position = 0
+def frame_entries(entries: Iterable[tuple[int, tuple[Target, bytes]]]) -> list[bytes]:
+    """Entries as the journal (and the file writer process's feed) frames them: per entry a JSON
+    header line (its id, size and target), then the recording's bytes. Join the parts to write."""
+    parts: list[bytes] = []
+    for entry, (target, data) in entries:
+        header = {
+            "id": entry,
+            "size": len(data),
+            "route": target.route,
+            "path": target.path,
+            "model": target.model,
+            "key": target.key,
+            "sequence": target.sequence,
+            "scope": target.scope,
+        }
+        parts.append(orjson.dumps(header) + b"\n")
+        parts.append(data)
+    return parts
+
+
+def read_frames(data: bytes | bytearray, position: int = 0) -> tuple[list[tuple[int, Target | None, bytes]], int]:
+    """The complete frames of `data` from `position`, and where the first incomplete one starts.
+    A done mark is (id, None, b"")."""
+    frames: list[tuple[int, Target | None, bytes]] = []
     while position < len(data):
         end = data.find(b"\n", position)
         if end < 0:
-            break  # torn header: never acknowledged
+            break  # torn header
         try:
             header: dict[str, Any] = orjson.loads(data[position:end])
         except orjson.JSONDecodeError:
             break
-        position = end + 1
         if "done" in header:
-            entries.pop(int(header["done"]), None)
+            frames.append((int(header["done"]), None, b""))
+            position = end + 1
             continue
         size = int(header["size"])
-        if position + size > len(data):
-            break  # torn body: never acknowledged
+        if end + 1 + size > len(data):
+            break  # torn body
         target = Target(
             header["route"],
             header["path"],
@@ -196,8 +209,20 @@ def pending_entries(data: bytes) -> list[tuple[Target, bytes]]:
             int(header["sequence"]),
             header.get("scope"),
         )
-        entries[int(header["id"])] = (target, data[position : position + size])
-        position += size
+        frames.append((int(header["id"]), target, data[end + 1 : end + 1 + size]))
+        position = end + 1 + size
+    return frames, position
+
+
+def pending_entries(data: bytes) -> list[tuple[Target, bytes]]:
+    """The complete entries of a journal's bytes that are not marked done, in order (a torn tail,
+    killed mid-append, was never acknowledged)."""
+    entries: dict[int, tuple[Target, bytes]] = {}
+    for entry, target, body in read_frames(data)[0]:
+        if target is None:
+            entries.pop(entry, None)
+        else:
+            entries[entry] = (target, body)
     return list(entries.values())
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlencode
 
 import orjson
@@ -24,12 +25,14 @@ import structlog
 from llmproxy import __version__
 from llmproxy.call import Call, NotRecorded, Outcome
 from llmproxy.canonical import RawBody, public_query
+from llmproxy.config import JournalMode, WriterKind
 from llmproxy.headers import recorded_response_headers
 from llmproxy.logs import debug_enabled
 from llmproxy.providers import Provider
 from llmproxy.store.base import Store
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
-from llmproxy.store.journal import Journal, Target, write_create_only
+from llmproxy.store.fileproc import FileWriterProcess, Results
+from llmproxy.store.journal import Journal, Target, frame_entries, write_create_only
 from llmproxy.store.secrets import SecretScanner
 from llmproxy.upstream.client import Exchange
 from llmproxy.wire.framing import CapturedBody, Codec, Format, data_of
@@ -56,9 +59,6 @@ class Prepared:
     done: Callable[[Path | None], None] | None = None
 
 
-JournalMode = Literal["on", "fsync", "off"]
-
-
 @dataclass(slots=True)
 class Recorder:
     store: Store
@@ -74,7 +74,11 @@ class Recorder:
     redact: bool = False
     # The write-ahead journal (store/journal.py): "fsync" also survives a power cut, "off" none.
     journal_mode: JournalMode = "on"
-    # Test hook: runs in the writer thread before each file (a slow or stuck disk).
+    # Who creates the files: a child process (directory stores on POSIX; no GIL shared with the
+    # event loop, see store/fileproc.py) or a thread (buckets, and wherever the process cannot run).
+    writer: WriterKind = "process"
+    # Test hook: runs in the writer thread before each file (a slow or stuck disk); set, the
+    # files are written by the thread.
     before_write: Callable[[], None] | None = None
     written: list[str] = field(default_factory=list)
     journal: Journal | None = None
@@ -94,6 +98,10 @@ class Recorder:
     _writer: threading.Thread | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _idle: asyncio.Event | None = None
+    _files: FileWriterProcess | None = None
+    _files_started: asyncio.Task[None] | None = None
+    _sent: dict[int, Prepared] = field(default_factory=dict)  # handed to the process, by entry id
+    _feed_ids: int = 0  # entry ids when there is no journal to number them
 
     def should_record(self, status: int) -> bool:
         return self.record_errors or (status < 500 and status != 429)
@@ -185,6 +193,10 @@ class Recorder:
                 return
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
+            if self._files_started is None:
+                self._files_started = self._loop.create_task(self._start_files())
+            if not self._files_started.done():
+                await asyncio.shield(self._files_started)
             # What a queued exchange holds beyond its bytes (its call, flight, headers): counted, so
             # that many small recordings cannot hold much more memory than the bound says.
             body_size = len(exchange.body) + len(exchange.call.body) + QUEUED_OVERHEAD
@@ -215,30 +227,109 @@ class Recorder:
             if journaled is not None:
                 journaled()
 
+    async def start(self) -> None:
+        """Start the file writer process now rather than at the first recording (whose file
+        would otherwise wait for the child's start-up)."""
+        self._loop = asyncio.get_running_loop()
+        if self._files_started is None:
+            self._files_started = self._loop.create_task(self._start_files())
+        await self._files_started
+
+    async def _start_files(self) -> None:
+        """The file writer process, where it can run; else files are written by a thread."""
+        root = self.store.root
+        if self.writer != "process" or root is None or os.name != "posix" or self.before_write is not None:
+            return
+        files = FileWriterProcess(
+            root, durable=self.store.durable, on_results=self._files_written, on_exit=self._files_gone
+        )
+        try:
+            await files.start()
+        except (OSError, RuntimeError) as exc:
+            log.warning("file writer process not started: writing in a thread", error=str(exc))
+            return
+        self._files = files
+
     def _flush(self) -> None:
         """Once per loop iteration: journal what was prepared in one append, then hand it to the
-        writer thread in one wake-up (each wake-up of another thread costs the loop a GIL handoff)."""
+        writer process (or thread) in one write (each wake-up of another thread costs the loop a
+        GIL handoff)."""
         batch, self._outbox = self._outbox, []
         if not batch:
             return
+        prepared_batch = [prepared for prepared, _ in batch]
+        files = self._files if self._files is not None and self._files.alive else None
         # A bucket has no directory on this machine to journal in: its recordings are written
         # (a durable PUT) right after, unjournaled.
-        if self.journal_mode != "off" and self.store.root is not None:
+        journaling = self.journal_mode != "off" and self.store.root is not None
+        frames = b""
+        if journaling or files is not None:
             try:
-                if self.journal is None:
+                if journaling and self.journal is None:
                     self.journal = Journal(self.store.root, fsync="always" if self.journal_mode == "fsync" else "off")
-                entries = self.journal.append_many([(prepared.target, prepared.data) for prepared, _ in batch])
-                for (prepared, _), entry in zip(batch, entries, strict=True):
-                    prepared.entry = entry
+                if self.journal is not None:
+                    entries = self.journal.next_ids(len(batch))
+                else:
+                    entries = list(range(self._feed_ids + 1, self._feed_ids + 1 + len(batch)))
+                    self._feed_ids += len(batch)
+                # The same bytes go to the journal and to the writer process.
+                frames = b"".join(
+                    frame_entries(zip(entries, [(p.target, p.data) for p in prepared_batch], strict=True))
+                )
+                if self.journal is not None:
+                    self.journal.append_framed(frames, entries)
+                    for prepared, entry in zip(prepared_batch, entries, strict=True):
+                        prepared.entry = entry
+                if files is not None:
+                    for prepared, entry in zip(prepared_batch, entries, strict=True):
+                        self._sent[entry] = prepared
             except OSError:
                 log.exception("journal not written: these recordings are lost if the proxy is killed", count=len(batch))
         for _, queued in batch:
             if not queued.done():
                 queued.set_result(None)
+        if files is not None and frames:
+            if files.send(frames):
+                return
+            for entry in [entry for entry, prepared in self._sent.items() if prepared in prepared_batch]:
+                del self._sent[entry]
+        self._to_thread(prepared_batch)
+
+    def _to_thread(self, batch: list[Prepared]) -> None:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_queued, name="llmproxy-writer", daemon=True)
             self._writer.start()
-        self._queue.put([prepared for prepared, _ in batch])
+        self._queue.put(batch)
+
+    def _files_written(self, results: Results) -> None:
+        """The writer process's answers (on the loop)."""
+        written: list[tuple[Prepared, Path | None]] = []
+        for entry, path, error in results:
+            prepared = self._sent.pop(entry, None)
+            if prepared is None:
+                continue
+            if path is None:
+                self._not_written(prepared, error or "unknown error")
+                written.append((prepared, None))
+            else:
+                written.append((prepared, self._note_written(prepared, Path(path))))
+        if self.journal is not None:
+            self.journal.done([prepared.entry for prepared, path in written if path and prepared.entry])
+        self._written(written)
+
+    def _files_gone(self, code: int | None) -> None:
+        """The writer process exited: expected at shutdown; otherwise its outstanding entries
+        (journaled, so not lost either way) go to a thread, which writes from now on."""
+        files, self._files = self._files, None
+        if files is not None and not files.closing:
+            log.error(
+                "file writer process exited: writing in a thread from now on", code=code, outstanding=len(self._sent)
+            )
+        if self._sent:
+            outstanding = [self._sent[entry] for entry in sorted(self._sent)]
+            self._sent.clear()
+            # Entries it wrote but did not answer for are recognised (same bytes), not duplicated.
+            self._to_thread(outstanding)
 
     def _write_queued(self) -> None:
         """The writer thread: files for everything queued, in order; the loop hears of them in batches
@@ -275,6 +366,14 @@ class Recorder:
                 await asyncio.wait_for(self._idle.wait(), timeout=1.0)
             except TimeoutError:
                 log.info("shutting down: writing queued recordings", left=self._pending)
+        if self._files is not None:
+            files = self._files
+            code = await files.close()
+            if code:
+                log.warning("file writer process exited with an error", code=code)
+        while self._pending:  # what a process that died at the end handed back to the thread
+            self._idle = asyncio.Event()
+            await self._idle.wait()
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
@@ -309,6 +408,10 @@ class Recorder:
                 path=call.path,
             )
             return None
+        return self._note_written(prepared, path)
+
+    def _note_written(self, prepared: Prepared, path: Path) -> Path:
+        call = prepared.call
         key = call.scoped_key
         # GIL-atomic; a stale read elsewhere only costs one more FileExistsError.
         self._sequences[key] = max(self._sequences.get(key, 0), prepared.target.sequence)
@@ -325,6 +428,15 @@ class Recorder:
                 scope=call.scope,
             )
         return path
+
+    def _not_written(self, prepared: Prepared, error: str) -> None:
+        self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
+        log.error(
+            "recording not written (kept in the journal)" if prepared.entry else "recording not written",
+            route=prepared.call.route.name,
+            path=prepared.call.path,
+            error=error,
+        )
 
     def prepare(self, exchange: Exchange, sequence: int = 1) -> Prepared | None:
         """The recording in its final bytes, scanned for secrets, journaled (None: not recorded)."""
