@@ -4,6 +4,9 @@ recording) takes this long, or never completes.
     python -m tests.slowdisk 0.01 record ...    # 10 ms per recording file
     python -m tests.slowdisk stuck record ...   # no recording file is ever published
 
+The processes llmproxy starts (its file writer) run on the same disk: the mode is passed on in
+LLMPROXY_TEST_SLOWDISK, and tests/slowdisk_site/sitecustomize.py installs it in them.
+
 Like tests/netguard.py this changes the environment llmproxy runs in (the OS call that names a
 file), not llmproxy: the proxy runs unmodified on top of it.
 """
@@ -32,6 +35,9 @@ def install(mode: str) -> None:
 
 if __name__ == "__main__":
     install(sys.argv[1])
+    site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slowdisk_site")
+    os.environ["LLMPROXY_TEST_SLOWDISK"] = sys.argv[1]
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
     from llmproxy.cli import main
 
     sys.argv = ["llmproxy", *sys.argv[2:]]

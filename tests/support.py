@@ -125,6 +125,17 @@ async def async_wait_until(condition: Callable[[], object], what: str, timeout: 
         raise TimeoutError(f"still waiting for {what} after {timeout} s") from None
 
 
+def children_of(pid: int) -> list[int]:
+    """The live child processes of `pid` (llmproxy's file writer)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -157,6 +168,7 @@ class CliProxy:
         env: dict[str, str] | None = None,
         netguard: str | None = None,
         slowdisk: str | None = None,
+        new_session: bool = False,
     ) -> None:
         launcher = ["-m", "tests.netguard", netguard] if netguard else ["-m", "llmproxy"]
         if slowdisk is not None:  # tests/slowdisk.py: seconds per recording file, or "stuck"
@@ -164,7 +176,13 @@ class CliProxy:
         command = [sys.executable, *launcher, *args, "--log-json"]
         full_env = {**os.environ, **(env or {})}
         self.process = subprocess.Popen(
-            command, cwd=cwd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            command,
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=new_session,  # its own process group, as a terminal would give it
         )
         self.lines: list[str] = []
         self._changed = threading.Condition()

@@ -18,7 +18,11 @@ from tests.support import CliProxy, LoopThread, RunningApp, files_under, wait_un
 from tests.upstreams.openai_wire import OpenAIWire
 
 
-async def _stream_many(url: str, count: int) -> list[BaseException | bytes]:
+async def _new_event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+async def _stream_many(url: str, count: int, first: int = 0) -> list[BaseException | bytes]:
     async def one(number: int) -> bytes:
         # Longer answers for higher numbers: when the first files land, the rest are mid-stream.
         content = f"crash {number} " + "x" * 6 * number
@@ -27,7 +31,7 @@ async def _stream_many(url: str, count: int) -> list[BaseException | bytes]:
             async with session.post(url + "/v1/chat/completions", json=body) as response:
                 return await response.read()
 
-    return await asyncio.gather(*(one(n) for n in range(count)), return_exceptions=True)
+    return await asyncio.gather(*(one(n) for n in range(first, first + count)), return_exceptions=True)
 
 
 def _valid_recordings(directory: Path) -> int:
@@ -39,24 +43,28 @@ def _valid_recordings(directory: Path) -> int:
 
 def test_kill_9_mid_recording_leaves_only_complete_valid_files(loop_thread: LoopThread, tmp_path: Path) -> None:
     wire = OpenAIWire()
-    wire.chunk_delay = 0.004  # long enough that some streams are mid-flight and some are written
     app = RunningApp(loop_thread, wire.app()).start()
     recordings = tmp_path / "recordings"
     proxy = CliProxy(
         "record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0", "--log-level", "debug"
     )
     try:
-        future = asyncio.run_coroutine_threadsafe(_stream_many(proxy.url, 32), loop_thread.loop)
-        proxy.wait_for_event("recorded", count=4)  # some written, the rest still streaming
+        loop_thread.run(_stream_many(proxy.url, 8))
+        proxy.wait_for_event("recorded", count=8)  # these are written
+        # The rest stay mid-stream (the upstream holds them after their first chunk) at the kill.
+        wire.gate = loop_thread.run(_new_event())
+        future = asyncio.run_coroutine_threadsafe(_stream_many(proxy.url, 24, first=8), loop_thread.loop)
+        wait_until(lambda: len(wire.requests) == 32, "the 24 held streams to reach the upstream")
         proxy.process.send_signal(signal.SIGKILL)
         proxy.process.wait(10)
+        loop_thread.loop.call_soon_threadsafe(wire.gate.set)  # the upstream ends what it held
         results = future.result(20)
     finally:
         app.stop()
     files = files_under(recordings)
     complete = [p for p in files if p.suffix == ".json"]
-    assert 4 <= len(complete) < 32
-    assert any(isinstance(result, BaseException) for result in results)  # killed mid-stream
+    assert len(complete) == 8
+    assert all(isinstance(result, BaseException) for result in results)  # killed mid-stream
     for path in complete:
         document = orjson.loads(path.read_bytes())
         assert document["response"]["framing"]["end"] == "data: [DONE]\n\n"

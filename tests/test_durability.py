@@ -25,6 +25,7 @@ from tests.support import (
     RunningApp,
     assert_no_secret,
     async_wait_until,
+    children_of,
     start_proxy,
     wait_until,
 )
@@ -65,15 +66,25 @@ def _nonces_on_disk(recordings: Path) -> list[int]:
     return sorted(found)
 
 
+def _writer_config(tmp_path: Path, writer: str) -> Path:
+    config = tmp_path / "llmproxy.toml"
+    config.write_text(f'[proxy]\nwriter = "{writer}"\n')
+    return config
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
 def test_sigterm_under_load_on_a_slow_disk_writes_every_answered_exchange(
-    loop_thread: LoopThread, tmp_path: Path
+    loop_thread: LoopThread, tmp_path: Path, writer: str
 ) -> None:
     wire = OpenAIWire()
     wire.chunk_delay = 0.002
     app = RunningApp(loop_thread, wire.app()).start()
     recordings = tmp_path / "recordings"
+    config = ["--config", str(_writer_config(tmp_path, writer))]
     # 20 ms per file: the writer is far behind the clients when SIGTERM comes.
-    proxy = CliProxy("record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0", slowdisk="0.02")
+    proxy = CliProxy(
+        "record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0", *config, slowdisk="0.02"
+    )
     answered: list[int] = []
     try:
         future = asyncio.run_coroutine_threadsafe(_fire(proxy.url, 150, answered, stream=True), loop_thread.loop)
@@ -91,15 +102,22 @@ def test_sigterm_under_load_on_a_slow_disk_writes_every_answered_exchange(
     assert journals(recordings) == []  # everything written: the journal is gone
 
 
-@pytest.mark.parametrize("recover_with", ["restart", "check --fix"])
+@pytest.mark.parametrize(
+    ("recover_with", "writer"), [("restart", "process"), ("restart", "thread"), ("check --fix", "process")]
+)
 def test_kill_9_under_load_then_a_restart_recovers_every_acknowledged_exchange(
-    loop_thread: LoopThread, tmp_path: Path, recover_with: str
+    loop_thread: LoopThread, tmp_path: Path, recover_with: str, writer: str
 ) -> None:
     wire = OpenAIWire()
     app = RunningApp(loop_thread, wire.app()).start()
     recordings = tmp_path / "recordings"
+    config = ["--config", str(_writer_config(tmp_path, writer))]
     # A disk that never publishes a file: what clients got exists only in the journal.
-    proxy = CliProxy("record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0", slowdisk="stuck")
+    proxy = CliProxy(
+        "record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0", *config, slowdisk="stuck"
+    )
+    writers = children_of(proxy.process.pid)
+    assert len(writers) == (1 if writer == "process" else 0)
     answered: list[int] = []
     try:
         future = asyncio.run_coroutine_threadsafe(
@@ -132,6 +150,8 @@ def test_kill_9_under_load_then_a_restart_recovers_every_acknowledged_exchange(
             events = replay.stop()
     finally:
         app.stop()
+        for pid in writers:  # its disk is stuck for good: the orphaned file writer never ends
+            os.kill(pid, signal.SIGKILL)
     assert replayed == wire.sent[[r["body"] for r in wire.requests].index(_body(acknowledged[0], stream=False))]
     if recover_with == "restart":
         recovered = next(e for e in events if e["event"].startswith("recovered recordings from the journal"))
@@ -145,18 +165,31 @@ async def _one(url: str, number: int) -> bytes:
             return await response.read()
 
 
+@pytest.mark.parametrize("writer", ["process", "thread"])
 def test_overload_on_a_stuck_disk_waits_before_the_upstream_and_loses_nothing(
-    loop_thread: LoopThread, tmp_path: Path
+    loop_thread: LoopThread, tmp_path: Path, writer: str
 ) -> None:
     wire = OpenAIWire()
     app = RunningApp(loop_thread, wire.app()).start()
     recordings = tmp_path / "recordings"
     bound = 256 * 1024
-    proxy = start_proxy(loop_thread, "record", recordings, upstream=app.url, max_pending_mb=bound / 1024 / 1024)
+    proxy = start_proxy(
+        loop_thread, "record", recordings, upstream=app.url, max_pending_mb=bound / 1024 / 1024, writer=writer
+    )
     recorder = proxy.server.pipeline.recorder
     assert recorder is not None
-    disk = threading.Event()
-    recorder.before_write = disk.wait  # the disk takes nothing until released
+    if writer == "process":
+        pid = recorder.writer_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # the file writer process takes nothing until continued
+
+        def release() -> None:
+            os.kill(pid, signal.SIGCONT)
+    else:
+        assert recorder.writer_pid is None
+        disk = threading.Event()
+        recorder.before_write = disk.wait  # the disk takes nothing until released
+        release = disk.set
     answered: list[int] = []
     count, connections, size = 64, 8, 16 * 1024
     try:
@@ -178,10 +211,10 @@ def test_overload_on_a_stuck_disk_waits_before_the_upstream_and_loses_nothing(
         assert sent < count
         assert bound < pending <= bound + connections * 6 * size
         assert _nonces_on_disk(recordings) == []
-        disk.set()
+        release()
         future.result(60)
     finally:
-        disk.set()
+        release()
         proxy.stop()
         app.stop()
     assert sorted(answered) == list(range(count))

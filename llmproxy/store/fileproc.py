@@ -9,8 +9,8 @@ writes bytes already final.
 
 The feed is the journal's framing (`journal.frame_entries`) on the child's stdin; the child
 answers one JSON line per entry on its stdout, `{"id": N, "path": "..."}` or
-`{"id": N, "error": "..."}`, once per batch it read. It ignores SIGINT and SIGTERM (a Ctrl-C
-reaches the whole process group; the proxy decides when writing stops) and exits when its stdin
+`{"id": N, "error": "..."}`, once per batch it read. It runs in a process group of its own and
+ignores SIGINT and SIGTERM (the proxy decides when writing stops), and exits when its stdin
 closes, after writing every entry it received complete: a proxy killed with SIGKILL still gets
 what it had handed over written, and the next start writes the rest from the journal (create-only:
 an entry written twice is recognised, never duplicated).
@@ -71,8 +71,8 @@ class FileWriterProcess:
     async def start(self) -> None:
         # The child imports this very llmproxy, wherever it was imported from (a checkout, a venv).
         package_parent = str(Path(llmproxy.__file__).resolve().parent.parent)
-        path = os.environ.get("PYTHONPATH")
-        env = {**os.environ, "PYTHONPATH": package_parent + (os.pathsep + path if path else "")}
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_parent, *(p for p in paths if p != package_parent)])}
         args = [sys.executable, "-m", "llmproxy.store.fileproc", str(self.root)]
         self._process = await asyncio.create_subprocess_exec(
             *args,
@@ -80,6 +80,9 @@ class FileWriterProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=env,
+            # Its own process group: a terminal's Ctrl-C (sent to the proxy's group) is the proxy's
+            # to handle; the writer stops when its feed is closed.
+            start_new_session=True,
         )
         self._reader = asyncio.create_task(self._read(), name="llmproxy file writer replies")
 

@@ -137,6 +137,11 @@ class Recorder:
         return self._pending_bytes
 
     @property
+    def writer_pid(self) -> int | None:
+        """The file writer process's pid (None: files are written by a thread)."""
+        return self._files.pid if self._files is not None else None
+
+    @property
     def waiting(self) -> int:
         """Calls waiting for room before going upstream."""
         return len(self._waiting_room)
