@@ -102,9 +102,7 @@ def test_the_writer_ignores_a_ctrl_c_to_the_process_group_and_the_proxy_writes_e
     wire = OpenAIWire()
     app = RunningApp(loop_thread, wire.app()).start()
     recordings = tmp_path / "recordings"
-    proxy = CliProxy(
-        "record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0", new_session=True
-    )
+    proxy = CliProxy("record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0", new_session=True)
     try:
         writer = _writer_of(proxy)
         os.kill(writer, signal.SIGSTOP)

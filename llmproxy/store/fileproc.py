@@ -71,8 +71,8 @@ class FileWriterProcess:
     async def start(self) -> None:
         # The child imports this very llmproxy, wherever it was imported from (a checkout, a venv).
         package_parent = str(Path(llmproxy.__file__).resolve().parent.parent)
-        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_parent, *(p for p in paths if p != package_parent)])}
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != package_parent]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_parent, *paths])}
         args = [sys.executable, "-m", "llmproxy.store.fileproc", str(self.root)]
         self._process = await asyncio.create_subprocess_exec(
             *args,
