@@ -121,28 +121,41 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (llmproxy's file writer)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time of a process and of the live children it runs (llmproxy's file writer)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     total = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for child in children(pid):
         try:
-            children = (task / "children").read_text().split()
+            total += cpu_seconds(child)
         except OSError:
-            continue
-        for child in children:
-            try:
-                total += cpu_seconds(int(child))
-            except (OSError, ValueError):
-                pass
+            pass  # it just exited
     return total
 
 
 def rss_mb(pid: int) -> float:
+    """Resident memory of a process and of its live children (llmproxy's file writer)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+            total = int(line.split()[1]) / 1024
+    for child in children(pid):
+        try:
+            total += rss_mb(child)
+        except OSError:
+            pass
+    return total
 
 
 def open_fds(pid: int) -> int:

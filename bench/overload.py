@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import Spec, expected_bytes, free_port, start, stop, wait_for_port
+from bench.common import Spec, children, expected_bytes, free_port, start, stop, wait_for_port
 from bench.run import Target, llmproxy_target
 
 SPEC = Spec("json")
@@ -83,8 +83,13 @@ async def main_async(args: argparse.Namespace) -> None:
                 if how == "sigterm":
                     stop(record.process)
                 else:
+                    writers = children(record.process.pid)
                     record.process.send_signal(signal.SIGKILL)
                     record.process.wait()
+                    result["files_at_kill"] = files(Path(tmp))
+                    # The orphaned file writer writes what it was handed, then exits.
+                    while any(Path(f"/proc/{pid}").exists() for pid in writers):
+                        await asyncio.sleep(0.05)
                 result["stopped_s"] = round(time.monotonic() - started, 1)
                 result["files_at_exit"] = files(Path(tmp))
                 if how == "sigkill":  # the next start writes what the journal holds
