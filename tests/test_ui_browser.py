@@ -27,7 +27,7 @@ SEED_ID = SEED.name
 WAIT = 60  # seconds: only a guard against a hang; a busy 2-core CI machine can be slow to render
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="the browser tier needs selenium (test extra)")
-from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -99,12 +99,15 @@ def _screenshot(driver: Any, name: str) -> Path:
 
 
 def _row_ids(driver: Any) -> list[str]:
-    return [row.get_attribute("data-id") for row in driver.find_elements(By.CSS_SELECTOR, "#rows tr")]
+    # Read in one script: the list may be re-rendered between finding rows and reading them
+    # (a stale element under load).
+    return driver.execute_script("return Array.from(document.querySelectorAll('#rows tr'), r => r.dataset.id)")
 
 
 def test_list_view_search_and_diff_in_a_real_browser(page: tuple[Any, str]) -> None:
     driver, url = page
-    wait = WebDriverWait(driver, WAIT)
+    # A condition that met an element the page re-rendered meanwhile is asked again.
+    wait = WebDriverWait(driver, WAIT, ignored_exceptions=(StaleElementReferenceException,))
     driver.get(url)
 
     # The seed recording appears in the list, with the others.
