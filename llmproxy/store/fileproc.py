@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +44,10 @@ Results = list[tuple[int, str | None, str | None]]
 
 
 class FileWriterProcess:
-    """The proxy's side: start the child, feed it frames, hear what it wrote."""
+    """The proxy's side: start the child, feed it frames, hear what it wrote.
+
+    Plain non-blocking pipes watched by the event loop (no stream objects or reader task): one
+    write per batch, one read and one callback per batch of answers."""
 
     def __init__(
         self,
@@ -56,8 +61,11 @@ class FileWriterProcess:
         self.durable = durable
         self._on_results = on_results
         self._on_exit = on_exit
-        self._process: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._unsent: deque[memoryview] = deque()  # what the pipe did not take yet, in order
+        self._answers = b""  # an incomplete answer line
+        self._exited: asyncio.Future[int | None] | None = None
         self.closing = False
 
     @property
@@ -66,7 +74,7 @@ class FileWriterProcess:
 
     @property
     def alive(self) -> bool:
-        return self._process is not None and self._process.returncode is None and not self.closing
+        return self._process is not None and self._exited is not None and not self._exited.done() and not self.closing
 
     async def start(self) -> None:
         # The child imports this very llmproxy, wherever it was imported from (a checkout, a venv).
@@ -74,69 +82,108 @@ class FileWriterProcess:
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != package_parent]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_parent, *paths])}
         args = [sys.executable, "-m", "llmproxy.store.fileproc", str(self.root)]
-        self._process = await asyncio.create_subprocess_exec(
-            *args,
-            *(["--durable"] if self.durable else []),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
+        self._loop = asyncio.get_running_loop()
+        self._process = subprocess.Popen(
+            [*args, *(["--durable"] if self.durable else [])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             env=env,
             # Its own process group: a terminal's Ctrl-C (sent to the proxy's group) is the proxy's
             # to handle; the writer stops when its feed is closed.
             start_new_session=True,
         )
-        self._reader = asyncio.create_task(self._read(), name="llmproxy file writer replies")
+        assert self._process.stdin is not None and self._process.stdout is not None
+        os.set_blocking(self._process.stdin.fileno(), False)
+        os.set_blocking(self._process.stdout.fileno(), False)
+        self._exited = self._loop.create_future()
+        self._loop.add_reader(self._process.stdout.fileno(), self._readable)
 
     def send(self, frames: bytes) -> bool:
-        """Hand framed entries to the child (buffered, never blocks); False if it is gone."""
-        process = self._process
-        if process is None or process.returncode is not None or process.stdin is None:
+        """Hand framed entries to the child (never blocks: what the pipe does not take now is
+        kept, in order, until it does); False if the child is gone."""
+        if not self.alive:
             return False
-        if process.stdin.is_closing():
-            return False
-        process.stdin.write(frames)
+        if self._unsent:
+            self._unsent.append(memoryview(frames))
+            return True
+        assert self._process is not None and self._process.stdin is not None and self._loop is not None
+        try:
+            written = os.write(self._process.stdin.fileno(), frames)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            return False  # it died: its answers end, and _readable reports it
+        if written < len(frames):
+            self._unsent.append(memoryview(frames)[written:])
+            self._loop.add_writer(self._process.stdin.fileno(), self._writable)
         return True
 
-    async def _read(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        stdout = self._process.stdout
-        pending = b""
+    def _writable(self) -> None:
+        assert self._process is not None and self._process.stdin is not None and self._loop is not None
+        fd = self._process.stdin.fileno()
+        while self._unsent:
+            try:
+                written = os.write(fd, self._unsent[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self._unsent.clear()  # it died: _readable reports it, the recorder takes these back
+                break
+            if written < len(self._unsent[0]):
+                self._unsent[0] = self._unsent[0][written:]
+                return
+            self._unsent.popleft()
+        self._loop.remove_writer(fd)
+        if self.closing:
+            self._process.stdin.close()
+
+    def _readable(self) -> None:
+        assert self._process is not None and self._process.stdout is not None and self._loop is not None
         try:
-            while True:
-                chunk = await stdout.read(READ_BYTES)
-                if not chunk:
-                    break
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                results: Results = []
-                for line in lines:
-                    reply = orjson.loads(line)
-                    results.append((int(reply["id"]), reply.get("path"), reply.get("error")))
-                if results:
-                    self._on_results(results)
-        finally:
-            code = await self._process.wait()
-            self._on_exit(code)
+            chunk = os.read(self._process.stdout.fileno(), READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._loop.remove_reader(self._process.stdout.fileno())
+            self._loop.create_task(self._reap())
+            return
+        *lines, self._answers = (self._answers + chunk).split(b"\n")
+        results: Results = []
+        for line in lines:
+            answer = orjson.loads(line)
+            results.append((int(answer["id"]), answer.get("path"), answer.get("error")))
+        if results:
+            self._on_results(results)
+
+    async def _reap(self) -> None:
+        assert self._process is not None and self._loop is not None and self._exited is not None
+        if self._process.stdin is not None and not self._process.stdin.closed:
+            if self._unsent:
+                self._loop.remove_writer(self._process.stdin.fileno())
+                self._unsent.clear()
+            self._process.stdin.close()
+        code = await self._loop.run_in_executor(None, self._process.wait)
+        self._process.stdout.close()  # type: ignore[union-attr]
+        self._exited.set_result(code)
+        self._on_exit(code)
 
     async def close(self, timeout: float = 30.0) -> int | None:
         """No more entries: let the child write what it has and exit. Its exit code (None if it
         had to be killed after `timeout`)."""
         self.closing = True
         process = self._process
-        if process is None:
+        if process is None or self._exited is None:
             return 0
-        if process.stdin is not None and not process.stdin.is_closing():
-            process.stdin.close()
-            try:
-                await process.stdin.wait_closed()
-            except (BrokenPipeError, ConnectionResetError):
-                pass
+        if not self._unsent and process.stdin is not None and not process.stdin.closed:
+            process.stdin.close()  # else _writable closes it once everything is sent
         try:
-            await asyncio.wait_for(asyncio.shield(self._reader), timeout) if self._reader else None
+            return await asyncio.wait_for(asyncio.shield(self._exited), timeout)
         except TimeoutError:
             process.kill()
-            await process.wait()
+            await asyncio.shield(self._exited)
             return None
-        return process.returncode
 
 
 def main(argv: list[str]) -> int:
