@@ -217,6 +217,9 @@ class InFlight:
             log.warning("a proxy on this directory did not answer in time; sharing with it regardless")
         except OSError:
             answer = b""
+        except asyncio.CancelledError:
+            sock.close()
+            raise
         if answer != _ACK:
             sock.close()  # it exited meanwhile
             return
@@ -224,13 +227,13 @@ class InFlight:
 
     def _greeted(self) -> None:
         """A newcomer: bind the locks of the calls in flight here, then answer it."""
-        assert self._listener is not None
+        listener = self._listener
+        if listener is None:
+            return  # closed meanwhile
         while True:
             try:
-                conn, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+                conn, _ = listener.accept()
+            except OSError:  # none left to accept (or out of descriptors)
                 return
             self._bind_unbound()
             try:
@@ -244,14 +247,17 @@ class InFlight:
 
     def _bind_unbound(self) -> None:
         for lock in list(self._unbound):
-            sock = _stream_socket(blocking=True)
+            lock.pending = None
+            try:
+                sock = _stream_socket(blocking=True)
+            except OSError:
+                continue  # out of file descriptors: this call stays unshared
             try:
                 sock.bind(lock.address)
             except OSError:
                 sock.close()  # another holds it already: this call stays unshared
             else:
                 lock.sock = sock
-            lock.pending = None
         self._unbound.clear()
 
     def _keep(self, sock: socket.socket) -> None:
@@ -261,6 +267,8 @@ class InFlight:
         contextvars.Context().run(self._loop.add_reader, sock.fileno(), self._peer_readable, sock)
 
     def _peer_readable(self, sock: socket.socket) -> None:
+        if sock.fileno() < 0:
+            return  # closed meanwhile (aclose)
         try:
             data = sock.recv(16)
         except (BlockingIOError, InterruptedError):
