@@ -56,6 +56,8 @@ MAX_HELD_LOCKS = 256
 # A non-streamed answer up to this size is sent whole, with its length (and a 502 if the upstream
 # breaks off before its end); a bigger one is passed through as it arrives.
 WHOLE_BODY_BYTES = 1024 * 1024
+# Chunks that arrived while a client's last write went out are joined into writes of up to this.
+COALESCE_BYTES = 64 * 1024
 
 
 class RecordPolicy(StrEnum):
@@ -336,13 +338,15 @@ class Pipeline:
                 return error_response(call.route, head.status, head.message, head.code)
             headers = client_response_headers(head.headers)
             content_type = next((value for name, value in head.headers if name.lower() == "content-type"), "")
-            chunks = flight.chunks(reader)
             if not codec_for_content_type(content_type).streaming:
                 parts: list[bytes] = []
                 size = 0
-                async for data in chunks:
-                    parts.append(data)
-                    size += len(data)
+                while (batch := flight.take(reader)) is not None:
+                    if not batch:
+                        await flight.changed()
+                        continue
+                    parts += batch
+                    size += sum(map(len, batch))
                     if size > WHOLE_BODY_BYTES:
                         break
                 else:
@@ -357,14 +361,16 @@ class Pipeline:
                     return web.Response(status=head.status, body=b"".join(parts), headers=headers)
                 response = web.StreamResponse(status=head.status, headers=headers)
                 await response.prepare(request)
-                for data in parts:
-                    await response.write(data)
+                await _write(response, parts)
                 del parts
             else:
                 response = web.StreamResponse(status=head.status, headers=headers)
                 await response.prepare(request)
-            async for data in chunks:
-                await response.write(data)  # straight on: the client's time to first byte is the upstream's
+            while (batch := flight.take(reader)) is not None:
+                if not batch:
+                    await flight.changed()
+                    continue
+                await _write(response, batch)  # straight on: the client's time to first byte is the upstream's
             if flight.broken is not None:
                 self.outcome.count(Result.ERROR)
                 log.error("upstream broke off the response", route=call.route.name, error=flight.broken)
@@ -540,6 +546,24 @@ class Pipeline:
         return await self._newest(call, 0.0)
 
 
+async def _write(response: web.StreamResponse, batch: list[bytes]) -> None:
+    """What arrived since the client's last write, in as few writes as fit (each is a send()
+    system call and an HTTP chunk), never holding back what has arrived."""
+    if len(batch) == 1:
+        await response.write(batch[0])
+        return
+    group: list[bytes] = []
+    size = 0
+    for data in batch:
+        if group and size + len(data) > COALESCE_BYTES:
+            await response.write(b"".join(group))
+            group, size = [], 0
+        group.append(data)
+        size += len(data)
+    if group:
+        await response.write(b"".join(group))
+
+
 def _abort(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.close()
@@ -552,8 +576,9 @@ _PLACEHOLDER_VALUES = {value for value in PLACEHOLDER_KEYS.values() if "placehol
 def placeholder_key_in(call: Call) -> str | None:
     """The variable (of the call's provider) whose replay placeholder this call carries as its
     credential, if it carries one."""
-    carried = set(call.credentials()) & _PLACEHOLDER_VALUES
-    if not carried:
+    credentials = call.credentials()
+    if _PLACEHOLDER_VALUES.isdisjoint(credentials):
         return None
+    carried = _PLACEHOLDER_VALUES.intersection(credentials)
     own = [name for name, value in call.route.provider.placeholder_keys.items() if value in carried]
     return " or ".join(own) or "API key variable"

@@ -229,22 +229,31 @@ class Flight:
         while not self.journaled:
             await self._wait()
 
+    def take(self, reader: int) -> list[bytes] | None:
+        """The chunks the reader has not taken yet, now ([] when none came since: wait for
+        `changed`), or None once it has taken the whole body (or left)."""
+        position = self._readers.get(reader)
+        if position is None:
+            return None
+        end = self._first + len(self._chunks)
+        if position >= end:
+            return None if self.done else []
+        batch = self._chunks[position - self._first :]
+        self._readers[reader] = end
+        if not self.keeping:
+            self._trim()
+            self._notify()  # the pump may be waiting for room
+        return batch
+
+    async def changed(self) -> None:
+        """Until the flight changes (a chunk, its end, a reader leaving): then look again."""
+        await self._wait()
+
     async def chunks(self, reader: int) -> AsyncIterator[bytes]:
         """Every chunk of the body from the first, as the flight receives them."""
-        while True:
-            position = self._readers.get(reader)
-            if position is None:
-                return
-            end = self._first + len(self._chunks)
-            if position >= end:
-                if self.done:
-                    return  # done, and everything taken
+        while (batch := self.take(reader)) is not None:
+            if not batch:
                 await self._wait()
                 continue
-            batch = self._chunks[position - self._first :]
-            self._readers[reader] = end
-            if not self.keeping:
-                self._trim()
-                self._notify()
             for chunk in batch:
                 yield chunk
