@@ -366,15 +366,9 @@ class Pipeline:
             else:
                 response = web.StreamResponse(status=head.status, headers=headers)
                 await response.prepare(request)
-            tail: list[bytes] = []
             while (batch := flight.take(reader)) is not None:
                 if not batch:
                     await flight.changed()
-                    continue
-                if flight.done and flight.broken is None and sum(map(len, batch)) <= COALESCE_BYTES:
-                    # The last bytes came with the upstream's end: they go out with the client's end
-                    # (one write), which waits for the journal anyway.
-                    tail = batch
                     continue
                 await _write(response, batch)  # straight on: the client's time to first byte is the upstream's
             if flight.broken is not None:
@@ -384,7 +378,7 @@ class Pipeline:
                 return response
             await flight.journaled_end()
             try:
-                await response.write_eof(b"".join(tail))
+                await response.write_eof()
             except ConnectionError:
                 # SDKs stop reading at their end marker ([DONE], message_stop) and may close
                 # before the final empty chunk: the client had everything, the flight has too.
