@@ -56,8 +56,6 @@ MAX_HELD_LOCKS = 256
 # A non-streamed answer up to this size is sent whole, with its length (and a 502 if the upstream
 # breaks off before its end); a bigger one is passed through as it arrives.
 WHOLE_BODY_BYTES = 1024 * 1024
-# Chunks that arrived while a client's last write went out are joined into writes of up to this.
-COALESCE_BYTES = 64 * 1024
 
 
 class RecordPolicy(StrEnum):
@@ -361,7 +359,8 @@ class Pipeline:
                     return web.Response(status=head.status, body=b"".join(parts), headers=headers)
                 response = web.StreamResponse(status=head.status, headers=headers)
                 await response.prepare(request)
-                await _write(response, parts)
+                for data in parts:
+                    await response.write(data)
                 del parts
             else:
                 response = web.StreamResponse(status=head.status, headers=headers)
@@ -370,7 +369,8 @@ class Pipeline:
                 if not batch:
                     await flight.changed()
                     continue
-                await _write(response, batch)  # straight on: the client's time to first byte is the upstream's
+                for data in batch:
+                    await response.write(data)  # straight on: the client's time to first byte is the upstream's
             if flight.broken is not None:
                 self.outcome.count(Result.ERROR)
                 log.error("upstream broke off the response", route=call.route.name, error=flight.broken)
@@ -404,6 +404,9 @@ class Pipeline:
         key = call.scoped_key
         written = False
         try:
+            # Readers woken by the flight's end first pass on its last chunks: the client's bytes
+            # never wait for the recording to be prepared.
+            await asyncio.sleep(0)
             if self._flights.get(key) is flight:
                 del self._flights[key]
             if not record:
@@ -544,24 +547,6 @@ class Pipeline:
         if highest <= known:
             return None
         return await self._newest(call, 0.0)
-
-
-async def _write(response: web.StreamResponse, batch: list[bytes]) -> None:
-    """What arrived since the client's last write, in as few writes as fit (each is a send()
-    system call and an HTTP chunk), never holding back what has arrived."""
-    if len(batch) == 1:
-        await response.write(batch[0])
-        return
-    group: list[bytes] = []
-    size = 0
-    for data in batch:
-        if group and size + len(data) > COALESCE_BYTES:
-            await response.write(b"".join(group))
-            group, size = [], 0
-        group.append(data)
-        size += len(data)
-    if group:
-        await response.write(b"".join(group))
 
 
 def _abort(request: web.Request) -> None:

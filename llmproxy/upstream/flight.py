@@ -109,9 +109,6 @@ class Flight:
         """Read the upstream, then land (in the same task: no second task per call)."""
         await self._pump()
         if self._land is not None:
-            # Readers woken by the end first pass on the last chunks: the client's bytes never
-            # wait for the recording to be prepared.
-            await asyncio.sleep(0)
             await self._land(self)
 
     async def _pump(self) -> None:
