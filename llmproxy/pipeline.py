@@ -116,10 +116,8 @@ class Pipeline:
         self.max_recording_bytes = max_recording_bytes
         self._flights: dict[str, Flight] = {}  # shareable flights by request key
         self._flight_misses: dict[Flight, list[dict[str, Any]]] = {}
+        # The tasks of flights still reading their upstream or writing what they read.
         self._landing: set[asyncio.Task[None]] = set()
-        # Per recorded flight: set once its recording is journaled (or known not to be); its
-        # clients get the end of the response only then, so an answer a client has is recoverable.
-        self._journaled: dict[Flight, asyncio.Future[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         # Cross-process locks held, by key (a file lock's, or a Redis lock's).
         self._locks: dict[str, Any] = {}
@@ -296,23 +294,24 @@ class Pipeline:
             # record --missing (a miss noted) adds to what is recorded; record starts again.
             after = self.playback.recorded(call) if self.playback is not None and miss is not None else 0
             sequence = self.recorder.next_sequence(key, after)
+        if self._loop is None:  # cached: on Python 3.11 each lookup is a getpid() system call
+            self._loop = asyncio.get_running_loop()
+        # A recorded flight's clients get the end of the response only once its recording is
+        # journaled (or known not to be), so an answer a client has is recoverable.
         flight = Flight(
             call,
             self.upstream,
             keep_bytes=self.max_recording_bytes if record else None,
             persist=record and self.record_after_disconnect,
+            journal=record,
+            land=lambda flight: self._land(flight, record, sequence, lock),
+            loop=self._loop,
         )
         reader = flight.join()  # before the flight's task first runs: it must see its reader
         self._flight_misses[flight] = [miss] if miss is not None else []
-        if record:
-            if self._loop is None:  # cached: on Python 3.11 each lookup is a getpid() system call
-                self._loop = asyncio.get_running_loop()
-            self._journaled[flight] = self._loop.create_future()
         if share:
             self._flights[key] = flight
-        task = asyncio.create_task(self._land(flight, record, sequence, lock))
-        self._landing.add(task)
-        task.add_done_callback(self._landing.discard)
+        self._landing.add(flight.task)
         return await self._serve(request, call, flight, reader, leader=True)
 
     def _join(self, key: str, miss: dict[str, Any] | None) -> tuple[Flight, int] | None:
@@ -339,13 +338,15 @@ class Pipeline:
                 return error_response(call.route, head.status, head.message, head.code)
             headers = client_response_headers(head.headers)
             content_type = next((value for name, value in head.headers if name.lower() == "content-type"), "")
-            chunks = flight.chunks(reader)
             if not codec_for_content_type(content_type).streaming:
                 parts: list[bytes] = []
                 size = 0
-                async for data in chunks:
-                    parts.append(data)
-                    size += len(data)
+                while (batch := flight.take(reader)) is not None:
+                    if not batch:
+                        await flight.changed()
+                        continue
+                    parts += batch
+                    size += sum(map(len, batch))
                     if size > WHOLE_BODY_BYTES:
                         break
                 else:
@@ -354,7 +355,7 @@ class Pipeline:
                         log.error("upstream broke off the response", route=call.route.name, error=flight.broken)
                         message = f"upstream {call.route.name} broke off: {flight.broken}"
                         return error_response(call.route, 502, message, "upstream_broken")
-                    await self._settled(flight)
+                    await flight.journaled_end()
                     if leader:
                         self.outcome.count(Result.FORWARDED)
                     return web.Response(status=head.status, body=b"".join(parts), headers=headers)
@@ -366,14 +367,18 @@ class Pipeline:
             else:
                 response = web.StreamResponse(status=head.status, headers=headers)
                 await response.prepare(request)
-            async for data in chunks:
-                await response.write(data)  # straight on: the client's time to first byte is the upstream's
+            while (batch := flight.take(reader)) is not None:
+                if not batch:
+                    await flight.changed()
+                    continue
+                for data in batch:
+                    await response.write(data)  # straight on: the client's time to first byte is the upstream's
             if flight.broken is not None:
                 self.outcome.count(Result.ERROR)
                 log.error("upstream broke off the response", route=call.route.name, error=flight.broken)
                 _abort(request)  # the client already has part of the answer: cut it off too
                 return response
-            await self._settled(flight)
+            await flight.journaled_end()
             try:
                 await response.write_eof()
             except ConnectionError:
@@ -394,24 +399,16 @@ class Pipeline:
             self.serving -= 1
             flight.leave(reader)
 
-    async def _settled(self, flight: Flight) -> None:
-        """Wait until the flight's recording is journaled (or will not be recorded)."""
-        settled = self._journaled.get(flight)
-        if settled is not None and not settled.done():
-            await asyncio.shield(settled)
-
-    def _settle(self, flight: Flight) -> None:
-        settled = self._journaled.pop(flight, None)
-        if settled is not None and not settled.done():
-            settled.set_result(None)
-
     async def _land(self, flight: Flight, record: bool, sequence: int, lock: Any) -> None:
-        """After the flight: write its exchange, or say loudly why not; then free its lock."""
+        """At the end of the flight, in its task: write its exchange, or say loudly why not; then
+        free its lock."""
         call = flight.call
         key = call.scoped_key
         written = False
         try:
-            await flight.finished()
+            # Readers woken by the flight's end first pass on its last chunks: the client's bytes
+            # never wait for the recording to be prepared.
+            await asyncio.sleep(0)
             if self._flights.get(key) is flight:
                 del self._flights[key]
             if not record:
@@ -456,7 +453,7 @@ class Pipeline:
                 self._landed(flight, key, lock, path)
 
             written = True  # from here `done` releases the lock
-            await self.recorder.schedule(exchange, sequence, done, lambda: self._settle(flight))
+            await self.recorder.schedule(exchange, sequence, done, flight.mark_journaled)
         except Exception as exc:  # noqa: BLE001 - nobody awaits this task: a bug must not die unseen
             written = False
             report_unexpected(exc, call.headers, call.query, method=call.method, path=call.path)
@@ -464,9 +461,10 @@ class Pipeline:
                 self._drop_reasons[flight] = NotRecorded.WRITE_FAILED.value
                 self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
         finally:
-            self._settle(flight)
+            flight.mark_journaled()
             if not written:
                 self._landed(flight, key, lock, None)
+            self._landing.discard(flight.task)
 
     def _landed(self, flight: Flight, key: str, lock: Any, path: Path | None) -> None:
         reason = self._drop_reasons.pop(flight, None)
@@ -565,8 +563,9 @@ _PLACEHOLDER_VALUES = {value for value in PLACEHOLDER_KEYS.values() if "placehol
 def placeholder_key_in(call: Call) -> str | None:
     """The variable (of the call's provider) whose replay placeholder this call carries as its
     credential, if it carries one."""
-    carried = set(call.credentials()) & _PLACEHOLDER_VALUES
-    if not carried:
+    credentials = call.credentials()
+    if _PLACEHOLDER_VALUES.isdisjoint(credentials):
         return None
+    carried = _PLACEHOLDER_VALUES.intersection(credentials)
     own = [name for name, value in call.route.provider.placeholder_keys.items() if value in carried]
     return " or ".join(own) or "API key variable"

@@ -282,3 +282,58 @@ def test_flight_that_breaks_off_says_so(loop_thread: LoopThread) -> None:
         return len(received), flight.broken, flight.complete
 
     assert loop_thread.run(go()) == (30, "reset", False)
+
+
+class _Gated(_Double):
+    """A `_Double` whose response headers wait for `gate`."""
+
+    def __init__(self, count: int, size: int) -> None:
+        super().__init__(count, size)
+        self.gate = asyncio.Event()
+
+    async def send(self, call: Call) -> Any:
+        await self.gate.wait()
+        return await super().send(call)
+
+
+def test_readers_leaving_while_waiting_do_not_disturb_the_one_that_stays(loop_thread: LoopThread) -> None:
+    """Identical calls wait on one flight: one client leaves while waiting for the headers,
+    another while waiting for the journal; the third still gets the whole body and its end."""
+
+    async def go() -> tuple[bytes, bool, bool, bool, bytes | None]:
+        double = _Gated(count=3, size=10)
+        flight = Flight(_call(), double, keep_bytes=1024, persist=True, journal=True)
+        # Set right before a wait: the one setting it runs on into that wait before anyone looks.
+        at_headers, at_journal = asyncio.Event(), {"late": asyncio.Event(), "staying": asyncio.Event()}
+
+        async def read(reader: int, name: str) -> bytes:
+            try:
+                if name == "early":
+                    at_headers.set()
+                await flight.headers()
+                body = b"".join([chunk async for chunk in flight.chunks(reader)])
+                at_journal[name].set()
+                await flight.journaled_end()
+                return body
+            finally:
+                flight.leave(reader)
+
+        early = asyncio.create_task(read(flight.join(), "early"))
+        late = asyncio.create_task(read(flight.join(), "late"))
+        staying = asyncio.create_task(read(flight.join(), "staying"))
+        await at_headers.wait()
+        early.cancel()
+        await asyncio.wait([early])
+        double.gate.set()
+        await at_journal["late"].wait()
+        late.cancel()
+        await asyncio.wait([late])
+        await at_journal["staying"].wait()
+        was_waiting = not staying.done()  # the end waits for the journal
+        flight.mark_journaled()
+        body = await staying
+        return body, was_waiting, early.cancelled() and late.cancelled(), flight.complete, flight.body()
+
+    body, was_waiting, both_left, complete, kept = loop_thread.run(go())
+    assert body == kept == bytes(10) + bytes([1]) * 10 + bytes([2]) * 10
+    assert was_waiting and both_left and complete

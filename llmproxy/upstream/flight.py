@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from llmproxy.call import Call
 from llmproxy.lastresort import report_unexpected
@@ -32,6 +32,9 @@ class Flight:
         keep_bytes: int | None,
         persist: bool,
         window: int = DEFAULT_WINDOW,
+        journal: bool = False,
+        land: Callable[[Flight], Awaitable[None]] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.call = call
         self._upstream = upstream
@@ -48,15 +51,22 @@ class Flight:
         self.received = 0
         self.reads: list[tuple[int, float]] = []  # (bytes so far, ms since sent) after each read
         self.done = False
+        # With `journal`, readers get the end of the body only once `mark_journaled` was called.
+        self.journaled = not journal
         self._chunks: list[bytes] = []
         self._first = 0  # index (in the whole body) of _chunks[0]; > 0 once chunks were dropped
         self._buffered = 0  # bytes in _chunks
         self._readers: dict[int, int] = {}  # reader id -> index of the next chunk it takes
         self._next_reader = 0
-        self._changed = asyncio.Condition()
-        self._headers = asyncio.get_running_loop().create_future()
+        # One future per task waiting for a change (never shared: a waiter's cancellation
+        # cancels only its own); all are woken at each change and look again.
+        self._waiters: list[asyncio.Future[None]] = []
+        self._pumping = False  # the task is between its first step and the flight's end
+        self._land = land
+        # Cached: on Python 3.11 each get_running_loop() is a getpid() system call.
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
         self._started = time.monotonic()
-        self._task = asyncio.create_task(self._pump(), name=f"flight {call.method} {call.path}")
+        self.task = self._loop.create_task(self._run(), name=f"flight {call.method} {call.path}")
 
     # -- the flight's side ------------------------------------------------------------------
 
@@ -81,45 +91,64 @@ class Flight:
 
     async def finished(self) -> None:
         """Wait for the end of the flight (never raises: the outcome is in the attributes)."""
-        await asyncio.wait([self._task])
+        while not self.done:
+            await self._wait()
 
     def abandon(self) -> None:
         self.abandoned = True
-        self._task.cancel()
+        if self._pumping:  # else it has not begun (and will not), or it ended: its landing goes on
+            self.task.cancel()
+
+    def mark_journaled(self) -> None:
+        """The flight's recording is journaled (or will not be): readers may end."""
+        if not self.journaled:
+            self.journaled = True
+            self._notify()
+
+    async def _run(self) -> None:
+        """Read the upstream, then land (in the same task: no second task per call)."""
+        await self._pump()
+        if self._land is not None:
+            await self._land(self)
 
     async def _pump(self) -> None:
         response = None
         try:
+            if self.abandoned:
+                return  # every reader left before it began
+            self._pumping = True
             try:
                 response = await self._upstream.send(self.call)
             except UpstreamFailure as failure:
                 self.failure = failure
-                self._headers.set_result(None)
                 return
             self.response = response
-            self._headers.set_result(None)
+            self._notify()
+            chunks = self._chunks
             async for data in response.chunks():
                 if not data:
                     continue
-                self.received += len(data)
+                size = len(data)
+                self.received += size
                 self.reads.append((self.received, (time.monotonic() - self._started) * 1000))
-                async with self._changed:
-                    self._chunks.append(data)
-                    self._buffered += len(data)
-                    if self.keeping and self.received > self.keep_bytes:  # type: ignore[operator]
-                        self.over_limit = True
-                    self._trim()
-                    self._changed.notify_all()
-                    if not self._readers and not (self.persist and self.keeping):
-                        self.abandoned = True  # nobody to serve and nothing to record
-                        return
-                    if not self.keeping:
-                        # Pass-through pace is the slowest reader's: memory stays at the window.
-                        await self._changed.wait_for(lambda: not self._readers or self._unread() <= self.window)
+                chunks.append(data)
+                self._buffered += size
+                if self.keep_bytes is not None and not self.over_limit and self.received > self.keep_bytes:
+                    self.over_limit = True
+                self._trim()
+                self._notify()
+                if not self._readers and not (self.persist and self.keeping):
+                    self.abandoned = True  # nobody to serve and nothing to record
+                    return
+                if not self.keeping:
+                    # Pass-through pace is the slowest reader's: memory stays at the window.
+                    while self._readers and self._unread() > self.window:
+                        await self._wait()
         except UpstreamBroken as exc:
             self.broken = str(exc)
         except asyncio.CancelledError:
             self.abandoned = True
+            self.task.uncancel()  # handled: the landing that follows runs uncancelled
         except Exception as exc:  # noqa: BLE001 - a bug must not die unseen in this task
             error_id = report_unexpected(
                 exc, self.call.headers, self.call.query, method=self.call.method, path=self.call.path
@@ -130,13 +159,25 @@ class Flight:
             else:
                 self.broken = f"internal error {error_id}"
         finally:
-            if not self._headers.done():
-                self._headers.set_result(None)
+            self._pumping = False
             if response is not None:
                 response.close()
-            async with self._changed:
-                self.done = True
-                self._changed.notify_all()
+            self.done = True
+            self._notify()
+
+    def _notify(self) -> None:
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        """Until the next change (the caller looks again)."""
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        await waiter
 
     def _unread(self) -> int:
         if not self._readers:
@@ -170,39 +211,49 @@ class Flight:
         if not self._readers and not self.done and not (self.persist and self.keeping):
             self.abandon()
         elif not self.done:
-            asyncio.get_running_loop().create_task(self._wake())
-
-    async def _wake(self) -> None:
-        async with self._changed:
             self._trim()
-            self._changed.notify_all()
+            self._notify()
 
     async def headers(self) -> UpstreamResponse | UpstreamFailure:
         """The upstream's response (status and headers), or why there is none."""
-        await asyncio.shield(self._headers)
+        while self.response is None and self.failure is None and not self.done:
+            await self._wait()
         if self.response is not None:
             return self.response
         if self.failure is not None:
             return self.failure
         return UpstreamFailure(502, "upstream_unreachable", f"the call to upstream {self.call.route.name} was dropped")
 
+    async def journaled_end(self) -> None:
+        """Wait until the recording is journaled (or will not be): then a reader may end."""
+        while not self.journaled:
+            await self._wait()
+
+    def take(self, reader: int) -> list[bytes] | None:
+        """The chunks the reader has not taken yet, now ([] when none came since: wait for
+        `changed`), or None once it has taken the whole body (or left)."""
+        position = self._readers.get(reader)
+        if position is None:
+            return None
+        end = self._first + len(self._chunks)
+        if position >= end:
+            return None if self.done else []
+        batch = self._chunks[position - self._first :]
+        self._readers[reader] = end
+        if not self.keeping:
+            self._trim()
+            self._notify()  # the pump may be waiting for room
+        return batch
+
+    async def changed(self) -> None:
+        """Until the flight changes (a chunk, its end, a reader leaving): then look again."""
+        await self._wait()
+
     async def chunks(self, reader: int) -> AsyncIterator[bytes]:
         """Every chunk of the body from the first, as the flight receives them."""
-        while True:
-            async with self._changed:
-                await self._changed.wait_for(
-                    lambda: self._readers.get(reader, 0) < self._first + len(self._chunks) or self.done
-                )
-                position = self._readers.get(reader)
-                if position is None:
-                    return
-                end = self._first + len(self._chunks)
-                batch = self._chunks[position - self._first :]
-                self._readers[reader] = end
-                if batch and not self.keeping:
-                    self._trim()
-                    self._changed.notify_all()
+        while (batch := self.take(reader)) is not None:
             if not batch:
-                return  # done, and everything taken
+                await self._wait()
+                continue
             for chunk in batch:
                 yield chunk
