@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
-from llmproxy.store.journal import journals
-from tests.support import CliProxy, LoopThread, RunningApp, children_of, wait_until
+from llmproxy.store.directory import RecordingStore
+from llmproxy.store.fileproc import END_FRAME
+from llmproxy.store.journal import Journal, Target, frame_entries, journals, recover, write_create_only
+from tests.support import CliProxy, LoopThread, RunningApp, children_of, start_proxy, wait_until
 from tests.test_durability import _fire, _nonces_on_disk
 from tests.upstreams.openai_wire import OpenAIWire
 
@@ -120,3 +124,102 @@ def test_the_writer_ignores_a_ctrl_c_to_the_process_group_and_the_proxy_writes_e
     assert _nonces_on_disk(recordings) == list(range(8))
     assert journals(recordings) == []
     assert _gone(writer)
+
+
+def _frames(root: Path, numbers: range) -> tuple[bytes, list[Path]]:
+    """Journal-framed recordings (as the proxy feeds its writer) and where each one goes."""
+    store = RecordingStore(root)
+    entries = []
+    names = []
+    for number in numbers:
+        target = Target("openai", "/v1/chat/completions", "gpt-4o", f"{number:064x}", 1)
+        document = {"request": {"sequence": 1, "n": number}, "response": {"status": 200}}
+        entries.append((number + 1, (target, store.serialize(document))))
+        names.append(root / target.relative(store))
+    return b"".join(frame_entries(entries)), names
+
+
+def _writer(root: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-P", "-m", "llmproxy.store.fileproc", str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+
+
+def test_the_writer_writes_on_after_its_proxy_stops_reading_its_answers(tmp_path: Path) -> None:
+    """A killed proxy reads no answer: the writer still writes everything it was handed."""
+    writer = _writer(tmp_path)
+    assert writer.stdin is not None and writer.stdout is not None
+    first, first_names = _frames(tmp_path, range(0, 3))
+    writer.stdin.write(first)
+    writer.stdin.flush()
+    assert writer.stdout.readline()  # it answers while the proxy is there
+    writer.stdout.close()  # the proxy is gone: the next answer meets a closed pipe
+    second, second_names = _frames(tmp_path, range(3, 6))
+    writer.stdin.write(second)
+    writer.stdin.flush()
+    wait_until(lambda: all(path.is_file() for path in second_names), "the second batch to be written")
+    third, third_names = _frames(tmp_path, range(6, 9))  # read after its answer to the second failed
+    writer.stdin.write(third)
+    writer.stdin.close()
+    assert writer.wait(30) == 0
+    assert all(path.is_file() for path in first_names + second_names + third_names)
+
+
+def test_the_end_frame_stops_the_writer_even_if_its_pipe_stays_open(tmp_path: Path) -> None:
+    """A process forked from the proxy (a test's multiprocessing child) may keep the feed open."""
+    writer = _writer(tmp_path)
+    assert writer.stdin is not None
+    held = os.dup(writer.stdin.fileno())  # the fork's copy of the pipe
+    try:
+        frames, names = _frames(tmp_path, range(4))
+        writer.stdin.write(frames + END_FRAME)
+        writer.stdin.close()
+        assert writer.wait(30) == 0
+    finally:
+        os.close(held)
+    assert all(path.is_file() for path in names)
+
+
+def test_recovery_finds_an_entry_the_orphaned_writer_wrote_as_a_later_repeat(tmp_path: Path) -> None:
+    """The name the journal asked for was taken (an earlier run's recording), so the writer wrote
+    the entry as the next repeat before the proxy's kill was noticed: the restart must not write it
+    a third time."""
+    store = RecordingStore(tmp_path)
+    target = Target("openai", "/v1/chat/completions", "gpt-4o", "ab" * 32, 1)
+    store.write(target.relative(store), store.serialize({"request": {"sequence": 1}, "response": {"old": 1}}))
+    fresh = store.serialize({"request": {"sequence": 1}, "response": {"new": 1}})
+    journal = Journal(tmp_path)
+    journal.append_many([(target, fresh)])
+    assert write_create_only(store, target, fresh) == tmp_path / target.relative(store, 2)  # the orphan's write
+    journal._fd, fd = -1, journal._fd  # the proxy dies holding it
+    os.close(fd)
+    result = recover(store)
+    assert (result.written, result.failed) == (1, 0)
+    names = sorted(p.name for p in tmp_path.rglob("*.json"))
+    assert names == sorted([target.relative(store).name, target.relative(store, 2).name])  # no third
+
+
+def test_a_writer_that_stops_answering_at_shutdown_is_replaced_by_a_thread(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    wire = OpenAIWire()
+    app = RunningApp(loop_thread, wire.app()).start()
+    recordings = tmp_path / "recordings"
+    proxy = start_proxy(loop_thread, "record", recordings, upstream=app.url)
+    recorder = proxy.server.pipeline.recorder
+    assert recorder is not None and recorder.writer_pid is not None
+    recorder.stall_seconds = 0.2
+    writer = recorder.writer_pid
+    os.kill(writer, signal.SIGSTOP)  # stopped: it answers nothing, and never will by itself
+    try:
+        answered: list[int] = []
+        loop_thread.run(_fire(proxy.url, 5, answered, stream=False))
+        proxy.stop()  # returns: the stuck writer is killed, the thread writes the 5
+    finally:
+        app.stop()
+        if not _gone(writer):
+            os.kill(writer, signal.SIGKILL)
+    assert _nonces_on_disk(recordings) == list(range(5))
+    assert journals(recordings) == []

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -39,6 +40,13 @@ from llmproxy.store.journal import read_frames, write_create_only
 log = structlog.get_logger("llmproxy.record")
 
 READ_BYTES = 1024 * 1024
+PARENT_CHECK_SECONDS = 1.0  # how often an idle writer checks that its proxy is still there
+# The proxy's last frame: write what came before, then exit (its pipe may stay open elsewhere).
+END_OF_FEED = -1
+END_FRAME = b'{"end":true}\n'
+# A writer that answers nothing for this long while the proxy waits to stop is killed; the
+# proxy's thread writes the rest.
+STALL_SECONDS = 10.0
 # (entry id, the file written or None, why not)
 Results = list[tuple[int, str | None, str | None]]
 
@@ -66,6 +74,7 @@ class FileWriterProcess:
         self._unsent: deque[memoryview] = deque()  # what the pipe did not take yet, in order
         self._answers = b""  # an incomplete answer line
         self._exited: asyncio.Future[int | None] | None = None
+        self._ended = False  # its answers ended: it exited (or is about to)
         self.closing = False
 
     @property
@@ -74,14 +83,15 @@ class FileWriterProcess:
 
     @property
     def alive(self) -> bool:
-        return self._process is not None and self._exited is not None and not self._exited.done() and not self.closing
+        return self._process is not None and not self._ended and not self.closing
 
     async def start(self) -> None:
         # The child imports this very llmproxy, wherever it was imported from (a checkout, a venv).
         package_parent = str(Path(llmproxy.__file__).resolve().parent.parent)
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != package_parent]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_parent, *paths])}
-        args = [sys.executable, "-m", "llmproxy.store.fileproc", str(self.root)]
+        # -P: the working directory (another checkout, say) is not put ahead of that package.
+        args = [sys.executable, "-P", "-m", "llmproxy.store.fileproc", str(self.root)]
         self._loop = asyncio.get_running_loop()
         self._process = subprocess.Popen(
             [*args, *(["--durable"] if self.durable else [])],
@@ -103,6 +113,9 @@ class FileWriterProcess:
         kept, in order, until it does); False if the child is gone."""
         if not self.alive:
             return False
+        return self._write(frames)
+
+    def _write(self, frames: bytes) -> bool:
         if self._unsent:
             self._unsent.append(memoryview(frames))
             return True
@@ -117,6 +130,11 @@ class FileWriterProcess:
             self._unsent.append(memoryview(frames)[written:])
             self._loop.add_writer(self._process.stdin.fileno(), self._writable)
         return True
+
+    def kill(self) -> None:
+        """Stop it now (stuck or stopped): its answers end, and the recorder takes its work back."""
+        if self._process is not None and not self._ended:
+            self._process.kill()
 
     def _writable(self) -> None:
         assert self._process is not None and self._process.stdin is not None and self._loop is not None
@@ -146,6 +164,7 @@ class FileWriterProcess:
         except OSError:
             chunk = b""
         if not chunk:
+            self._ended = True
             self._loop.remove_reader(self._process.stdout.fileno())
             self._loop.create_task(self._reap())
             return
@@ -176,8 +195,12 @@ class FileWriterProcess:
         process = self._process
         if process is None or self._exited is None:
             return 0
-        if not self._unsent and process.stdin is not None and not process.stdin.closed:
-            process.stdin.close()  # else _writable closes it once everything is sent
+        if not self._ended and process.stdin is not None and not process.stdin.closed:
+            # The end frame, not only the pipe's close: a process forked from the proxy (a test's
+            # multiprocessing child) may hold the pipe open for ever.
+            self._write(END_FRAME)
+            if not self._unsent:
+                process.stdin.close()  # else _writable closes it once everything is sent
         try:
             return await asyncio.wait_for(asyncio.shield(self._exited), timeout)
         except TimeoutError:
@@ -187,13 +210,21 @@ class FileWriterProcess:
 
 
 def main(argv: list[str]) -> int:
-    # Stopping is the proxy's decision, told by closing our stdin; a signal to the process group
+    # Stopping is the proxy's decision, told by the end of the feed; a signal to the process group
     # must not cut a write short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     store = RecordingStore(Path(argv[0]), durable="--durable" in argv[1:])
+    proxy = os.getppid()
+    answering = True  # until the proxy is gone: then write on, answer nobody
     buffer = bytearray()  # appended to and consumed from the front: no quadratic copies
     while True:
+        # A process the proxy forked (a test's multiprocessing child) may hold our stdin open after
+        # the proxy died: then the proxy's going (we are re-parented) ends the feed.
+        if not select.select([0], [], [], PARENT_CHECK_SECONDS)[0]:
+            if os.getppid() != proxy:
+                return 0
+            continue
         chunk = os.read(0, READ_BYTES)
         if not chunk:
             return 0  # the proxy closed the feed (or died): everything complete was written
@@ -201,8 +232,10 @@ def main(argv: list[str]) -> int:
         frames, used = read_frames(buffer)
         del buffer[:used]
         replies: list[bytes] = []
+        ended = False
         for entry, target, data in frames:
             if target is None:
+                ended = ended or entry == END_OF_FEED
                 continue
             try:
                 path = write_create_only(store, target, bytes(data))
@@ -210,8 +243,13 @@ def main(argv: list[str]) -> int:
             except Exception as exc:  # noqa: BLE001 - told to the proxy, which logs it
                 reply = {"id": entry, "error": f"{type(exc).__name__}: {exc}"}
             replies.append(orjson.dumps(reply) + b"\n")
-        if replies:
-            _write_all(1, b"".join(replies))
+        if replies and answering:
+            try:
+                _write_all(1, b"".join(replies))
+            except OSError:
+                answering = False  # the proxy is gone (killed): what it handed over is still written
+        if ended:
+            return 0
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -223,8 +261,6 @@ def _write_all(fd: int, data: bytes) -> None:
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except BrokenPipeError:
-        sys.exit(0)  # the proxy is gone: nobody to answer
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback; the proxy notices the exit
         print(f"llmproxy file writer: {type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -184,7 +184,7 @@ def frame_entries(entries: Iterable[tuple[int, tuple[Target, bytes]]]) -> list[b
 
 def read_frames(data: bytes | bytearray, position: int = 0) -> tuple[list[tuple[int, Target | None, bytes]], int]:
     """The complete frames of `data` from `position`, and where the first incomplete one starts.
-    A done mark is (id, None, b"")."""
+    A done mark is (id, None, b""); the end of a feed (id -1, None, b"")."""
     frames: list[tuple[int, Target | None, bytes]] = []
     while position < len(data):
         end = data.find(b"\n", position)
@@ -196,6 +196,10 @@ def read_frames(data: bytes | bytearray, position: int = 0) -> tuple[list[tuple[
             break
         if "done" in header:
             frames.append((int(header["done"]), None, b""))
+            position = end + 1
+            continue
+        if "end" in header:  # the file writer's feed is over (never in a journal)
+            frames.append((-1, None, b""))
             position = end + 1
             continue
         size = int(header["size"])
@@ -246,12 +250,34 @@ def write_create_only(store: Store, target: Target, data: bytes) -> Path:
                 if attempt == 0
                 else sequence
             )
-            sequence = max(sequence, taken) + 1
             if document is None:
                 document = orjson.loads(data)
+            if attempt == 0:
+                # Written before the kill under a later repeat (its name was taken then too): the
+                # same recording but for its sequence. Recovering it again would duplicate it.
+                for later in range(sequence + 1, taken + 1):
+                    written = _same_recording(store, target.relative(store, later), document)
+                    if written is not None:
+                        return written
+            sequence = max(sequence, taken) + 1
             document["request"]["sequence"] = sequence
             data = store.serialize(document)
     raise RuntimeError(f"no free sequence for key {target.key[:16]} after {MAX_NAME_ATTEMPTS} attempts")
+
+
+def _same_recording(store: Store, relative: Path, document: dict[str, Any]) -> Path | None:
+    """The file at `relative` if it holds `document` with only its sequence changed."""
+    try:
+        raw = (store.root / relative).read_bytes() if store.root is not None else store.read_bytes(relative)
+        other = orjson.loads(raw)
+    except (OSError, StoreError, orjson.JSONDecodeError):
+        return None
+    request = other.get("request") if isinstance(other, dict) else None
+    if not isinstance(request, dict) or "sequence" not in request:
+        return None
+    if {**other, "request": {**request, "sequence": document["request"]["sequence"]}} != document:
+        return None
+    return store.root / relative if store.root is not None else relative
 
 
 def _same_file(store: Store, relative: Path, data: bytes) -> bool:

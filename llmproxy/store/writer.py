@@ -11,6 +11,7 @@ import bisect
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ from llmproxy.headers import recorded_response_headers
 from llmproxy.logs import debug_enabled
 from llmproxy.providers import Provider
 from llmproxy.store.base import Store
+from llmproxy.store.directory import StoreError
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
-from llmproxy.store.fileproc import FileWriterProcess, Results
+from llmproxy.store.fileproc import STALL_SECONDS, FileWriterProcess, Results
 from llmproxy.store.journal import Journal, Target, frame_entries, write_create_only
 from llmproxy.store.secrets import SecretScanner
 from llmproxy.upstream.client import Exchange
@@ -77,6 +79,9 @@ class Recorder:
     # Who creates the files: a child process (directory stores on POSIX; no GIL shared with the
     # event loop, see store/fileproc.py) or a thread (buckets, and wherever the process cannot run).
     writer: WriterKind = "process"
+    # Seconds the writer process may answer nothing while the proxy waits to stop before it is
+    # killed and a thread writes the rest.
+    stall_seconds: float = STALL_SECONDS
     # Test hook: runs in the writer thread before each file (a slow or stuck disk); set, the
     # files are written by the thread.
     before_write: Callable[[], None] | None = None
@@ -94,7 +99,8 @@ class Recorder:
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmproxy-prepare")
     )
     _queue: queue.SimpleQueue[list[Prepared] | None] = field(default_factory=queue.SimpleQueue)
-    _outbox: list[tuple[Prepared, asyncio.Future[None]]] = field(default_factory=list)
+    # Prepared and waiting for this loop iteration's journal append, with their journaled callbacks.
+    _outbox: list[tuple[Prepared, Callable[[], None] | None]] = field(default_factory=list)
     _writer: threading.Thread | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _idle: asyncio.Event | None = None
@@ -170,7 +176,7 @@ class Recorder:
         journaled: Callable[[], None] | None = None,
     ) -> None:
         """Prepare the exchange's recording (journaled when `journaled` is called: the client may
-        get its end), then have the writer thread write its file; `done` is called on the event
+        get its end), then have the writer process (or thread) write its file; `done` is called on the event
         loop with the file written (None when it was not)."""
         try:
             if not exchange.complete and not self.record_errors:
@@ -223,11 +229,10 @@ class Recorder:
             prepared.done = done
             self._pending_bytes += len(prepared.data)
             self._pending += 1
-            queued = self._loop.create_future()
-            self._outbox.append((prepared, queued))
+            self._outbox.append((prepared, journaled))
             if len(self._outbox) == 1:
                 self._loop.call_soon(self._flush)
-            await queued  # journaled: from here a kill loses nothing the client gets
+            journaled = None  # _flush tells it, once journaled
         finally:
             if journaled is not None:
                 journaled()
@@ -256,9 +261,9 @@ class Recorder:
         self._files = files
 
     def _flush(self) -> None:
-        """Once per loop iteration: journal what was prepared in one append, then hand it to the
-        writer process (or thread) in one write (each wake-up of another thread costs the loop a
-        GIL handoff)."""
+        """Once per loop iteration: journal what was prepared in one append, tell the flights
+        (their clients may get their ends), then hand it all to the writer process (or thread) in
+        one write (each wake-up of another thread costs the loop a GIL handoff)."""
         batch, self._outbox = self._outbox, []
         if not batch:
             return
@@ -266,38 +271,44 @@ class Recorder:
         files = self._files if self._files is not None and self._files.alive else None
         # A bucket has no directory on this machine to journal in: its recordings are written
         # (a durable PUT) right after, unjournaled.
-        journaling = self.journal_mode != "off" and self.store.root is not None
-        frames = b""
-        if journaling or files is not None:
+        if self.journal_mode != "off" and self.store.root is not None and self.journal is None:
             try:
-                if journaling and self.journal is None:
-                    self.journal = Journal(self.store.root, fsync="always" if self.journal_mode == "fsync" else "off")
-                if self.journal is not None:
-                    entries = self.journal.next_ids(len(batch))
-                else:
-                    entries = list(range(self._feed_ids + 1, self._feed_ids + 1 + len(batch)))
-                    self._feed_ids += len(batch)
-                # The same bytes go to the journal and to the writer process.
-                frames = b"".join(
-                    frame_entries(zip(entries, [(p.target, p.data) for p in prepared_batch], strict=True))
-                )
-                if self.journal is not None:
+                self.journal = Journal(self.store.root, fsync="always" if self.journal_mode == "fsync" else "off")
+            except OSError as exc:
+                log.error("journal not created: these recordings are lost if the proxy is killed", error=str(exc))
+        frames = b""
+        if self.journal is not None or files is not None:
+            if self.journal is not None:
+                entries = self.journal.next_ids(len(batch))
+            else:
+                entries = list(range(self._feed_ids + 1, self._feed_ids + 1 + len(batch)))
+                self._feed_ids += len(batch)
+            # The same bytes go to the journal and to the writer process.
+            recordings = [(prepared.target, prepared.data) for prepared in prepared_batch]
+            frames = b"".join(frame_entries(zip(entries, recordings, strict=True)))
+            if self.journal is not None:
+                try:
                     self.journal.append_framed(frames, entries)
+                except OSError as exc:
+                    log.error(
+                        "journal not written: these recordings are lost if the proxy is killed",
+                        count=len(batch),
+                        error=str(exc),
+                    )
+                else:
                     for prepared, entry in zip(prepared_batch, entries, strict=True):
                         prepared.entry = entry
-                if files is not None:
-                    for prepared, entry in zip(prepared_batch, entries, strict=True):
-                        self._sent[entry] = prepared
-            except OSError:
-                log.exception("journal not written: these recordings are lost if the proxy is killed", count=len(batch))
-        for _, queued in batch:
-            if not queued.done():
-                queued.set_result(None)
-        if files is not None and frames:
+            if files is not None:
+                for prepared, entry in zip(prepared_batch, entries, strict=True):
+                    self._sent[entry] = prepared
+        for _, journaled in batch:
+            if journaled is not None:
+                journaled()  # from here a kill loses nothing the client gets
+        if files is not None:
             if files.send(frames):
                 return
-            for entry in [entry for entry, prepared in self._sent.items() if prepared in prepared_batch]:
-                del self._sent[entry]
+            for entry in entries:  # it is gone: the thread writes these
+                self._sent.pop(entry, None)
         self._to_thread(prepared_batch)
 
     def _to_thread(self, batch: list[Prepared]) -> None:
@@ -365,12 +376,23 @@ class Recorder:
         """Wait for every scheduled write (at shutdown: nothing in flight is lost), with progress."""
         if self._pending:
             log.info("shutting down: writing queued recordings", queued=self._pending)
+        left, progressed = self._pending, time.monotonic()
         while self._pending:
             self._idle = asyncio.Event()
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout=1.0)
             except TimeoutError:
                 log.info("shutting down: writing queued recordings", left=self._pending)
+            if self._pending != left:
+                left, progressed = self._pending, time.monotonic()
+            elif self._files is not None and time.monotonic() - progressed > self.stall_seconds:
+                log.error(
+                    "file writer process answered nothing while stopping: killed; writing the rest in a thread",
+                    seconds=self.stall_seconds,
+                    left=self._pending,
+                )
+                self._files.kill()
+                progressed = time.monotonic()
         if self._files is not None:
             files = self._files
             code = await files.close()
@@ -405,7 +427,10 @@ class Recorder:
             if self.before_write is not None:
                 self.before_write()
             path = write_create_only(self.store, prepared.target, prepared.data)
-        except Exception:
+        except (OSError, StoreError) as exc:  # a full, read-only or vanished disk: one line, no traceback
+            self._not_written(prepared, f"{type(exc).__name__}: {exc}")
+            return None
+        except Exception:  # a bug: its traceback helps
             self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
             log.exception(
                 "recording not written (kept in the journal)" if prepared.entry else "recording not written",
