@@ -132,7 +132,7 @@ def _frames(root: Path, numbers: range) -> tuple[bytes, list[Path]]:
     entries = []
     names = []
     for number in numbers:
-        target = Target("openai", "/v1/chat/completions", "gpt-4o", f"{number:064x}", 1)
+        target = Target("openai", "/v1/chat/completions", "gpt-4o", f"{number:016x}" + "0" * 48, 1)
         document = {"request": {"sequence": 1, "n": number}, "response": {"status": 200}}
         entries.append((number + 1, (target, store.serialize(document))))
         names.append(root / target.relative(store))
