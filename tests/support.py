@@ -169,11 +169,12 @@ class CliProxy:
         netguard: str | None = None,
         slowdisk: str | None = None,
         new_session: bool = False,
+        python_flags: tuple[str, ...] = (),
     ) -> None:
         launcher = ["-m", "tests.netguard", netguard] if netguard else ["-m", "llmproxy"]
         if slowdisk is not None:  # tests/slowdisk.py: seconds per recording file, or "stuck"
             launcher = ["-m", "tests.slowdisk", slowdisk]
-        command = [sys.executable, *launcher, *args, "--log-json"]
+        command = [sys.executable, *python_flags, *launcher, *args, "--log-json"]
         full_env = {**os.environ, **(env or {})}
         self.process = subprocess.Popen(
             command,

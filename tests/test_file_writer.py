@@ -223,3 +223,30 @@ def test_a_writer_that_stops_answering_at_shutdown_is_replaced_by_a_thread(
             os.kill(writer, signal.SIGKILL)
     assert _nonces_on_disk(recordings) == list(range(5))
     assert journals(recordings) == []
+
+
+def test_the_writer_runs_the_proxys_llmproxy_whatever_the_working_directory(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    """Started from inside another checkout (a `llmproxy` package in the working directory), the
+    writer must import the proxy's own package, not that one."""
+    decoy = tmp_path / "checkout"
+    (decoy / "llmproxy").mkdir(parents=True)
+    (decoy / "llmproxy" / "__init__.py").write_text("")
+    wire = OpenAIWire()
+    app = RunningApp(loop_thread, wire.app()).start()
+    recordings = tmp_path / "recordings"
+    # -P: the proxy itself (like the `llmproxy` console script) does not import from its cwd.
+    proxy = CliProxy(
+        "record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0", cwd=decoy, python_flags=("-P",)
+    )
+    try:
+        answered: list[int] = []
+        loop_thread.run(_fire(proxy.url, 3, answered, stream=False))
+        wait_until(lambda: len(_nonces_on_disk(recordings)) == 3, "3 recordings")
+        writer = _writer_of(proxy)
+        events = proxy.stop()
+    finally:
+        app.stop()
+    assert not [e for e in events if e["event"].startswith("file writer process exited")]
+    assert _gone(writer)
