@@ -250,3 +250,26 @@ def test_the_writer_runs_the_proxys_llmproxy_whatever_the_working_directory(
         app.stop()
     assert not [e for e in events if e["event"].startswith("file writer process exited")]
     assert _gone(writer)
+
+
+def test_a_journal_that_cannot_be_appended_to_does_not_stall_the_writer(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    wire = OpenAIWire()
+    app = RunningApp(loop_thread, wire.app()).start()
+    recordings = tmp_path / "recordings"
+    proxy = CliProxy(
+        "record", "--upstream", app.url, "--recordings", str(recordings), "--port", "0", slowdisk="journal-full"
+    )
+    try:
+        answered: list[int] = []
+        loop_thread.run(_fire(proxy.url, 6, answered, stream=False))
+        wait_until(lambda: len(_nonces_on_disk(recordings)) == 6, "6 recordings, unjournaled")
+        events = proxy.stop()
+    finally:
+        app.stop()
+    assert proxy.process.returncode == 0
+    assert sorted(answered) == _nonces_on_disk(recordings) == list(range(6))
+    failed = [e for e in events if e["event"].startswith("journal not written")]
+    assert failed and all("No space left" in e["error"] for e in failed)
+    assert next(e for e in events if e["event"] == "summary")["recorded"] == 6
