@@ -188,8 +188,9 @@ def test_recovery_finds_an_entry_the_orphaned_writer_wrote_as_a_later_repeat(tmp
     a third time."""
     store = RecordingStore(tmp_path)
     target = Target("openai", "/v1/chat/completions", "gpt-4o", "ab" * 32, 1)
-    store.write(target.relative(store), store.serialize({"request": {"sequence": 1}, "response": {"old": 1}}))
-    fresh = store.serialize({"request": {"sequence": 1}, "response": {"new": 1}})
+    # A first repeat's request has no "sequence"; the writer adds it to later ones.
+    store.write(target.relative(store), store.serialize({"request": {"model": "gpt-4o"}, "response": {"old": 1}}))
+    fresh = store.serialize({"request": {"model": "gpt-4o"}, "response": {"new": 1}})
     journal = Journal(tmp_path)
     journal.append_many([(target, fresh)])
     assert write_create_only(store, target, fresh) == tmp_path / target.relative(store, 2)  # the orphan's write

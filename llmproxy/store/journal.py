@@ -272,12 +272,17 @@ def _same_recording(store: Store, relative: Path, document: dict[str, Any]) -> P
         other = orjson.loads(raw)
     except (OSError, StoreError, orjson.JSONDecodeError):
         return None
-    request = other.get("request") if isinstance(other, dict) else None
-    if not isinstance(request, dict) or "sequence" not in request:
+    if not isinstance(other, dict) or not isinstance(other.get("request"), dict):
         return None
-    if {**other, "request": {**request, "sequence": document["request"]["sequence"]}} != document:
+    if _without_sequence(other) != _without_sequence(document):
         return None
     return store.root / relative if store.root is not None else relative
+
+
+def _without_sequence(document: dict[str, Any]) -> dict[str, Any]:
+    # The first repeat has no "sequence" in its request; later ones do.
+    request = {key: value for key, value in document["request"].items() if key != "sequence"}
+    return {**document, "request": request}
 
 
 def _same_file(store: Store, relative: Path, data: bytes) -> bool:
