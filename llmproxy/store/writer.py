@@ -7,7 +7,6 @@ for secrets and writing the file all happen in a worker thread after the client 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import queue
 import threading
 from collections.abc import Callable
@@ -423,6 +422,33 @@ def capture_response(provider: Provider, path: str, codec: Codec, raw: bytes) ->
     return captured
 
 
+def chunk_times(reads: list[tuple[int, float]], chunk_ends: list[int]) -> list[float]:
+    """When each chunk had arrived: the time of the first read that brought its last byte (the
+    last read's for a chunk past them all), in ms to one decimal.
+
+    Both lists grow (reads are cumulative byte counts, chunk ends offsets), so one walk along
+    the reads finds them all; chunks of one read share its time, rounded once."""
+    times: list[float] = []
+    last = len(reads) - 1
+    index = 0
+    read_end, read_ms = reads[0]
+    rounded = round(read_ms, 1)
+    previous = 0
+    for end in chunk_ends:
+        if end < previous:  # never from the codecs; walked again from the start all the same
+            index = 0
+            read_end, read_ms = reads[0]
+            rounded = round(read_ms, 1)
+        previous = end
+        if read_end < end and index < last:
+            while read_end < end and index < last:
+                index += 1
+                read_end, read_ms = reads[index]
+            rounded = round(read_ms, 1)
+        times.append(rounded)
+    return times
+
+
 def _values(body: Any) -> list[Any]:
     """The JSON values of a stored body: its chunks, or the whole body as one."""
     return [data_of(item) for item in body] if isinstance(body, list) else [data_of(body)]
@@ -449,11 +475,7 @@ def build_recording(exchange: Exchange) -> Recording:
     )
     timing = None
     if captured.is_streaming and exchange.reads:
-        read_ends = [end for end, _ in exchange.reads]
-        last = len(exchange.reads) - 1
-        chunk_ms = [
-            round(exchange.reads[min(bisect.bisect_left(read_ends, end), last)][1], 1) for end in captured.chunk_ends
-        ]
+        chunk_ms = chunk_times(exchange.reads, captured.chunk_ends)
         timing = {"headers_ms": round(exchange.headers_ms, 1), "chunk_ms": chunk_ms}
     response = RecordedResponse(
         status=exchange.status,
