@@ -3,10 +3,14 @@ the router's memo of resolutions, the keying shortcuts, the recorder's cheaper c
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import json
 import os
 from collections.abc import Iterable, Mapping
+from typing import Any
 
+import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -15,6 +19,10 @@ from llmproxy.canonical import parse_body, public_query, secret_query_params
 from llmproxy.providers import PROVIDERS, get_provider
 from llmproxy.providers.base import Provider
 from llmproxy.routing import MAX_RESOLVED, Route, RouteMatch, Router, default_routes
+from llmproxy.store.secrets import SecretScanner
+from llmproxy.store.writer import chunk_times
+from llmproxy.wire.sse import SSE
+from llmproxy.wire.textstream import TextStreamCodec
 
 FUZZ = settings(
     max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")),
@@ -161,3 +169,121 @@ def test_an_empty_body_is_what_strip_leaves_empty(data: bytes) -> None:
         assert value is None
     else:  # a body that is not blank is parsed (JSON `null` alone parses to None)
         assert value is not None or data.strip() == b"null"
+
+
+def _chunk_times_before(reads: list[tuple[int, float]], chunk_ends: list[int]) -> list[float]:
+    read_ends = [end for end, _ in reads]
+    last = len(reads) - 1
+    return [round(reads[min(bisect.bisect_left(read_ends, end), last)][1], 1) for end in chunk_ends]
+
+
+@FUZZ
+@given(
+    st.lists(st.tuples(st.integers(0, 50), st.floats(0, 1e6, allow_nan=False)), min_size=1, max_size=30),
+    st.lists(st.integers(0, 60), max_size=40),
+    st.booleans(),
+)
+def test_chunk_times_in_one_walk_are_the_bisected_ones(
+    steps: list[tuple[int, float]], ends: list[int], ordered: bool
+) -> None:
+    total = 0
+    reads = []
+    for step, ms in steps:  # reads count bytes received so far
+        total += step
+        reads.append((total, ms))
+    chunk_ends = sorted(ends) if ordered else ends
+    assert chunk_times(reads, chunk_ends) == _chunk_times_before(reads, chunk_ends)
+
+
+SCALARS = st.integers(-(2**63), 2**63 - 1) | st.text(max_size=6) | st.floats(allow_nan=False)
+sse_payloads = st.one_of(
+    st.dictionaries(st.text(max_size=4), SCALARS, max_size=3).map(orjson.dumps),
+    st.lists(st.integers(-5, 5), max_size=3).map(lambda value: json.dumps(value).encode()),  # python's spacing
+    st.dictionaries(st.sampled_from(["a", "é"]), st.integers(), max_size=2).map(lambda v: json.dumps(v).encode()),
+    st.sampled_from([b"[DONE]", b"", b"1", b'"text"', b"{bad", b'{"a": 1}', b'{"big":123456789012345678901234}']),
+    st.sampled_from([b'{"a":"\xff"}', b"\xc3\xa9", b'{"k":"\xe2\x82\xac"}']),
+)
+
+
+@FUZZ
+@given(st.lists(sse_payloads, max_size=8), st.sampled_from([b"", b"data: [DONE]\n\n", b'data: {"a":1}', b"\n"]))
+def test_the_plain_sse_capture_is_the_general_one(payloads: list[bytes], tail: bytes) -> None:
+    """OpenAI's shape of stream goes through the shortcut; it must capture what the general
+    event loop captures (body, framing, chunk ends), and refuse what the general loop refuses."""
+    raw = b"".join(b"data: " + payload + b"\n\n" for payload in payloads) + tail
+    labeler = lambda value: "chunk"  # noqa: E731
+
+    def general() -> Any:
+        return TextStreamCodec._capture(SSE, raw, labeler)
+
+    def plain() -> Any:
+        return SSE._capture_plain(raw, labeler)
+
+    try:
+        expected = general()
+    except UnicodeDecodeError:
+        try:
+            plain()
+        except UnicodeDecodeError:
+            return
+        raise AssertionError("the shortcut took bytes the general loop refused") from None
+    captured = plain()
+    assert captured is not None
+    assert (captured.body, captured.framing, captured.chunk_ends) == (
+        expected.body,
+        expected.framing,
+        expected.chunk_ends,
+    )
+    if captured.exact:
+        assert b"".join(SSE.render(captured.body, captured.framing)) == raw
+
+
+def _worth_walking_before(scanner: SecretScanner, data: bytes, values: Mapping[str, str]) -> bool:
+    if b'"llmproxy.bytes"' in data:
+        return True
+    if any(value.encode("utf-8", "surrogateescape") in data for value in values):
+        return True
+    if not scanner._extra and not any(
+        marker in data for marker in (b"sk-", b"AIza", b"AKIA", b"ASIA", b"earer", b"eyJ")
+    ):
+        return False
+    return scanner._any.search(data.decode("utf-8", errors="replace")) is not None
+
+
+CREDENTIAL_VALUES = [
+    "abcdefgh12345678",
+    "Bearer abcdefgh12345678",
+    "token with, comma",
+    "key: colon",
+    "[bracketed]",
+    "{braced}",
+    'x":"y',
+    "é-accented-value",
+    "AKIA0123456789ABCDEF",
+]
+texts = st.one_of(
+    st.sampled_from(CREDENTIAL_VALUES),
+    st.sampled_from(["sk-", "task-list", "hello", "Bearer", "eyJhbGciOi", "AIza", ",", ":", " ", "\n"]),
+    st.text(alphabet='ab ,:[]{}"\n-', max_size=8),
+)
+documents = st.recursive(
+    st.none() | st.integers(-(2**63), 2**63 - 1) | texts,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(texts, children, max_size=4),
+    max_leaves=12,
+)
+
+
+@FUZZ
+@given(documents, st.lists(st.sampled_from(CREDENTIAL_VALUES), max_size=3), st.booleans())
+def test_the_secret_prefilter_on_the_compact_document_decides_as_on_the_file(
+    document: Any, carried: list[str], extra: bool
+) -> None:
+    scanner = SecretScanner([r"colon"] if extra else [])
+    values = {value: "header x-test" for value in carried}
+    pretty = orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
+    compact = orjson.dumps(document)
+    expected = _worth_walking_before(scanner, pretty, values)
+    assert scanner._worth_walking(pretty, values, compact) == expected
+    assert scanner._worth_walking(pretty, values) == expected
+    if expected is False:
+        assert scanner.scan(document, pretty, values) == []
