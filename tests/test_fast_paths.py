@@ -20,7 +20,10 @@ from llmproxy.providers import PROVIDERS, get_provider
 from llmproxy.providers.base import Provider
 from llmproxy.routing import MAX_RESOLVED, Route, RouteMatch, Router, default_routes
 from llmproxy.store.secrets import SecretScanner
-from llmproxy.store.writer import chunk_times
+from llmproxy.store.writer import capture_response, chunk_times
+from llmproxy.wire import json as json_wire
+from llmproxy.wire.framing import CapturedBody, typed
+from llmproxy.wire.opaque import OPAQUE
 from llmproxy.wire.sse import SSE
 from llmproxy.wire.textstream import TextStreamCodec
 
@@ -287,3 +290,56 @@ def test_the_secret_prefilter_on_the_compact_document_decides_as_on_the_file(
     assert scanner._worth_walking(pretty, values) == expected
     if expected is False:
         assert scanner.scan(document, pretty, values) == []
+
+
+def _json_capture_before(raw: bytes, labeler: Any) -> Any:
+    """JsonCodec.capture as it was: the style detector on the decoded text, for every body."""
+    value = json_wire.loads(raw) if raw.strip() else json_wire.NOT_JSON
+    if value is json_wire.NOT_JSON:
+        return OPAQUE.capture(raw, labeler)
+    framing: dict[str, Any] = {"format": "json"}
+    text = raw.decode("utf-8")
+    body_text = text.rstrip(" \t\r\n")
+    detector = json_wire.StyleDetector()
+    if detector.accepts(value, body_text):
+        json_wire.set_style(framing, detector.style)
+        if body_text != text:
+            framing["end"] = text[len(body_text) :]
+    else:
+        framing["verbatim"] = {"0": text}
+    return CapturedBody(typed(labeler(value), value), framing)
+
+
+json_texts = st.one_of(
+    st.recursive(
+        st.none() | st.booleans() | SCALARS,
+        lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3), children, max_size=3),
+        max_leaves=8,
+    ).flatmap(
+        lambda value: st.sampled_from(
+            [
+                orjson.dumps(value),
+                json.dumps(value).encode(),
+                json.dumps(value, ensure_ascii=False).encode(),
+                json.dumps(value, indent=2).encode(),
+                json.dumps(value, separators=(",", ":")).encode(),
+            ]
+        )
+    ),
+    st.sampled_from([b"", b"  ", b"not json", b"\xff\xfe", b" {}", b'{"a":1e400}', b"123456789012345678901234"]),
+)
+
+
+@FUZZ
+@given(json_texts, st.sampled_from([b"", b"\n", b" \r\n", b"\t"]))
+def test_the_json_capture_shortcut_is_the_style_detectors_answer(text: bytes, tail: bytes) -> None:
+    raw = text + tail
+    labeler = lambda value: "body"  # noqa: E731
+    expected = _json_capture_before(raw, labeler)
+    captured = json_wire.JSON.capture(raw, labeler)
+    assert (captured.body, captured.framing) == (expected.body, expected.framing)
+    # The recorder trusts the capture's proof instead of rendering again: it must hold.
+    provider = get_provider("openai")
+    recorded = capture_response(provider, "/v1/chat/completions", json_wire.JSON, raw)
+    if recorded.framing.get("format") == "json":
+        assert b"".join(json_wire.JSON.render(recorded.body, recorded.framing, provider.json_value)) == raw

@@ -122,7 +122,9 @@ class SecretScanner:
         """Credentials in a document, by field: key shapes, and `values` (from
         `request_credentials`) wherever they appear. `serialized` (the document's JSON, when
         the caller has it already) spares serialising it again for the quick first pass."""
-        values = {value: where for value, where in (values or {}).items() if not self.allowed(value)}
+        values = values or {}
+        if self._allow_values:  # nothing is allowed without an allow-list: no copy to filter
+            values = {value: where for value, where in values.items() if not self.allowed(value)}
         # One pass over the serialised document finds out whether there is anything at all;
         # only then is the document walked to name the fields.
         compact = orjson.dumps(document)

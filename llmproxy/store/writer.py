@@ -32,6 +32,7 @@ from llmproxy.store.journal import Journal, Target, write_create_only
 from llmproxy.store.secrets import SecretScanner
 from llmproxy.upstream.client import Exchange
 from llmproxy.wire.framing import CapturedBody, Codec, Format, data_of
+from llmproxy.wire.json import JSON
 from llmproxy.wire.opaque import OPAQUE
 from llmproxy.wire.registry import codec_for_content_type
 
@@ -408,6 +409,10 @@ def capture_response(provider: Provider, path: str, codec: Codec, raw: bytes) ->
         # Compared as bytes, not as values: key order must survive the packing too.
         if packed is not None and orjson.dumps(provider.json_value(packed)) == orjson.dumps(value):
             captured.body = packed
+        elif codec is JSON and value is data_of(captured.body):
+            # Rendering writes this very value in the style the codec proved spells `raw`
+            # (plus the same end): the bytes are the received ones without a second rendering.
+            captured.exact = True
     # The codecs promise this; checked here so a codec bug costs a readable file, never a byte
     # (unless the capture proved it already: a second rendering of a long stream costs a fifth).
     if captured.exact:
