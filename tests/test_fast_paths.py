@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from llmproxy.canonical import parse_body, public_query, secret_query_params
-from llmproxy.providers import PROVIDERS, get_provider
+from llmproxy.providers import CREDENTIAL_HEADERS, IDENTITY_HEADERS, PROVIDERS, get_provider
 from llmproxy.providers.base import Provider
-from llmproxy.routing import MAX_RESOLVED, Route, RouteMatch, Router, default_routes
+from llmproxy.routing import MAX_RESOLVED, Route, RouteMatch, Router, credential_mismatch, default_routes
 from llmproxy.store.secrets import SecretScanner
-from llmproxy.store.writer import capture_response, chunk_times
+from llmproxy.store.writer import _chunk_values, capture_response, chunk_times
 from llmproxy.wire import json as json_wire
-from llmproxy.wire.framing import CapturedBody, typed
+from llmproxy.wire.framing import DATA_KEY, TYPE_KEY, CapturedBody, data_of, typed
 from llmproxy.wire.opaque import OPAQUE
 from llmproxy.wire.sse import SSE
 from llmproxy.wire.textstream import TextStreamCodec
@@ -343,3 +343,40 @@ def test_the_json_capture_shortcut_is_the_style_detectors_answer(text: bytes, ta
     recorded = capture_response(provider, "/v1/chat/completions", json_wire.JSON, raw)
     if recorded.framing.get("format") == "json":
         assert b"".join(json_wire.JSON.render(recorded.body, recorded.framing, provider.json_value)) == raw
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.sampled_from(
+            [{"__type__": "chunk", "data": {"a": 1}}, {"__type__": "x"}, {"data": 2}, [1], None, "text", 3]
+        ),
+        max_size=6,
+    )
+)
+def test_chunk_values_inline_are_data_of_each(chunks: list[Any]) -> None:
+    assert _chunk_values(chunks) == [data_of(item) for item in chunks]
+
+
+def _credential_mismatch_before(provider: Provider, headers: Mapping[str, str]) -> list[str]:
+    telling = CREDENTIAL_HEADERS | IDENTITY_HEADERS
+    return [name for name in headers if name in telling and not provider.accepts_header(name, headers)]
+
+
+def test_credential_mismatch_names_what_the_walk_over_every_header_named() -> None:
+    """The set intersection decides whether any header is foreign; the message is unchanged."""
+    extra = (
+        {},
+        {"x-api-key": "sk-ant-0123456789abcdefghij", "authorization": "Bearer abcdefgh12345678"},
+        {"api-key": "azurekey0123456789", "anthropic-beta": "tools"},
+    )
+    for provider in PROVIDERS.values():
+        for base, more in itertools.product(HEADER_SETS, extra):
+            headers = {**base, **more}
+            foreign = _credential_mismatch_before(provider, headers)
+            message = credential_mismatch(provider, headers)
+            if not foreign:
+                assert message is None
+            else:
+                assert message is not None and message.startswith(f"the request carries {foreign[0]} (used by ")
+                assert all(f"{name} (used by " in message for name in foreign)

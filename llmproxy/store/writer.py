@@ -7,6 +7,7 @@ for secrets and writing the file all happen in a worker thread after the client 
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse
 from llmproxy.store.journal import Journal, Target, write_create_only
 from llmproxy.store.secrets import SecretScanner
 from llmproxy.upstream.client import Exchange
-from llmproxy.wire.framing import CapturedBody, Codec, Format, data_of
+from llmproxy.wire.framing import DATA_KEY, TYPE_KEY, CapturedBody, Codec, Format, data_of
 from llmproxy.wire.json import JSON
 from llmproxy.wire.opaque import OPAQUE
 from llmproxy.wire.registry import codec_for_content_type
@@ -391,7 +392,7 @@ def _truncated(exchange: Exchange, recording: Recording) -> bool:
     response = recording.response
     if not response.is_streaming:
         return False
-    chunks = [data_of(item) for item in response.body]
+    chunks = _chunk_values(response.body)
     return not exchange.call.route.provider.stream_complete(exchange.call.path, chunks, response.framing.get("end", ""))
 
 
@@ -402,7 +403,7 @@ def capture_response(provider: Provider, path: str, codec: Codec, raw: bytes) ->
     that differ (`framing.verbatim`), so what is stored always renders back to the received bytes.
     """
     streaming = codec.streaming
-    captured = codec.capture(raw, lambda value: provider.label(path, streaming, value))
+    captured = codec.capture(raw, functools.partial(provider.label, path, streaming))  # one call per chunk
     if captured.framing.get("format") == Format.JSON and "verbatim" not in captured.framing:
         value = provider.json_value(captured.body)
         packed = provider.pack_json(path, value)
@@ -456,7 +457,12 @@ def chunk_times(reads: list[tuple[int, float]], chunk_ends: list[int]) -> list[f
 
 def _values(body: Any) -> list[Any]:
     """The JSON values of a stored body: its chunks, or the whole body as one."""
-    return [data_of(item) for item in body] if isinstance(body, list) else [data_of(body)]
+    return _chunk_values(body) if isinstance(body, list) else [data_of(body)]
+
+
+def _chunk_values(chunks: list[Any]) -> list[Any]:
+    """data_of of each chunk, inline: a stream has thousands."""
+    return [item.get(DATA_KEY) if isinstance(item, dict) and TYPE_KEY in item else item for item in chunks]
 
 
 def build_recording(exchange: Exchange) -> Recording:
