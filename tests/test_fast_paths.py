@@ -348,9 +348,7 @@ def test_the_json_capture_shortcut_is_the_style_detectors_answer(text: bytes, ta
 @FUZZ
 @given(
     st.lists(
-        st.sampled_from(
-            [{"__type__": "chunk", "data": {"a": 1}}, {"__type__": "x"}, {"data": 2}, [1], None, "text", 3]
-        ),
+        st.sampled_from([typed("chunk", {"a": 1}), {TYPE_KEY: "x"}, {DATA_KEY: 2}, [1], None, "text", 3]),
         max_size=6,
     )
 )
