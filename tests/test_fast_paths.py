@@ -285,11 +285,28 @@ def test_the_secret_prefilter_on_the_compact_document_decides_as_on_the_file(
     values = {value: "header x-test" for value in carried}
     pretty = orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
     compact = orjson.dumps(document)
-    expected = _worth_walking_before(scanner, pretty, values)
-    assert scanner._worth_walking(pretty, values, compact) == expected
-    assert scanner._worth_walking(pretty, values) == expected
-    if expected is False:
-        assert scanner.scan(document, pretty, values) == []
+    before = _worth_walking_before(scanner, pretty, values)
+    worth = scanner._worth_walking(pretty, values, compact)
+    assert worth == scanner._worth_walking(pretty, values)
+    assert worth or not before  # it walks whenever it walked before
+    if not worth:  # and what it lets through, the walk itself finds nothing in
+        assert list(scanner._iter(document, "", values)) == []
+
+
+def test_escaped_credentials_are_walked_and_found() -> None:
+    """JSON escapes hid these from the quick pass (the walk reads strings unescaped)."""
+    scanner = SecretScanner()
+    cases = [
+        ({"content": "Bearer\tabcdefghijklmnopqrstuv"}, {}),
+        ({"content": "Bearer\nabcdefghijklmnopqrstuv"}, {}),
+        ({"content": 'key=ab"cdefgh123'}, {'ab"cdefgh123': "header x-api-key"}),
+        ({"content": "key=ab\\cdefgh123"}, {"ab\\cdefgh123": "header x-api-key"}),
+    ]
+    for document, values in cases:
+        pretty = orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
+        assert _worth_walking_before(scanner, pretty, values) is False  # what was missed
+        findings = scanner.scan(document, pretty, values)
+        assert [finding.field for finding in findings] == ["content"], document
 
 
 def _json_capture_before(raw: bytes, labeler: Any) -> Any:

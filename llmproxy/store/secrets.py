@@ -151,10 +151,18 @@ class SecretScanner:
             same = _STRUCTURAL.isdisjoint(encoded) and not encoded[:1].isspace() and not encoded[-1:].isspace()
             if encoded in (quick if same else data):
                 return True
+            # A value with a quote, a backslash or a control character is escaped in JSON.
+            escaped = _json_escaped(value)
+            if escaped is not None and escaped != encoded and escaped in data:
+                return True
             absent.append(encoded)
         if not self._extra and not any(marker in quick for marker in _MARKERS):
             return False  # every built-in pattern contains one of these literals
-        return self._any.search(data.decode("utf-8", errors="replace")) is not None
+        text = data.decode("utf-8", errors="replace")
+        if self._any.search(text) is not None:
+            return True
+        # The walk reads strings unescaped ("Bearer\tkey" holds a tab, which `\s` matches).
+        return "\\" in text and self._any.search(_unescaped(text)) is not None
 
     def _text_findings(self, text: str, values: Mapping[str, str]) -> Iterator[str]:
         for kind, pattern in self._patterns:
@@ -227,6 +235,23 @@ class SecretScanner:
         if isinstance(body_value, RawBody):
             return RawBody.of(self.redact_bytes(raw, values))
         return self.redact(body_value, values)
+
+
+def _json_escaped(value: str) -> bytes | None:
+    """The value as it appears inside a JSON string (None: not writable as JSON)."""
+    try:
+        return orjson.dumps(value)[1:-1]
+    except orjson.JSONEncodeError:
+        return None
+
+
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|(.))")
+_SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "b": "\b"}
+
+
+def _unescaped(text: str) -> str:
+    """JSON text with the escapes inside its strings replaced by what they stand for."""
+    return _ESCAPE.sub(lambda m: chr(int(m[1], 16)) if m[1] else _SIMPLE_ESCAPES.get(m[2], m[2]), text)
 
 
 def _decoded_bytes(value: dict[str, Any]) -> bytes | None:
