@@ -74,7 +74,7 @@ def parse_body(data: bytes, content_type: str = "", *, max_depth: int = MAX_REQU
     body gives a RawBody (its digest); an empty body gives None. Raises BadRequest for a body
     nested deeper than `max_depth`.
     """
-    if not data.strip():
+    if not data or data.isspace():  # as `not data.strip()`, without copying the body
         return None
     if content_type.lower().startswith("multipart/form-data"):
         form = parse_multipart(data, content_type)
@@ -204,7 +204,9 @@ class KeyMemo:
 
 
 def public_query(pairs: Iterable[tuple[str, str]], ignore: Iterable[str] = ()) -> list[tuple[str, str]]:
-    dropped = secret_query_params().union(name.lower() for name in ignore)
+    if not pairs:  # most requests have no query: no set to build
+        return []
+    dropped = secret_query_params().union(name.lower() for name in ignore) if ignore else secret_query_params()
     return [(name, value) for name, value in pairs if name.lower() not in dropped]
 
 
@@ -267,8 +269,10 @@ def canonical_request(
         body = drop_path(body, json_path)
     if round_floats is not None:
         body = _round_floats(body, round_floats)
-    lowered = {name.lower(): value for name, value in headers.items()}
-    chosen = tuple((name, lowered[name]) for name in key_headers if name in lowered)
+    chosen: tuple[tuple[str, str], ...] = ()
+    if key_headers:  # most routes key on no header: no copy of them all
+        lowered = {name.lower(): value for name, value in headers.items()}
+        chosen = tuple((name, lowered[name]) for name in key_headers if name in lowered)
     return CanonicalRequest(
         route=route,
         method=method,

@@ -244,7 +244,8 @@ class Playback:
         if loading:
             self.waiting += 1
         try:
-            await self._load_hinted(call)
+            if loading:  # loaded and no hinted read under way: nothing to wait for (most calls)
+                await self._load_hinted(call)
             group, entries = self._entries(call)
             # What the names led to answers the call when it settles it; anything else (a miss,
             # a shared answer to a scoped call, a repeat past those found) waits for the whole

@@ -28,6 +28,11 @@ from llmproxy.providers import CREDENTIAL_HEADERS, CREDENTIAL_QUERY, IDENTITY_HE
 # Headers that say which provider a request is for: credentials and provider-only headers.
 _TELLING_HEADERS = CREDENTIAL_HEADERS | IDENTITY_HEADERS
 
+# Resolutions kept per router: (method, path, claim header values) -> match. Paths with ids in
+# them are unbounded, so the memo starts again when full.
+MAX_RESOLVED = 1024
+_UNRESOLVED = object()
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -119,12 +124,29 @@ class Router:
             key=lambda item: len(item[0]),
             reverse=True,
         )
+        # A resolution depends on the method, the path and these headers only (each provider
+        # declares what its path rules read), so it is computed once per distinct triple: an
+        # unprefixed path would otherwise ask every provider's `claims` on every request.
+        self._claim_headers = tuple(sorted({name for route in self.routes for name in route.provider.claim_headers}))
+        self._resolved: dict[tuple[str | None, ...], RouteMatch | None] = {}
 
     def get(self, name: str) -> Route | None:
         return self._by_name.get(name)
 
     def resolve(self, method: str, path: str, headers: Mapping[str, str]) -> RouteMatch | None:
-        """The route a request path belongs to, and the path its upstream sees (see module doc)."""
+        """The route a request path belongs to, and the path its upstream sees (see module doc).
+        `headers` have lower-case names (or are case-insensitive)."""
+        key = (method, path, *[headers.get(name) for name in self._claim_headers])
+        found = self._resolved.get(key, _UNRESOLVED)
+        if found is _UNRESOLVED:
+            shown = {name: value for name, value in zip(self._claim_headers, key[2:]) if value is not None}
+            found = self._resolve(method, path, shown)
+            if len(self._resolved) >= MAX_RESOLVED:
+                self._resolved.clear()
+            self._resolved[key] = found
+        return found  # type: ignore[return-value]
+
+    def _resolve(self, method: str, path: str, headers: Mapping[str, str]) -> RouteMatch | None:
         for route in self._prefixed:
             rest = _under(path, route.prefix or "")
             if rest is not None:
@@ -139,20 +161,29 @@ class Router:
         return None
 
     def route(
-        self, method: str, path: str, headers: Mapping[str, str], query_string: str = "", host: str = ""
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        query_string: str = "",
+        host: str = "",
+        *,
+        lowered: bool = False,
     ) -> RouteMatch | Refusal:
         """Resolve an incoming request, refusing one no route serves (404) and one whose
-        credentials belong to another provider than the route's (400)."""
-        lowered = {name.lower(): value for name, value in headers.items()}
-        match = self.resolve(method, path, lowered)
+        credentials belong to another provider than the route's (400). `lowered`: the caller's
+        `headers` already have lower-case names (spares a copy)."""
+        if not lowered:
+            headers = {name.lower(): value for name, value in headers.items()}
+        match = self.resolve(method, path, headers)
         if match is None:
             return Refusal(
                 404,
                 "no_route",
                 f"no route for {method} {path}. Use a provider's base URL: {self.describe_base_urls(host)}",
-                self._route_telling(lowered),
+                self._route_telling(headers),
             )
-        mismatch = credential_mismatch(match.route.provider, lowered, query_string)
+        mismatch = credential_mismatch(match.route.provider, headers, query_string)
         if mismatch is None:
             return match
         return Refusal(
@@ -161,7 +192,7 @@ class Router:
             f"{mismatch}: route {match.route.name!r} forwards {method} {path} to {match.route.provider.name}, "
             f"so nothing was sent. Use a provider's base URL: {self.describe_base_urls(host)}",
             # In the shape of the client's own provider, whose SDK then shows the message.
-            self._route_telling(lowered) or match.route,
+            self._route_telling(headers) or match.route,
         )
 
     def describe_base_urls(self, host: str = "") -> str:
@@ -190,7 +221,12 @@ def credential_mismatch(provider: Provider, headers: Mapping[str, str], query_st
     """Why a request must not reach `provider`'s upstream: the credential or identity headers
     (or credential query parameters) it carries that belong to other providers only. `headers`
     have lower-case names."""
-    foreign = [name for name in headers if name in _TELLING_HEADERS and not provider.accepts_header(name, headers)]
+    foreign: list[str] = []
+    # The usual request carries one or two telling headers, all the route's: found in C, not
+    # by a walk over every header; the walk (in the client's order) only when one is foreign.
+    telling = _TELLING_HEADERS.intersection(headers)
+    if telling and not all(provider.accepts_header(name, headers) for name in telling):
+        foreign = [name for name in headers if name in _TELLING_HEADERS and not provider.accepts_header(name, headers)]
     if query_string and CREDENTIAL_QUERY:
         names = {name.lower() for name, _ in parse_qsl(query_string, keep_blank_values=True)}
         foreign += [f"?{name}" for name in sorted(names & CREDENTIAL_QUERY) if not provider.accepts_query(name)]

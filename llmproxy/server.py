@@ -265,14 +265,15 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
     scanner = SecretScanner(settings.secret_patterns, allow=settings.secret_allow)
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        match = router.route(request.method, request.path, request.headers, request.query_string, request.host)
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        query_string = request.query_string
+        match = router.route(request.method, request.path, headers, query_string, request.host, lowered=True)
         if isinstance(match, Refusal):
             log.warning("request refused", code=match.code, method=request.method, path=request.path)
             return error_response(match.route, match.status, match.message, match.code)
         route = match.route
         body = await request.read()
-        query = parse_qsl(request.query_string, keep_blank_values=True)
-        headers = {name.lower(): value for name, value in request.headers.items()}
+        query = parse_qsl(query_string, keep_blank_values=True) if query_string else []
         scope = pipeline.scope
         if SCOPE_HEADER in headers:  # the header wins over the test running; empty: shared
             chosen = headers.pop(SCOPE_HEADER).strip()
@@ -282,7 +283,7 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
                 return error_response(route, 400, message, "bad_scope")
             scope = chosen or None
         content_type = request.headers.get("Content-Type", "")
-        memo_key = (route.name, request.method, match.path, request.query_string, content_type, body)
+        memo_key = (route.name, request.method, match.path, query_string, content_type, body)
         memo_key += tuple(headers.get(name) for name in route.key_headers)  # type: ignore[assignment]
         # secrets = "redact": the key is computed from the body as it will be recorded.
         credentials = request_credentials(headers, query) if redact else {}
@@ -316,7 +317,7 @@ def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.App
             route=route,
             method=request.method.upper(),
             path=match.path,
-            query_string=request.query_string,
+            query_string=query_string,
             query=query,
             headers=headers,
             body=body,

@@ -25,6 +25,7 @@ class AnthropicProvider(Provider):
     name = "anthropic"
     default_upstream = "https://api.anthropic.com"
     claim_priority = 20
+    claim_headers = frozenset({"anthropic-version"})
     api_roots = ("/v1",)
     credential_headers = frozenset({"x-api-key"})
     identity_headers = frozenset({"anthropic-version", "anthropic-beta"})

@@ -71,6 +71,9 @@ class Provider:
     default_upstream: ClassVar[str | None] = None
     # Tried before lower numbers when several providers claim the same unprefixed path.
     claim_priority: ClassVar[int] = 0
+    # Request headers (lower case) that `claims` may read: the router resolves a path once per
+    # method, path and these headers' values, and shows `claims` no other header.
+    claim_headers: ClassVar[frozenset[str]] = frozenset()
     # Path roots of the upstream API, the first being the one an SDK may leave out of its base
     # URL: under the provider's prefix, "/messages" means "/v1/messages" (see upstream_path).
     api_roots: ClassVar[tuple[str, ...]] = ()

@@ -37,6 +37,7 @@ class MistralProvider(Provider):
     name = "mistral"
     default_upstream = "https://api.mistral.ai"
     claim_priority = 5  # before OpenAI, after every provider with paths of its own
+    claim_headers = frozenset({"user-agent"})
     api_roots = ("/v1",)
     credential_headers = frozenset({"authorization"})
     # The SDK has no base-URL variable: `Mistral(server_url="http://proxy/mistral")`.

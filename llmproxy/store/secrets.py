@@ -44,6 +44,9 @@ BUILTIN_PATTERNS: dict[str, str] = {
 # Literal text each built-in pattern contains: a substring test is far cheaper than a regex.
 _MARKERS = (b"sk-", b"AIza", b"AKIA", b"ASIA", b"earer", b"eyJ")
 _BYTES_MARKER = f'"{BYTES_LABEL}"'.encode()
+# What pretty and compact JSON spell differently around (see _worth_walking); the markers and
+# the bytes label hold none of these.
+_STRUCTURAL = frozenset(b"{}[],:")
 
 # Credential values shorter than this are not searched for: "1" or "test" would match anywhere.
 MIN_VALUE_LENGTH = 8
@@ -119,22 +122,47 @@ class SecretScanner:
         """Credentials in a document, by field: key shapes, and `values` (from
         `request_credentials`) wherever they appear. `serialized` (the document's JSON, when
         the caller has it already) spares serialising it again for the quick first pass."""
-        values = {value: where for value, where in (values or {}).items() if not self.allowed(value)}
+        values = values or {}
+        if self._allow_values:  # nothing is allowed without an allow-list: no copy to filter
+            values = {value: where for value, where in values.items() if not self.allowed(value)}
         # One pass over the serialised document finds out whether there is anything at all;
         # only then is the document walked to name the fields.
-        data = serialized if serialized is not None else orjson.dumps(document)
-        if not self._worth_walking(data, values):
+        compact = orjson.dumps(document)
+        if not self._worth_walking(serialized if serialized is not None else compact, values, compact):
             return []
         return list(self._iter(document, "", values))
 
-    def _worth_walking(self, data: bytes, values: Mapping[str, str]) -> bool:
-        if _BYTES_MARKER in data:
+    def _worth_walking(self, data: bytes, values: Mapping[str, str], compact: bytes | None = None) -> bool:
+        """Whether the walk could find anything in the document serialised as `data`.
+
+        `compact` is the same document without indentation (often half the bytes of a pretty
+        file). Every string is spelled alike in both, and the two differ only by whitespace
+        next to the brackets, commas and colons between values: text holding none of those
+        and no whitespace at its ends occurs in one exactly when it occurs in the other."""
+        quick = data if compact is None else compact
+        if _BYTES_MARKER in quick:
             return True  # base64 hides what is inside: decode it
-        if any(value.encode("utf-8", "surrogateescape") in data for value in values):
-            return True
-        if not self._extra and not any(marker in data for marker in _MARKERS):
+        absent: list[bytes] = []
+        for value in sorted(values, key=len):
+            encoded = value.encode("utf-8", "surrogateescape")
+            # "Bearer sk-x" cannot be there when "sk-x" is not.
+            if any(part in encoded for part in absent):
+                continue
+            same = _STRUCTURAL.isdisjoint(encoded) and not encoded[:1].isspace() and not encoded[-1:].isspace()
+            if encoded in (quick if same else data):
+                return True
+            # A value with a quote, a backslash or a control character is escaped in JSON.
+            escaped = _json_escaped(value)
+            if escaped is not None and escaped != encoded and escaped in data:
+                return True
+            absent.append(encoded)
+        if not self._extra and not any(marker in quick for marker in _MARKERS):
             return False  # every built-in pattern contains one of these literals
-        return self._any.search(data.decode("utf-8", errors="replace")) is not None
+        text = data.decode("utf-8", errors="replace")
+        if self._any.search(text) is not None:
+            return True
+        # The walk reads strings unescaped ("Bearer\tkey" holds a tab, which `\s` matches).
+        return "\\" in text and self._any.search(_unescaped(text)) is not None
 
     def _text_findings(self, text: str, values: Mapping[str, str]) -> Iterator[str]:
         for kind, pattern in self._patterns:
@@ -207,6 +235,23 @@ class SecretScanner:
         if isinstance(body_value, RawBody):
             return RawBody.of(self.redact_bytes(raw, values))
         return self.redact(body_value, values)
+
+
+def _json_escaped(value: str) -> bytes | None:
+    """The value as it appears inside a JSON string (None: not writable as JSON)."""
+    try:
+        return orjson.dumps(value)[1:-1]
+    except orjson.JSONEncodeError:
+        return None
+
+
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|(.))")
+_SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "b": "\b"}
+
+
+def _unescaped(text: str) -> str:
+    """JSON text with the escapes inside its strings replaced by what they stand for."""
+    return _ESCAPE.sub(lambda m: chr(int(m[1], 16)) if m[1] else _SIMPLE_ESCAPES.get(m[2], m[2]), text)
 
 
 def _decoded_bytes(value: dict[str, Any]) -> bytes | None:

@@ -7,7 +7,7 @@ for secrets and writing the file all happen in a worker thread after the client 
 from __future__ import annotations
 
 import asyncio
-import bisect
+import functools
 import os
 import queue
 import threading
@@ -37,7 +37,8 @@ from llmproxy.store.fileproc import STALL_SECONDS, FileWriterProcess, Results
 from llmproxy.store.journal import Journal, Target, frame_entries, write_create_only
 from llmproxy.store.secrets import SecretScanner
 from llmproxy.upstream.client import Exchange
-from llmproxy.wire.framing import CapturedBody, Codec, Format, data_of
+from llmproxy.wire.framing import DATA_KEY, TYPE_KEY, CapturedBody, Codec, Format, data_of
+from llmproxy.wire.json import JSON
 from llmproxy.wire.opaque import OPAQUE
 from llmproxy.wire.registry import codec_for_content_type
 
@@ -533,7 +534,7 @@ def _truncated(exchange: Exchange, recording: Recording) -> bool:
     response = recording.response
     if not response.is_streaming:
         return False
-    chunks = [data_of(item) for item in response.body]
+    chunks = _chunk_values(response.body)
     return not exchange.call.route.provider.stream_complete(exchange.call.path, chunks, response.framing.get("end", ""))
 
 
@@ -544,13 +545,17 @@ def capture_response(provider: Provider, path: str, codec: Codec, raw: bytes) ->
     that differ (`framing.verbatim`), so what is stored always renders back to the received bytes.
     """
     streaming = codec.streaming
-    captured = codec.capture(raw, lambda value: provider.label(path, streaming, value))
+    captured = codec.capture(raw, functools.partial(provider.label, path, streaming))  # one call per chunk
     if captured.framing.get("format") == Format.JSON and "verbatim" not in captured.framing:
         value = provider.json_value(captured.body)
         packed = provider.pack_json(path, value)
         # Compared as bytes, not as values: key order must survive the packing too.
         if packed is not None and orjson.dumps(provider.json_value(packed)) == orjson.dumps(value):
             captured.body = packed
+        elif codec is JSON and value is data_of(captured.body):
+            # Rendering writes this very value in the style the codec proved spells `raw`
+            # (plus the same end): the bytes are the received ones without a second rendering.
+            captured.exact = True
     # The codecs promise this; checked here so a codec bug costs a readable file, never a byte
     # (unless the capture proved it already: a second rendering of a long stream costs a fifth).
     if captured.exact:
@@ -565,9 +570,41 @@ def capture_response(provider: Provider, path: str, codec: Codec, raw: bytes) ->
     return captured
 
 
+def chunk_times(reads: list[tuple[int, float]], chunk_ends: list[int]) -> list[float]:
+    """When each chunk had arrived: the time of the first read that brought its last byte (the
+    last read's for a chunk past them all), in ms to one decimal.
+
+    Both lists grow (reads are cumulative byte counts, chunk ends offsets), so one walk along
+    the reads finds them all; chunks of one read share its time, rounded once."""
+    times: list[float] = []
+    last = len(reads) - 1
+    index = 0
+    read_end, read_ms = reads[0]
+    rounded = round(read_ms, 1)
+    previous = 0
+    for end in chunk_ends:
+        if end < previous:  # never from the codecs; walked again from the start all the same
+            index = 0
+            read_end, read_ms = reads[0]
+            rounded = round(read_ms, 1)
+        previous = end
+        if read_end < end and index < last:
+            while read_end < end and index < last:
+                index += 1
+                read_end, read_ms = reads[index]
+            rounded = round(read_ms, 1)
+        times.append(rounded)
+    return times
+
+
 def _values(body: Any) -> list[Any]:
     """The JSON values of a stored body: its chunks, or the whole body as one."""
-    return [data_of(item) for item in body] if isinstance(body, list) else [data_of(body)]
+    return _chunk_values(body) if isinstance(body, list) else [data_of(body)]
+
+
+def _chunk_values(chunks: list[Any]) -> list[Any]:
+    """data_of of each chunk, inline: a stream has thousands."""
+    return [item.get(DATA_KEY) if isinstance(item, dict) and TYPE_KEY in item else item for item in chunks]
 
 
 def build_recording(exchange: Exchange) -> Recording:
@@ -591,11 +628,7 @@ def build_recording(exchange: Exchange) -> Recording:
     )
     timing = None
     if captured.is_streaming and exchange.reads:
-        read_ends = [end for end, _ in exchange.reads]
-        last = len(exchange.reads) - 1
-        chunk_ms = [
-            round(exchange.reads[min(bisect.bisect_left(read_ends, end), last)][1], 1) for end in captured.chunk_ends
-        ]
+        chunk_ms = chunk_times(exchange.reads, captured.chunk_ends)
         timing = {"headers_ms": round(exchange.headers_ms, 1), "chunk_ms": chunk_ms}
     response = RecordedResponse(
         status=exchange.status,

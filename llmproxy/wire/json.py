@@ -126,10 +126,17 @@ class JsonCodec:
     def capture(self, raw: bytes, labeler: Labeler) -> CapturedBody:
         from llmproxy.wire.opaque import OPAQUE  # a body that is not JSON after all
 
-        value = loads(raw) if raw.strip() else NOT_JSON
+        value = loads(raw) if raw and not raw.isspace() else NOT_JSON
         if value is NOT_JSON:
             return OPAQUE.capture(raw, labeler)
         framing: dict[str, Any] = {"format": Format.JSON.value}
+        body = raw.rstrip(b" \t\r\n")
+        if orjson.dumps(value) == body:
+            # The usual: orjson's own spelling, which the detector tries first. Compared as bytes
+            # (orjson.loads has proven them UTF-8; the stripped tail is ASCII).
+            if len(body) != len(raw):
+                framing["end"] = raw[len(body) :].decode("ascii")
+            return CapturedBody(typed(labeler(value), value), framing)
         text = raw.decode("utf-8")
         body_text = text.rstrip(" \t\r\n")
         detector = StyleDetector()

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from llmproxy.wire.framing import CapturedBody, Format, Labeler, typed
+from llmproxy.wire.framing import DATA_KEY, TYPE_KEY, CapturedBody, Format, Labeler
 from llmproxy.wire.textstream import TextStreamCodec
 
 # An SSE event ends at an empty line. A lone "\r" only counts as a terminator when it is not
@@ -132,29 +132,36 @@ class SseCodec(TextStreamCodec):
         body: list[dict[str, Any]] = []
         chunk_ends: list[int] = []
         inserts: dict[str, str] = {}
-        framed: list[tuple[int, Any, str, str]] = []
+        # The chunks' (index, value, payload): the payload stays bytes (orjson checked it is
+        # UTF-8) and is decoded only if the spelling check below needs its text.
+        chunks: list[tuple[int, Any, bytes]] = []
         pending = ""
         offset = 0
         for part in parts:
             if not part.startswith(b"data: ") or b"\n" in part:
                 return None
             offset += len(part) + 2
-            text = part.decode("utf-8") + "\n\n"
+            payload = part[6:]
             try:
-                value = orjson.loads(part[6:])
+                value = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 value = None
             if not isinstance(value, (dict, list)):
-                pending += text
+                pending += part.decode("utf-8") + "\n\n"
                 continue
             index = len(body)
             if pending:
                 inserts[str(index)] = pending
                 pending = ""
-            framed.append((index, value, text[6:-2], text))
-            body.append(typed(labeler(value), value))
+            chunks.append((index, value, payload))
+            body.append({TYPE_KEY: labeler(value), DATA_KEY: value})
             chunk_ends.append(offset)
         end = pending + remainder.decode("utf-8")
+        framed: list[tuple[int, Any, str, str]] = []
+        if not _all_compact_bytes(chunks):
+            for index, value, payload in chunks:
+                text = payload.decode("utf-8")
+                framed.append((index, value, text, f"data: {text}\n\n"))
         captured = self._finish(body, chunk_ends, inserts, {}, framed, "\n" if body else None, None, end)
         # Every event rendered is `data: ` + orjson's text of its value + "\n\n", which is its text
         # when no event needed another style or its verbatim text; the rest is kept as received.
@@ -174,6 +181,18 @@ class SseCodec(TextStreamCodec):
 
     def extra_framing(self, framing: dict[str, Any], event_field: str | None) -> None:
         framing["event_field"] = event_field
+
+
+def _all_compact_bytes(chunks: list[tuple[int, Any, bytes]]) -> bool:
+    """textstream._all_compact on payloads still in bytes: whether orjson spells every payload
+    exactly as received, with one serialisation of them all."""
+    if not chunks:
+        return True
+    joined = b"[" + b",".join([payload for _, _, payload in chunks]) + b"]"
+    try:
+        return orjson.dumps([value for _, value, _ in chunks]) == joined
+    except (TypeError, orjson.JSONEncodeError):  # e.g. integers orjson cannot write back
+        return False
 
 
 SSE = SseCodec()
