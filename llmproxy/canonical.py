@@ -176,10 +176,14 @@ class KeyMemo:
     the same requests again and again. Bounded by the bytes it holds (oldest out first), so
     distinct large requests never grow it past `max_bytes`."""
 
-    # A parsed body takes a few times its JSON size in Python objects.
+    # What an entry really holds (tracemalloc, chat bodies of 160 B to 4 KB): its body bytes, the
+    # parsed body (about twice its JSON size in Python objects) and the canonical request, about
+    # 1.6 KB whatever the size. Counted lower, a flood of distinct small requests held several
+    # times the bound (RSS +100 MB in 60 s of `bench.overload`).
     OVERHEAD = 3
+    ENTRY_BYTES = 2048
 
-    def __init__(self, max_bytes: int = 32 * 1024 * 1024, max_entry_bytes: int = 64 * 1024) -> None:
+    def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_entry_bytes: int = 64 * 1024) -> None:
         self.max_bytes = max_bytes
         self.max_entry_bytes = max_entry_bytes
         self.bytes = 0
@@ -193,7 +197,7 @@ class KeyMemo:
         return None if found is None else found[0]
 
     def put(self, key: Any, value: Any, size: int) -> None:
-        cost = size * self.OVERHEAD + 512
+        cost = size * self.OVERHEAD + self.ENTRY_BYTES
         if size > self.max_entry_bytes or cost > self.max_bytes or key in self._items:
             return
         self._items[key] = (value, cost)
