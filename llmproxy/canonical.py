@@ -183,7 +183,7 @@ class KeyMemo:
     OVERHEAD = 3
     ENTRY_BYTES = 2048
 
-    def __init__(self, max_bytes: int = 16 * 1024 * 1024, max_entry_bytes: int = 64 * 1024) -> None:
+    def __init__(self, max_bytes: int = 8 * 1024 * 1024, max_entry_bytes: int = 64 * 1024) -> None:
         self.max_bytes = max_bytes
         self.max_entry_bytes = max_entry_bytes
         self.bytes = 0

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.fileproc import END_FRAME
 from llmproxy.store.journal import Journal, Target, frame_entries, journals, recover, write_create_only
@@ -274,3 +276,46 @@ def test_a_journal_that_cannot_be_appended_to_does_not_stall_the_writer(
     failed = [e for e in events if e["event"].startswith("journal not written")]
     assert failed and all("No space left" in e["error"] for e in failed)
     assert next(e for e in events if e["event"] == "summary")["recorded"] == 6
+
+
+def test_a_writer_stopped_while_idle_does_not_hold_up_shutdown(loop_thread: LoopThread, tmp_path: Path) -> None:
+    wire = OpenAIWire()
+    app = RunningApp(loop_thread, wire.app()).start()
+    proxy = start_proxy(loop_thread, "record", tmp_path / "recordings", upstream=app.url)
+    recorder = proxy.server.pipeline.recorder
+    assert recorder is not None and recorder.writer_pid is not None
+    recorder.stall_seconds = 0.2
+    writer = recorder.writer_pid
+    try:
+        os.kill(writer, signal.SIGSTOP)  # nothing pending: it would never read the end of its feed
+        proxy.stop()
+    finally:
+        app.stop()
+        if not _gone(writer):
+            os.kill(writer, signal.SIGKILL)
+    wait_until(lambda: _gone(writer), "the stopped writer to be killed")
+
+
+def test_a_slow_writer_that_makes_progress_is_not_taken_for_a_stuck_one(
+    loop_thread: LoopThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long batch on a slow disk: the writer answers as it goes, so stopping waits for it."""
+    site = Path(__file__).parent / "slowdisk_site"
+    monkeypatch.setenv("LLMPROXY_TEST_SLOWDISK", "0.4")  # the writer process's disk: 0.4 s a file
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    wire = OpenAIWire()
+    app = RunningApp(loop_thread, wire.app()).start()
+    recordings = tmp_path / "recordings"
+    proxy = start_proxy(loop_thread, "record", recordings, upstream=app.url)
+    recorder = proxy.server.pipeline.recorder
+    assert recorder is not None and recorder._files is not None
+    files = recorder._files
+    recorder.stall_seconds = 3.0  # the whole batch takes ~5 s; an answer comes every ~1 s
+    try:
+        answered: list[int] = []
+        loop_thread.run(_fire(proxy.url, 12, answered, stream=False))
+        proxy.stop()
+    finally:
+        app.stop()
+    assert not files.killed
+    assert _nonces_on_disk(recordings) == list(range(12))

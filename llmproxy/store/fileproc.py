@@ -26,6 +26,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,7 @@ log = structlog.get_logger("llmproxy.record")
 
 READ_BYTES = 1024 * 1024
 PARENT_CHECK_SECONDS = 1.0  # how often an idle writer checks that its proxy is still there
+ANSWER_SECONDS = 1.0  # within a long batch, answers go out at least this often
 # The proxy's last frame: write what came before, then exit (its pipe may stay open elsewhere).
 END_OF_FEED = -1
 END_FRAME = b'{"end":true}\n'
@@ -76,6 +78,7 @@ class FileWriterProcess:
         self._exited: asyncio.Future[int | None] | None = None
         self._ended = False  # its answers ended: it exited (or is about to)
         self.closing = False
+        self.killed = False  # by the proxy (stuck): its exit is no news
 
     @property
     def pid(self) -> int | None:
@@ -134,6 +137,7 @@ class FileWriterProcess:
     def kill(self) -> None:
         """Stop it now (stuck or stopped): its answers end, and the recorder takes its work back."""
         if self._process is not None and not self._ended:
+            self.killed = True
             self._process.kill()
 
     def _writable(self) -> None:
@@ -204,7 +208,7 @@ class FileWriterProcess:
         try:
             return await asyncio.wait_for(asyncio.shield(self._exited), timeout)
         except TimeoutError:
-            process.kill()
+            self.kill()
             await asyncio.shield(self._exited)
             return None
 
@@ -233,6 +237,7 @@ def main(argv: list[str]) -> int:
         del buffer[:used]
         replies: list[bytes] = []
         ended = False
+        answered = time.monotonic()
         for entry, target, data in frames:
             if target is None:
                 ended = ended or entry == END_OF_FEED
@@ -243,13 +248,25 @@ def main(argv: list[str]) -> int:
             except Exception as exc:  # noqa: BLE001 - told to the proxy, which logs it
                 reply = {"id": entry, "error": f"{type(exc).__name__}: {exc}"}
             replies.append(orjson.dumps(reply) + b"\n")
-        if replies and answering:
-            try:
-                _write_all(1, b"".join(replies))
-            except OSError:
-                answering = False  # the proxy is gone (killed): what it handed over is still written
+            if time.monotonic() - answered > ANSWER_SECONDS:
+                # A long batch on a slow disk: answer what is done, so the proxy sees progress.
+                answering = _answer(replies, answering)
+                answered = time.monotonic()
+        answering = _answer(replies, answering)
         if ended:
             return 0
+
+
+def _answer(replies: list[bytes], answering: bool) -> bool:
+    """Send the answers gathered (and forget them); False once the proxy is gone (killed): what
+    it handed over is still written, nobody is told."""
+    if replies and answering:
+        try:
+            _write_all(1, b"".join(replies))
+        except OSError:
+            answering = False
+    replies.clear()
+    return answering
 
 
 def _write_all(fd: int, data: bytes) -> None:

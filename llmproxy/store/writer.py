@@ -338,7 +338,7 @@ class Recorder:
         """The writer process exited: expected at shutdown; otherwise its outstanding entries
         (journaled, so not lost either way) go to a thread, which writes from now on."""
         files, self._files = self._files, None
-        if files is not None and not files.closing:
+        if files is not None and not files.closing and not files.killed:
             log.error(
                 "file writer process exited: writing in a thread from now on", code=code, outstanding=len(self._sent)
             )
@@ -396,8 +396,10 @@ class Recorder:
                 progressed = time.monotonic()
         if self._files is not None:
             files = self._files
-            code = await files.close()
-            if code:
+            code = await files.close(timeout=self.stall_seconds)
+            if code is None:
+                log.error("file writer process did not stop: killed", seconds=self.stall_seconds)
+            elif code:
                 log.warning("file writer process exited with an error", code=code)
         while self._pending:  # what a process that died at the end handed back to the thread
             self._idle = asyncio.Event()
