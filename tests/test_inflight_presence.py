@@ -9,20 +9,14 @@ from pathlib import Path
 import aiohttp
 
 from llmproxy.upstream.singleflight import InFlight, Lock
-from tests.support import CliProxy, LoopThread, RunningApp, async_wait_until, files_under, sse_data, start_proxy
+from tests.support import CliProxy, LoopThread, RunningApp, async_wait_until, files_under, start_proxy
+from tests.test_concurrency import _stream
 from tests.upstreams.openai_wire import OpenAIWire
 
 WAITING = "identical call in flight in another proxy: waiting"
 GREETED = "another proxy records into this directory: sharing in-flight calls"
 ALONE_AGAIN = "no other proxy records into this directory any more: calls take no lock"
 SERVED = "identical call in flight in another proxy: served its recording"
-
-
-async def _stream(session: aiohttp.ClientSession, url: str, content: str) -> list[dict]:
-    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": content}], "stream": True}
-    async with session.post(url + "/v1/chat/completions", json=body) as response:
-        assert response.status == 200
-        return sse_data(await response.read())
 
 
 def _upstream_calls(wire: OpenAIWire, content: str) -> int:
