@@ -87,7 +87,7 @@ class RecordingStore:
         self.root = Path(root)
         self.durable = durable
         # Off once O_TMPFILE or linking through /proc failed here (see _write_unnamed).
-        self._unnamed_files = bool(_O_TMPFILE) and os.environ.get("LLMP_NO_TMPFILE") is None
+        self._unnamed_files = bool(_O_TMPFILE)
         self.max_file_bytes = max_file_bytes
         self._made_dirs: set[Path] = set()
 

@@ -9,11 +9,12 @@ writes bytes already final.
 
 The feed is the journal's framing (`journal.frame_entries`) on the child's stdin; the child
 answers one JSON line per entry on its stdout, `{"id": N, "path": "..."}` or
-`{"id": N, "error": "..."}`, once per batch it read. It runs in a process group of its own and
-ignores SIGINT and SIGTERM (the proxy decides when writing stops), and exits when its stdin
-closes, after writing every entry it received complete: a proxy killed with SIGKILL still gets
-what it had handed over written, and the next start writes the rest from the journal (create-only:
-an entry written twice is recognised, never duplicated).
+`{"id": N, "error": "..."}`, once per batch it read (at least once a second within a long
+one). It runs in a process group of its own and ignores SIGINT and SIGTERM (the proxy decides when
+writing stops). It exits at the feed's end frame, when its stdin closes, or when its proxy is
+gone (re-parented), after writing every entry it received complete: a proxy killed with SIGKILL
+still gets what it had handed over written, and the next start writes the rest from the journal
+(create-only: an entry written twice is recognised, never duplicated).
 
     python -m llmproxy.store.fileproc ROOT [--durable]
 """

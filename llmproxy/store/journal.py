@@ -240,33 +240,30 @@ def write_create_only(store: Store, target: Target, data: bytes) -> Path:
         try:
             return store.write(target.relative(store, sequence), data)
         except FileExistsError:
-            if attempt == 0 and _same_file(store, target.relative(store, sequence), data):
-                # Written before the kill.
-                relative = target.relative(store, sequence)
-                return store.root / relative if store.root is not None else relative
-            # Jump past every repeat already stored once, then step (races are rare).
-            taken = (
-                store.highest_sequence(target.route, target.key, name=target.relative(store, 1), scope=target.scope)
-                if attempt == 0
-                else sequence
-            )
             if document is None:
                 document = orjson.loads(data)
             if attempt == 0:
-                # Written before the kill under a later repeat (its name was taken then too): the
-                # same recording but for its sequence. Recovering it again would duplicate it.
-                for later in range(sequence + 1, taken + 1):
-                    written = _same_recording(store, target.relative(store, later), document)
+                # Jump past every repeat already stored once, then step (races are rare).
+                taken = store.highest_sequence(
+                    target.route, target.key, name=target.relative(store, 1), scope=target.scope
+                )
+                # Written before a kill, under this name or (it was taken then too) a later
+                # repeat's: the same recording but for its sequence. Writing it again duplicates it.
+                wanted = _without_sequence(document)
+                for candidate in range(sequence, max(sequence, taken) + 1):
+                    written = _stored_as(store, target.relative(store, candidate), wanted)
                     if written is not None:
                         return written
+            else:
+                taken = sequence
             sequence = max(sequence, taken) + 1
             document["request"]["sequence"] = sequence
             data = store.serialize(document)
     raise RuntimeError(f"no free sequence for key {target.key[:16]} after {MAX_NAME_ATTEMPTS} attempts")
 
 
-def _same_recording(store: Store, relative: Path, document: dict[str, Any]) -> Path | None:
-    """The file at `relative` if it holds `document` with only its sequence changed."""
+def _stored_as(store: Store, relative: Path, wanted: dict[str, Any]) -> Path | None:
+    """The file at `relative` if it holds the recording `wanted` (given without its sequence)."""
     try:
         raw = (store.root / relative).read_bytes() if store.root is not None else store.read_bytes(relative)
         other = orjson.loads(raw)
@@ -274,7 +271,7 @@ def _same_recording(store: Store, relative: Path, document: dict[str, Any]) -> P
         return None
     if not isinstance(other, dict) or not isinstance(other.get("request"), dict):
         return None
-    if _without_sequence(other) != _without_sequence(document):
+    if _without_sequence(other) != wanted:
         return None
     return store.root / relative if store.root is not None else relative
 
@@ -283,15 +280,6 @@ def _without_sequence(document: dict[str, Any]) -> dict[str, Any]:
     # The first repeat has no "sequence" in its request; later ones do.
     request = {key: value for key, value in document["request"].items() if key != "sequence"}
     return {**document, "request": request}
-
-
-def _same_file(store: Store, relative: Path, data: bytes) -> bool:
-    try:
-        if store.root is not None:
-            return (store.root / relative).read_bytes() == data
-        return store.read_bytes(relative) == data
-    except (OSError, StoreError):
-        return False
 
 
 @dataclass(slots=True)

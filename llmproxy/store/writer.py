@@ -1,7 +1,9 @@
 """The recorder: turn a completed exchange into a recording and write it, off the event loop.
 
-Parsing the body into chunks, checking that they frame back to the received bytes, scanning
-for secrets and writing the file all happen in a worker thread after the client was served.
+Parsing the body into chunks, checking that they frame back to the received bytes, scanning for
+secrets and journaling happen before the client gets its end (on the loop, or in the preparer
+thread for big exchanges); the file is then written by the file writer process (store/fileproc.py)
+or, where it cannot run, by a writer thread.
 """
 
 from __future__ import annotations
@@ -177,8 +179,8 @@ class Recorder:
         journaled: Callable[[], None] | None = None,
     ) -> None:
         """Prepare the exchange's recording (journaled when `journaled` is called: the client may
-        get its end), then have the writer process (or thread) write its file; `done` is called on the event
-        loop with the file written (None when it was not)."""
+        get its end), then have the writer process (or thread) write its file; `done` is called on
+        the event loop with the file written (None when it was not)."""
         try:
             if not exchange.complete and not self.record_errors:
                 self.outcome.note_not_recorded(NotRecorded.TRUNCATED)
@@ -205,10 +207,9 @@ class Recorder:
                 return
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
-            if self._files_started is None:
-                self._files_started = self._loop.create_task(self._start_files())
-            if not self._files_started.done():
-                await asyncio.shield(self._files_started)
+            starting = self._files_starting()
+            if not starting.done():
+                await asyncio.shield(starting)
             # What a queued exchange holds beyond its bytes (its call, flight, headers): counted, so
             # that many small recordings cannot hold much more memory than the bound says.
             body_size = len(exchange.body) + len(exchange.call.body) + QUEUED_OVERHEAD
@@ -242,9 +243,14 @@ class Recorder:
         """Start the file writer process now rather than at the first recording (whose file
         would otherwise wait for the child's start-up)."""
         self._loop = asyncio.get_running_loop()
+        await self._files_starting()
+
+    def _files_starting(self) -> asyncio.Task[None]:
+        """Starting the file writer process, once (at start, or at the first recording)."""
         if self._files_started is None:
+            assert self._loop is not None
             self._files_started = self._loop.create_task(self._start_files())
-        await self._files_started
+        return self._files_started
 
     async def _start_files(self) -> None:
         """The file writer process, where it can run; else files are written by a thread."""
