@@ -449,7 +449,7 @@ class Pipeline:
                 complete=flight.broken is None,
             )
 
-            def done(path: Path | None) -> None:  # called on the loop
+            def done(path: str | None) -> None:  # called on the loop
                 self._landed(flight, key, lock, path)
 
             written = True  # from here `done` releases the lock
@@ -466,7 +466,7 @@ class Pipeline:
                 self._landed(flight, key, lock, None)
             self._landing.discard(flight.task)
 
-    def _landed(self, flight: Flight, key: str, lock: Any, path: Path | None) -> None:
+    def _landed(self, flight: Flight, key: str, lock: Any, path: str | None) -> None:
         reason = self._drop_reasons.pop(flight, None)
         root = self.recorder.store.root if self.recorder is not None else None
         if path is None and flight.keep_bytes is not None and root is not None:
@@ -476,7 +476,7 @@ class Pipeline:
             asyncio.get_running_loop().run_in_executor(None, dropped.note, *note)
         for miss in self._flight_misses.pop(flight, []):
             if path is not None:
-                miss["recorded"] = str(path)
+                miss["recorded"] = path
         if lock is not None:
             if self._locks.get(key) is lock:
                 del self._locks[key]

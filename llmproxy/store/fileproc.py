@@ -8,13 +8,13 @@ each recording on the loop, before its client gets the end of its answer: this p
 writes bytes already final.
 
 The feed is the journal's framing (`journal.frame_entries`) on the child's stdin; the child
-answers one JSON line per entry on its stdout, `{"id": N, "path": "..."}` or
-`{"id": N, "error": "..."}`, once per batch it read (at least once a second within a long
-one). It runs in a process group of its own and ignores SIGINT and SIGTERM (the proxy decides when
-writing stops). It exits at the feed's end frame, when its stdin closes, or when its proxy is
-gone (re-parented), after writing every entry it received complete: a proxy killed with SIGKILL
-still gets what it had handed over written, and the next start writes the rest from the journal
-(create-only: an entry written twice is recognised, never duplicated).
+answers on its stdout one JSON line per batch it read (at least once a second within a long
+one), an array with per entry `[id, "path"]` or `[id, null, "error"]`. It runs in a process
+group of its own and ignores SIGINT and SIGTERM (the proxy decides when writing stops). It
+exits at the feed's end frame, when its stdin closes, or when its proxy is gone (re-parented),
+after writing every entry it received complete: a proxy killed with SIGKILL still gets what it
+had handed over written, and the next start writes the rest from the journal (create-only: an
+entry written twice is recognised, never duplicated).
 
     python -m llmproxy.store.fileproc ROOT [--durable]
 """
@@ -31,13 +31,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import structlog
 
 import llmproxy
 from llmproxy.store.directory import RecordingStore
-from llmproxy.store.journal import read_frames, write_create_only
+from llmproxy.store.journal import read_frames, write_new
 
 log = structlog.get_logger("llmproxy.record")
 
@@ -50,8 +51,8 @@ END_FRAME = b'{"end":true}\n'
 # A writer that answers nothing for this long while the proxy waits to stop is killed; the
 # proxy's thread writes the rest.
 STALL_SECONDS = 10.0
-# (entry id, the file written or None, why not)
-Results = list[tuple[int, str | None, str | None]]
+# Per entry, in order: [id, the file written] or [id, None, why not]; one line per batch.
+Results = list[list[Any]]
 
 
 class FileWriterProcess:
@@ -174,12 +175,8 @@ class FileWriterProcess:
             self._loop.create_task(self._reap())
             return
         *lines, self._answers = (self._answers + chunk).split(b"\n")
-        results: Results = []
         for line in lines:
-            answer = orjson.loads(line)
-            results.append((int(answer["id"]), answer.get("path"), answer.get("error")))
-        if results:
-            self._on_results(results)
+            self._on_results(orjson.loads(line))
 
     async def _reap(self) -> None:
         assert self._process is not None and self._loop is not None and self._exited is not None
@@ -236,7 +233,7 @@ def main(argv: list[str]) -> int:
         buffer += chunk
         frames, used = read_frames(buffer)
         del buffer[:used]
-        replies: list[bytes] = []
+        replies: list[list[Any]] = []
         ended = False
         answered = time.monotonic()
         for entry, target, data in frames:
@@ -244,11 +241,9 @@ def main(argv: list[str]) -> int:
                 ended = ended or entry == END_OF_FEED
                 continue
             try:
-                path = write_create_only(store, target, bytes(data))
-                reply = {"id": entry, "path": str(path)}
+                replies.append([entry, write_new(store, target, data)])
             except Exception as exc:  # noqa: BLE001 - told to the proxy, which logs it
-                reply = {"id": entry, "error": f"{type(exc).__name__}: {exc}"}
-            replies.append(orjson.dumps(reply) + b"\n")
+                replies.append([entry, None, f"{type(exc).__name__}: {exc}"])
             if time.monotonic() - answered > ANSWER_SECONDS:
                 # A long batch on a slow disk: answer what is done, so the proxy sees progress.
                 answering = _answer(replies, answering)
@@ -258,12 +253,12 @@ def main(argv: list[str]) -> int:
             return 0
 
 
-def _answer(replies: list[bytes], answering: bool) -> bool:
-    """Send the answers gathered (and forget them); False once the proxy is gone (killed): what
-    it handed over is still written, nobody is told."""
+def _answer(replies: list[list[Any]], answering: bool) -> bool:
+    """Send the answers gathered, in one line (and forget them); False once the proxy is gone
+    (killed): what it handed over is still written, nobody is told."""
     if replies and answering:
         try:
-            _write_all(1, b"".join(replies))
+            _write_all(1, orjson.dumps(replies) + b"\n")
         except OSError:
             answering = False
     replies.clear()

@@ -230,6 +230,27 @@ def pending_entries(data: bytes) -> list[tuple[Target, bytes]]:
     return list(entries.values())
 
 
+def write_new(store: Store, target: Target, data: bytes) -> str:
+    """`write_create_only`, the file's path as a str; the usual case (a directory, the target's
+    name free) without Path objects (`RecordingStore.create`)."""
+    if isinstance(store, RecordingStore):
+        try:
+            written = store.create(
+                route=target.route,
+                path=target.path,
+                model=target.model,
+                scope=target.scope,
+                key=target.key,
+                sequence=target.sequence,
+                data=data,
+            )
+        except FileExistsError:
+            written = None  # taken: the next free repeat, or this very recording written before a kill
+        if written is not None:
+            return written
+    return str(write_create_only(store, target, bytes(data)))
+
+
 def write_create_only(store: Store, target: Target, data: bytes) -> Path:
     """Write under the first free sequence from the target's: a recording already on disk (or in
     the bucket) under that name (another process, an earlier run) is never replaced. Taking a

@@ -48,6 +48,8 @@ _BYTES_MARKER = f'"{BYTES_LABEL}"'.encode()
 # the bytes label hold none of these.
 _STRUCTURAL = frozenset(b"{}[],:")
 
+# Sets of credential values whose quick-pass searches are kept (a bound, not a tuning).
+MAX_CACHED_VALUE_SETS = 256
 # Credential values shorter than this are not searched for: "1" or "test" would match anywhere.
 MIN_VALUE_LENGTH = 8
 # Header names that carry credentials besides the known list (x-my-gateway-token, ...).
@@ -86,7 +88,7 @@ def request_credentials(headers: Mapping[str, str], query: Iterable[tuple[str, s
             for part in value.split(";"):
                 cookie, _, cookie_value = part.partition("=")
                 add(cookie_value, f"cookie {cookie.strip()}")
-        elif lowered in credential_headers() or _CREDENTIAL_NAME.search(lowered):
+        elif _is_credential_header(lowered):
             add(value, f"header {lowered}")
             parts = value.split(None, 1)  # any whitespace after the scheme
             if len(parts) == 2 and parts[0].isalpha():
@@ -95,6 +97,20 @@ def request_credentials(headers: Mapping[str, str], query: Iterable[tuple[str, s
         if name.lower() in secret_query_params() or _CREDENTIAL_NAME.search(name):
             add(value, f"query {name}")
     return found
+
+
+# Header names seen -> whether they carry credentials (clients send the same few dozen names).
+_credential_names: dict[str, bool] = {}
+MAX_CACHED_HEADER_NAMES = 4096
+
+
+def _is_credential_header(lowered: str) -> bool:
+    known = _credential_names.get(lowered)
+    if known is None:
+        known = lowered in credential_headers() or _CREDENTIAL_NAME.search(lowered) is not None
+        if len(_credential_names) < MAX_CACHED_HEADER_NAMES:
+            _credential_names[lowered] = known
+    return known
 
 
 class SecretScanner:
@@ -110,6 +126,9 @@ class SecretScanner:
             self._allow = [re.compile(pattern) for pattern in self._allow_values]
         except re.error as exc:
             raise ValueError(f"bad secret pattern: {exc}") from None
+        # What the quick pass searches for a request's credentials, by the values: clients send
+        # the same few keys on every request, so this is worked out once per key, not per file.
+        self._searches: dict[tuple[str, ...], list[tuple[bytes, bool, bytes | None]]] = {}
 
     def allowed(self, text: str) -> bool:
         return text in self._allow_values or any(pattern.fullmatch(text) for pattern in self._allow)
@@ -142,27 +161,44 @@ class SecretScanner:
         quick = data if compact is None else compact
         if _BYTES_MARKER in quick:
             return True  # base64 hides what is inside: decode it
-        absent: list[bytes] = []
-        for value in sorted(values, key=len):
-            encoded = value.encode("utf-8", "surrogateescape")
-            # "Bearer sk-x" cannot be there when "sk-x" is not.
-            if any(part in encoded for part in absent):
-                continue
-            same = _STRUCTURAL.isdisjoint(encoded) and not encoded[:1].isspace() and not encoded[-1:].isspace()
-            if encoded in (quick if same else data):
-                return True
-            # A value with a quote, a backslash or a control character is escaped in JSON.
-            escaped = _json_escaped(value)
-            if escaped is not None and escaped != encoded and escaped in data:
-                return True
-            absent.append(encoded)
-        if not self._extra and not any(marker in quick for marker in _MARKERS):
-            return False  # every built-in pattern contains one of these literals
+        if values:
+            for encoded, same, escaped in self._value_searches(values):
+                if encoded in (quick if same else data):
+                    return True
+                if escaped is not None and escaped in data:
+                    return True
+        if not self._extra:
+            for marker in _MARKERS:
+                if marker in quick:
+                    break
+            else:
+                return False  # every built-in pattern contains one of these literals
         text = data.decode("utf-8", errors="replace")
         if self._any.search(text) is not None:
             return True
         # The walk reads strings unescaped ("Bearer\tkey" holds a tab, which `\s` matches).
         return "\\" in text and self._any.search(_unescaped(text)) is not None
+
+    def _value_searches(self, values: Mapping[str, str]) -> list[tuple[bytes, bool, bytes | None]]:
+        """Per credential value, shortest first: its UTF-8 bytes, whether they are spelled alike in
+        pretty and compact JSON, and its JSON-escaped spelling where that differs. A value that
+        holds a shorter one is left out: "Bearer sk-x" cannot be there when "sk-x" is not."""
+        names = tuple(values)
+        searches = self._searches.get(names)
+        if searches is None:
+            searches = []
+            for value in sorted(names, key=len):
+                encoded = value.encode("utf-8", "surrogateescape")
+                if any(shorter in encoded for shorter, _, _ in searches):
+                    continue
+                same = _STRUCTURAL.isdisjoint(encoded) and not encoded[:1].isspace() and not encoded[-1:].isspace()
+                # A value with a quote, a backslash or a control character is escaped in JSON.
+                escaped = _json_escaped(value)
+                searches.append((encoded, same, escaped if escaped != encoded else None))
+            if len(self._searches) >= MAX_CACHED_VALUE_SETS:
+                self._searches.clear()
+            self._searches[names] = searches
+        return searches
 
     def _text_findings(self, text: str, values: Mapping[str, str]) -> Iterator[str]:
         for kind, pattern in self._patterns:

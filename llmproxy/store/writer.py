@@ -36,7 +36,7 @@ from llmproxy.store.base import Store
 from llmproxy.store.directory import StoreError
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
 from llmproxy.store.fileproc import STALL_SECONDS, FileWriterProcess, Results
-from llmproxy.store.journal import Journal, Target, frame_entries, write_create_only
+from llmproxy.store.journal import Journal, Target, frame_entries, write_new
 from llmproxy.store.secrets import SecretScanner
 from llmproxy.upstream.client import Exchange
 from llmproxy.wire.framing import DATA_KEY, TYPE_KEY, CapturedBody, Codec, Format, data_of
@@ -61,7 +61,7 @@ class Prepared:
     data: bytes
     entry: int | None = None  # its journal entry
     size: int = 0  # bytes it holds while queued (the body and the recording)
-    done: Callable[[Path | None], None] | None = None
+    done: Callable[[str | None], None] | None = None
 
 
 @dataclass(slots=True)
@@ -175,7 +175,7 @@ class Recorder:
         self,
         exchange: Exchange,
         sequence: int,
-        done: Callable[[Path | None], None] | None = None,
+        done: Callable[[str | None], None] | None = None,
         journaled: Callable[[], None] | None = None,
     ) -> None:
         """Prepare the exchange's recording (journaled when `journaled` is called: the client may
@@ -325,19 +325,24 @@ class Recorder:
         self._queue.put(batch)
 
     def _files_written(self, results: Results) -> None:
-        """The writer process's answers (on the loop)."""
-        written: list[tuple[Prepared, Path | None]] = []
-        for entry, path, error in results:
-            prepared = self._sent.pop(entry, None)
+        """The writer process's answers to one batch (on the loop)."""
+        written: list[tuple[Prepared, str | None]] = []
+        done: list[int] = []
+        sent = self._sent
+        for answer in results:
+            prepared = sent.pop(answer[0], None)
             if prepared is None:
                 continue
+            path = answer[1]
             if path is None:
-                self._not_written(prepared, error or "unknown error")
-                written.append((prepared, None))
+                self._not_written(prepared, answer[2] if len(answer) > 2 else "unknown error")
             else:
-                written.append((prepared, self._note_written(prepared, Path(path))))
+                self._note_written(prepared, path)
+                if prepared.entry:
+                    done.append(prepared.entry)
+            written.append((prepared, path))
         if self.journal is not None:
-            self.journal.done([prepared.entry for prepared, path in written if path and prepared.entry])
+            self.journal.done(done)
         self._written(written)
 
     def _files_gone(self, code: int | None) -> None:
@@ -370,7 +375,7 @@ class Recorder:
             except RuntimeError:  # the loop is closed: nobody is left to tell
                 pass
 
-    def _written(self, written: list[tuple[Prepared, Path | None]]) -> None:
+    def _written(self, written: list[tuple[Prepared, str | None]]) -> None:
         for prepared, path in written:
             self._pending -= 1
             self._release(prepared.size)
@@ -427,15 +432,16 @@ class Recorder:
     def write(self, exchange: Exchange, sequence: int = 1) -> Path | None:
         """Prepare and write in the calling thread (tools and tests)."""
         prepared = self.prepare(exchange, sequence)
-        return None if prepared is None else self._write_prepared(prepared)
+        path = None if prepared is None else self._write_prepared(prepared)
+        return None if path is None else Path(path)
 
-    def _write_prepared(self, prepared: Prepared) -> Path | None:
+    def _write_prepared(self, prepared: Prepared) -> str | None:
         """The writer thread's part: only I/O."""
         call = prepared.call
         try:
             if self.before_write is not None:
                 self.before_write()
-            path = write_create_only(self.store, prepared.target, prepared.data)
+            path = write_new(self.store, prepared.target, prepared.data)
         except (OSError, StoreError) as exc:  # a full, read-only or vanished disk: one line, no traceback
             self._not_written(prepared, f"{type(exc).__name__}: {exc}")
             return None
@@ -449,12 +455,14 @@ class Recorder:
             return None
         return self._note_written(prepared, path)
 
-    def _note_written(self, prepared: Prepared, path: Path) -> Path:
+    def _note_written(self, prepared: Prepared, path: str) -> str:
         call = prepared.call
         key = call.scoped_key
         # GIL-atomic; a stale read elsewhere only costs one more FileExistsError.
-        self._sequences[key] = max(self._sequences.get(key, 0), prepared.target.sequence)
-        self.written.append(str(path))
+        sequence = prepared.target.sequence
+        if self._sequences.get(key, 0) < sequence:
+            self._sequences[key] = sequence
+        self.written.append(path)
         if debug_enabled():
             log.debug(
                 "recorded",
@@ -462,7 +470,7 @@ class Recorder:
                 method=call.method,
                 path=call.path,
                 status=prepared.status,
-                file=str(path),
+                file=path,
                 key=call.canonical.key[:16],
                 scope=call.scope,
             )
@@ -511,7 +519,8 @@ class Recorder:
                 findings = self.scanner.scan(document, data, values)
             if findings:
                 raise SecretFound("; ".join(str(finding) for finding in findings))
-            target = Target(call.route.name, call.path, call.model, call.canonical.key, sequence, call.scope)
+            model = recording.request.model  # call.model, worked out once
+            target = Target(call.route.name, call.path, model, call.canonical.key, sequence, call.scope)
             # Only this, what passed the scan, is journaled: the journal never holds a credential.
             return Prepared(call, exchange.status, target, data)
         except SecretFound as exc:
@@ -615,6 +624,19 @@ def _chunk_values(chunks: list[Any]) -> list[Any]:
     return [item.get(DATA_KEY) if isinstance(item, dict) and TYPE_KEY in item else item for item in chunks]
 
 
+_stamp: tuple[int, str] = (0, "")
+
+
+def _recorded_at() -> str:
+    """Now, to the second, in ISO form: formatted once a second, not once per recording."""
+    global _stamp
+    second = int(time.time())
+    stamp = _stamp  # one read: the preparer thread may replace it meanwhile
+    if stamp[0] != second:
+        stamp = _stamp = (second, datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds"))
+    return stamp[1]
+
+
 def build_recording(exchange: Exchange) -> Recording:
     call = exchange.call
     provider = call.route.provider
@@ -648,7 +670,7 @@ def build_recording(exchange: Exchange) -> Recording:
     provenance = {
         "tool": TOOL_NAME,
         "version": __version__,
-        "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "recorded_at": _recorded_at(),
         "response_model": provider.response_model(_values(captured.body)),
         "client_user_agent": call.headers.get("user-agent", ""),
     }
