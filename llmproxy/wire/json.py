@@ -124,10 +124,11 @@ class JsonCodec:
         return {"format": Format.JSON.value}
 
     def capture(self, raw: bytes, labeler: Labeler) -> CapturedBody:
-        from llmproxy.wire.opaque import OPAQUE  # a body that is not JSON after all
-
         value = loads(raw) if raw and not raw.isspace() else NOT_JSON
         if value is NOT_JSON:
+            # Imported here, where needed: an import statement costs each call that runs it.
+            from llmproxy.wire.opaque import OPAQUE  # a body that is not JSON after all
+
             return OPAQUE.capture(raw, labeler)
         framing: dict[str, Any] = {"format": Format.JSON.value}
         body = raw.rstrip(b" \t\r\n")

@@ -63,11 +63,11 @@ class TextStreamCodec:
         return events, splitter.close()
 
     def capture(self, raw: bytes, labeler: Labeler) -> CapturedBody:
-        from llmproxy.wire.opaque import OPAQUE
-
         try:
             return self._capture(raw, labeler)
         except UnicodeDecodeError:
+            from llmproxy.wire.opaque import OPAQUE  # here: an import statement costs each call
+
             return OPAQUE.capture(raw, labeler)
 
     def _capture(self, raw: bytes, labeler: Labeler) -> CapturedBody:
