@@ -14,9 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from llmproxy.store.directory import RecordingStore
+from llmproxy.store.directory import RecordingStore, StoreError
 from llmproxy.store.fileproc import END_FRAME
-from llmproxy.store.journal import Journal, Target, frame_entries, journals, recover, write_create_only
+from llmproxy.store.journal import (
+    Journal,
+    Target,
+    frame_entries,
+    journals,
+    recover,
+    write_create_only,
+    write_new,
+)
 from tests.support import CliProxy, LoopThread, RunningApp, children_of, start_proxy, wait_until
 from tests.test_durability import _fire, _nonces_on_disk
 from tests.upstreams.openai_wire import OpenAIWire
@@ -319,3 +327,35 @@ def test_a_slow_writer_that_makes_progress_is_not_taken_for_a_stuck_one(
         app.stop()
     assert not files.killed
     assert _nonces_on_disk(recordings) == list(range(12))
+
+
+@pytest.mark.parametrize("scope", [None, "tests/test_app.py::TestX::test_one[a b]"])
+@pytest.mark.parametrize("model", [None, "gpt-4o", "Models/Weird..Name:1"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/", "/v1beta/models/gemini:generateContent"])
+def test_the_writers_quick_way_names_files_as_name_for_does(
+    tmp_path: Path, path: str, model: str | None, scope: str | None
+) -> None:
+    """write_new (the writer's hot path, str paths and name parts kept per call shape) gives the
+    very names name_for gives, and moves on to the next repeat when a name is taken."""
+    store = RecordingStore(tmp_path / "recordings")
+    key = "0123456789abcdef" * 4
+    for sequence in (1, 2):
+        target = Target("my-route", path, model, key, sequence, scope)
+        data = store.serialize({"request": {"sequence": sequence}, "response": {}})
+        written = write_new(store, target, data)
+        assert written == str(store.root / target.relative(store))
+        assert Path(written).read_bytes() == data
+    taken = Target("my-route", path, model, key, 2, scope)
+    again = store.serialize({"request": {"sequence": 2, "other": True}, "response": {}})
+    assert write_new(store, taken, again) == str(store.root / taken.relative(store, 3))
+    assert (store.root / taken.relative(store, 2)).read_bytes() != again  # never replaced
+
+
+def test_a_key_that_is_not_hex_takes_the_checked_way(tmp_path: Path) -> None:
+    """Never from llmproxy, but a journal is a file: a key that would climb out of the directory
+    is refused by the store's checks, not written by the quick way."""
+    store = RecordingStore(tmp_path / "recordings")
+    target = Target("openai", "/v1/chat/completions", None, "/../../../outside", 1)
+    with pytest.raises(StoreError, match="outside the recordings directory"):
+        write_new(store, target, b"{}\n")
+    assert not list(tmp_path.rglob("*outside*"))
