@@ -203,13 +203,13 @@ class Http1Response:
             data = self._partial + data
             self._partial = b""
         while True:
-            end = data.find(b"\r\n\r\n")
+            end, after = _head_end(data)
             if end < 0:
                 if len(data) > MAX_HEAD_BYTES:
                     raise _BadResponse(f"response headers larger than {MAX_HEAD_BYTES} bytes")
                 self._partial = data
                 return b""
-            head, data = data[:end], data[end + 4 :]
+            head, data = data[:end], data[after:]
             status, headers, version = _parse_head(head)
             if 100 <= status < 200:
                 if status == 101:
@@ -252,8 +252,8 @@ class Http1Response:
             self._framing = _Framing.NONE
             return
         if transfer_coded:
-            if length is not None:
-                self._keep_alive = False  # both: Transfer-Encoding wins, the connection is suspect
+            if length is not None:  # RFC 9112 6.3: a sign of response splitting, handled as an error
+                raise _BadResponse("both Transfer-Encoding and Content-Length")
             self._framing = _Framing.CHUNKED if chunked else _Framing.UNTIL_CLOSE
         elif length is not None:
             if not length.isdigit() or not length.isascii():
@@ -284,14 +284,14 @@ class Http1Response:
                 if not self._remaining:
                     self._chunk = _Chunk.DATA_END
                 continue
-            end = data.find(b"\r\n", position)
+            end = data.find(b"\n", position)
             if end < 0:
                 self._partial = data[position:]
                 if len(self._partial) > MAX_CONTROL_LINE:
                     raise _BadResponse("chunk-size or trailer line too long")
                 return
-            line = data[position:end]
-            position = end + 2
+            line = data[position : end - 1 if end > position and data[end - 1] == 13 else end]  # CRLF or a bare LF
+            position = end + 1
             if state is _Chunk.DATA_END:
                 if line:
                     raise _BadResponse("a chunk is longer than its size")
@@ -358,6 +358,8 @@ class Http1Response:
             if self._error is not None:
                 raise self._error
             await self._wait()
+        if isinstance(self._error, _BadResponse):
+            raise self._error  # already malformed in what came with the head: a 502, as aiohttp gives
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
@@ -421,16 +423,34 @@ class Http1Response:
             self._timer = None
 
 
+def _head_end(data: bytes) -> tuple[int, int]:
+    """Where the head ends and the body begins; lines may end in a bare LF (as aiohttp accepts)."""
+    crlf = data.find(b"\n\r\n")
+    lf = data.find(b"\n\n")
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        return lf + 1, lf + 2
+    return (crlf + 1, crlf + 3) if crlf >= 0 else (-1, -1)
+
+
 def _parse_head(head: bytes) -> tuple[int, list[tuple[str, str]], str]:
-    lines = head.decode("utf-8", "surrogateescape").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
+    text = head.decode("utf-8", "surrogateescape")
+    lines = text.split("\n")  # each line's "\r" is removed below: a bare LF ends a line too
+    status_line = lines[0].rstrip("\r")
+    version, _, rest = status_line.partition(" ")
     code = rest[:3]
     if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit() or rest[3:4] not in ("", " "):
-        raise _BadResponse(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
-    headers = []
+        raise _BadResponse(f"not an HTTP/1.1 status line: {status_line[:80]!r}")
+    headers: list[tuple[str, str]] = []
     for line in lines[1:]:
+        line = line.removesuffix("\r")
+        if not line:
+            continue
+        if line[0] in " \t" and headers:  # obsolete line folding: the previous value goes on
+            name, value = headers[-1]
+            headers[-1] = (name, (value + " " + line.strip(" \t")).strip())
+            continue
         name, colon, value = line.partition(":")
-        if not colon or not name or name[-1] in " \t" or name[0] in " \t" or "\n" in line or "\r" in line:
+        if not colon or not name or name[-1] in " \t" or name[0] in " \t" or "\r" in line:
             raise _BadResponse(f"invalid response header line {line[:80]!r}")
         headers.append((name, value.strip(" \t")))
     return int(code), headers, version
