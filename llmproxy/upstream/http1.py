@@ -35,6 +35,9 @@ MAX_CONTROL_LINE = 4096  # a chunk-size line or a trailer line
 # Decoded bytes waiting for the pipeline before the socket stops being read: backpressure
 # reaches the upstream instead of piling up here.
 READ_HIGH_WATER = 256 * 1024
+DECODE_STEP = 64 * 1024  # decoded bytes per decompress call
+MAX_GZIP_MEMBERS = 1024  # as aiohttp
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 IDLE_SECONDS = 15.0  # a pooled connection unused this long is closed (aiohttp's keepalive_timeout)
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
@@ -115,9 +118,7 @@ class _Connection(asyncio.Protocol):
 class Http1Response:
     """The response on one connection: its head, then its body as it arrives."""
 
-    def __init__(
-        self, upstream: Http1Upstream, connection: _Connection, method: str, url: str, started: float
-    ) -> None:
+    def __init__(self, upstream: Http1Upstream, connection: _Connection, method: str, url: str, started: float) -> None:
         self._upstream = upstream
         self._connection = connection
         self._loop = upstream.loop
@@ -135,8 +136,11 @@ class Http1Response:
         self._remaining = 0  # LENGTH: body bytes still to come; CHUNKED: of the current chunk
         self._chunk = _Chunk.SIZE
         self._partial = b""  # an incomplete head, chunk-size or trailer line
-        self._decoder: zlib._Decompress | None = None
-        self._deflate_pending = False  # deflate: zlib-wrapped or raw is decided by the first byte
+        self._encoding = ""  # "gzip" or "deflate" when the body is decoded here
+        self._decoder: zlib._Decompress | None = None  # made at the body's first byte
+        self._undecoded = b""  # compressed bytes waiting for the reader to take what was decoded
+        self._ending = False  # the body ended, but _undecoded still waits
+        self._members = 1
         self._pieces: list[bytes] = []
         self._buffered = 0
         self._paused = False
@@ -175,17 +179,17 @@ class Http1Response:
         except _BadResponse as exc:
             self._fail(exc)
         except zlib.error as exc:
-            self._fail(_BadResponse(f"cannot decode the {self._encoding_name()} body: {exc}"))
+            self._fail(_BadResponse(f"cannot decode the {self._encoding} body: {exc}"))
 
     def feed_end(self, exc: Exception | None) -> None:
         """The connection ended (EOF or lost)."""
-        if self.done or self._error is not None:
-            return
+        if self.done or self._error is not None or self._ending:
+            return  # (ending: the body is all here, its decoding waits for the reader)
         if self._head_seen and self._framing is _Framing.UNTIL_CLOSE:
             try:
                 self._finish()
             except zlib.error as error:
-                self._fail(_BadResponse(f"cannot decode the {self._encoding_name()} body: {error}"))
+                self._fail(_BadResponse(f"cannot decode the {self._encoding} body: {error}"))
             return
         if not self._any_byte:
             self._fail(_Stale(str(exc) if exc else "the upstream closed the connection"))
@@ -265,9 +269,9 @@ class Http1Response:
         if self._framing is _Framing.UNTIL_CLOSE:
             self._keep_alive = False
         if encoding in ("gzip", "x-gzip"):
-            self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self._encoding = "gzip"
         elif encoding == "deflate":
-            self._deflate_pending = True
+            self._encoding = "deflate"
 
     def _feed_chunked(self, data: bytes) -> None:
         if self._partial:
@@ -316,21 +320,72 @@ class Http1Response:
                 return
 
     def _take(self, data: bytes) -> None:
-        if self._deflate_pending and data:
-            self._deflate_pending = False
+        if self._encoding:
+            self._take_encoded(data)
+            return
+        self._pieces.append(data)
+        self._buffered += len(data)
+        self._pause_if_full()
+        self._wake()
+
+    def _take_encoded(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._undecoded:  # decoding waits for the reader: this waits with it
+            self._undecoded += data
+            return
+        if self._decoder is None:
             # Some servers send raw deflate for "deflate": the first byte tells (as aiohttp does).
-            self._decoder = zlib.decompressobj(zlib.MAX_WBITS if data[0] & 0x0F == 8 else -zlib.MAX_WBITS)
-        if self._decoder is not None:
-            data = self._decoder.decompress(data)
-        if data:
-            self._pieces.append(data)
-            self._buffered += len(data)
-            if self._buffered > READ_HIGH_WATER and not self._paused and self._connection.transport is not None:
+            raw = self._encoding == "deflate" and data[0] & 0x0F != 8
+            self._decoder = zlib.decompressobj(-zlib.MAX_WBITS if raw else _WBITS[self._encoding])
+        self._decode(data)
+
+    def _decode(self, data: bytes) -> None:
+        """Decode at most what fits below the high-water mark; the rest waits for the reader (a
+        small body that decodes to gigabytes never sits in memory whole)."""
+        decoder = self._decoder
+        assert decoder is not None
+        while data:
+            out = decoder.decompress(data, DECODE_STEP)
+            if out:
+                self._pieces.append(out)
+                self._buffered += len(out)
+            data = decoder.unconsumed_tail
+            if decoder.eof and decoder.unused_data and self._encoding == "gzip":
+                self._members += 1  # concatenated gzip members are one body
+                if self._members > MAX_GZIP_MEMBERS:
+                    raise _BadResponse(f"gzip body of more than {MAX_GZIP_MEMBERS} members")
+                data = decoder.unused_data
+                decoder = self._decoder = zlib.decompressobj(_WBITS["gzip"])
+            if data and self._buffered >= READ_HIGH_WATER:
+                self._undecoded = data
+                break
+        self._pause_if_full()
+        self._wake()
+
+    def _decode_more(self) -> None:
+        data, self._undecoded = self._undecoded, b""
+        try:
+            self._decode(data)
+            if not self._undecoded and self._ending:
+                self._finish()
+        except _BadResponse as exc:
+            self._fail(exc)
+        except zlib.error as exc:
+            self._fail(_BadResponse(f"cannot decode the {self._encoding} body: {exc}"))
+
+    def _pause_if_full(self) -> None:
+        if (self._buffered > READ_HIGH_WATER or self._undecoded) and not self._paused:
+            transport = self._connection.transport
+            if transport is not None:
                 self._paused = True
-                self._connection.transport.pause_reading()
-            self._wake()
+                transport.pause_reading()
 
     def _finish(self) -> None:
+        if self._undecoded:
+            self._ending = True  # complete once what waits is decoded
+            return
+        self._ending = False
         if self._decoder is not None:
             rest = self._decoder.flush()
             if rest:
@@ -346,9 +401,6 @@ class Http1Response:
             self._keep_alive = False
             self._cancel_timer()
             self._wake()
-
-    def _encoding_name(self) -> str:
-        return "gzip" if self._decoder is not None and not self._deflate_pending else "deflate"
 
     # -- the pipeline's side -----------------------------------------------------------------
 
@@ -368,7 +420,9 @@ class Http1Response:
                 data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 self._pieces = []
                 self._buffered = 0
-                if self._paused:
+                if self._undecoded:
+                    self._decode_more()
+                if self._paused and not self._undecoded:
                     self._paused = False
                     self._last_read = self._loop.time()  # the upstream waited on us, not we on it
                     if self._connection.transport is not None:
