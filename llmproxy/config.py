@@ -43,6 +43,7 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 Secrets = Literal["refuse", "redact"]
 JournalMode = Literal["on", "fsync", "off"]
 WriterKind = Literal["process", "thread"]
+UpstreamClient = Literal["http1", "aiohttp"]
 # Timing is "fast", "realtime" or "xN"; validated by validate_timing.
 
 SERVING = ("record", "replay", "run")  # the commands that start a proxy
@@ -198,6 +199,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("connect_timeout", 10.0, (int, float), "Seconds to connect to an upstream; then 502."),
     Option("read_timeout", 600.0, (int, float), "Seconds between two reads from an upstream; then 504."),
     Option(
+        "upstream_client",
+        "http1",
+        str,
+        "The HTTP client for upstream calls: llmproxy's own lean HTTP/1.1 client, or aiohttp's (the "
+        "fallback, should an upstream need what only aiohttp does).",
+        choices=get_args(UpstreamClient),
+    ),
+    Option(
         "client_disconnect",
         "drain",
         str,
@@ -339,6 +348,7 @@ class Settings:
     max_body_bytes: int = int(default("max_body_mb") * 1024 * 1024)
     connect_timeout: float = default("connect_timeout")
     read_timeout: float = default("read_timeout")
+    upstream_client: UpstreamClient = default("upstream_client")
     on_miss: OnMiss = default("on_miss")
     after_last: AfterLast = default("after_last")
     record_errors: bool = default("record_errors")
@@ -565,6 +575,7 @@ def load_settings(
         max_body_bytes=int(float(pick("max_body_mb")) * 1024 * 1024),
         connect_timeout=float(pick("connect_timeout")),
         read_timeout=float(pick("read_timeout")),
+        upstream_client=pick("upstream_client"),
         on_miss=pick("on_miss"),
         after_last=pick("after_last"),
         record_errors=bool(pick("record_errors")),

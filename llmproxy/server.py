@@ -31,6 +31,7 @@ from llmproxy.store.secrets import SecretScanner, request_credentials
 from llmproxy.store.writer import Recorder
 from llmproxy.tools.report import build_report, replay_savings, write_report
 from llmproxy.upstream.client import AiohttpUpstream
+from llmproxy.upstream.http1 import Http1Upstream
 from llmproxy.upstream.redislock import RedisInFlight
 from llmproxy.upstream.singleflight import SUPPORTED as INFLIGHT_SUPPORTED
 from llmproxy.upstream.singleflight import InFlight
@@ -60,7 +61,8 @@ def build_pipeline(settings: Settings, mode_name: str, *, switchable: bool = Fal
     outcome = Outcome()
     upstream = None
     if record is not RecordPolicy.OFF or on_miss is MissPolicy.FORWARD or switchable:
-        upstream = AiohttpUpstream(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
+        client = Http1Upstream if settings.upstream_client == "http1" else AiohttpUpstream
+        upstream = client(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
     playback = None
     if record is not RecordPolicy.ALL or switchable:
         playback = Playback(
