@@ -25,38 +25,25 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import aiohttp
 import openai
 import pytest
 import structlog
 
-from llmproxy.config import OPTIONS
+from llmproxy.config import UpstreamClient
 from llmproxy.headers import NOT_FORWARDED
 from tests.support import CliProxy, LoopThread, RunningProxy, files_under, sse_data, start_proxy, wait_until
 
-HTTP1_MERGED = any(option.key == "upstream_client" for option in OPTIONS)
 
-
-@pytest.fixture(
-    params=[
-        "aiohttp",
-        pytest.param(
-            "http1",
-            marks=pytest.mark.skipif(
-                not HTTP1_MERGED, reason="llmproxy.config has no upstream_client option yet (http1 client not merged)"
-            ),
-        ),
-    ]
-)
+@pytest.fixture(params=get_args(UpstreamClient))
 def upstream_client(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 def client_settings(upstream_client: str) -> dict[str, str]:
-    """The proxy overrides that choose the client ("aiohttp" is also what a proxy without the option runs)."""
-    return {} if upstream_client == "aiohttp" else {"upstream_client": upstream_client}
+    return {"upstream_client": upstream_client}
 
 
 @contextmanager
@@ -762,6 +749,9 @@ MALFORMED_BODY = {
 }
 
 
+MALFORMED_MESSAGE = {"aiohttp": "cannot reach upstream openai", "http1": "upstream openai sent a malformed response: "}
+
+
 @pytest.mark.parametrize("case", sorted(MALFORMED_HEAD) + sorted(MALFORMED_BODY))
 def test_a_malformed_response_is_a_502_without_traceback_and_the_proxy_serves_on(
     loop_thread: LoopThread, tmp_path: Path, upstream_client: str, case: str, caplog: pytest.LogCaptureFixture
@@ -781,7 +771,7 @@ def test_a_malformed_response_is_a_502_without_traceback_and_the_proxy_serves_on
     assert set(failure.body) == {"message", "type", "param", "code"}  # type: ignore[arg-type]  # OpenAI's shape
     if case in MALFORMED_HEAD:
         assert failure.body["code"] == "upstream_unreachable"  # type: ignore[index]
-        assert error_message(failure).startswith("cannot reach upstream openai")
+        assert error_message(failure).startswith(MALFORMED_MESSAGE[upstream_client])
     else:  # aiohttp parses the body with the head; a client that parses it later sees it broken
         assert failure.body["code"] in ("upstream_unreachable", "upstream_broken")  # type: ignore[index]
     assert not [e for e in logs if "exc_info" in e or "exception" in e or "Traceback" in json.dumps(e, default=str)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import re
 import ssl
 import time
 import zlib
@@ -40,6 +41,10 @@ MAX_GZIP_MEMBERS = 1024  # as aiohttp
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 IDLE_SECONDS = 15.0  # a pooled connection unused this long is closed (aiohttp's keepalive_timeout)
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header name (RFC 9110 5.1)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # never in a header value (HTAB is fine)
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class _Framing(enum.Enum):
@@ -71,15 +76,18 @@ def _target(url: str | URL) -> tuple[str, str, int, str, str]:
     (a yarl URL, e.g. one a provider signed, is sent exactly as it is)."""
     parsed = url if isinstance(url, URL) else URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.raw_host or parsed.port is None:
-        raise ValueError(f"not an http(s) URL: {safe_url(url)}")
+        raise ValueError(f"not an http(s) URL: {safe_url(str(url))}")
+    if any(char <= " " or char == "\x7f" for char in parsed.raw_path_qs):
+        raise ValueError("the path holds a space or a control character, which cannot be sent")
     return parsed.scheme, parsed.raw_host, parsed.port, parsed.host_port_subcomponent or "", parsed.raw_path_qs
 
 
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection to an upstream: at most one response at a time."""
 
-    def __init__(self, key: tuple[str, str, int]) -> None:
+    def __init__(self, key: tuple[str, str, int], opened: set[_Connection]) -> None:
         self.key = key
+        self._opened = opened  # the upstream's set of open connections: left when this one ends
         self.transport: asyncio.Transport | None = None
         self.response: Http1Response | None = None
         self.lost = False
@@ -103,6 +111,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self._opened.discard(self)
         if self.response is not None:
             self.response.feed_end(exc)
 
@@ -188,6 +197,8 @@ class Http1Response:
         if self._head_seen and self._framing is _Framing.UNTIL_CLOSE:
             try:
                 self._finish()
+            except _BadResponse as error:
+                self._fail(error)
             except zlib.error as error:
                 self._fail(_BadResponse(f"cannot decode the {self._encoding} body: {error}"))
             return
@@ -208,7 +219,7 @@ class Http1Response:
             self._partial = b""
         while True:
             end, after = _head_end(data)
-            if end < 0:
+            if end < 0 or end > MAX_HEAD_BYTES:
                 if len(data) > MAX_HEAD_BYTES:
                     raise _BadResponse(f"response headers larger than {MAX_HEAD_BYTES} bytes")
                 self._partial = data
@@ -239,10 +250,9 @@ class Http1Response:
         for name, value in headers:
             lowered = name.lower()
             if lowered == "content-length":
-                value = value.strip()
-                if length is not None and value != length:
-                    raise _BadResponse("conflicting Content-Length headers")
-                length = value
+                if length is not None:  # even two equal ones, as aiohttp: one response, one length
+                    raise _BadResponse("more than one Content-Length header")
+                length = value.strip()
             elif lowered == "transfer-encoding":
                 transfer_coded = True
                 chunked = value.lower().rsplit(",", 1)[-1].strip() == "chunked"
@@ -272,6 +282,10 @@ class Http1Response:
             self._encoding = "gzip"
         elif encoding == "deflate":
             self._encoding = "deflate"
+        elif encoding and encoding != "identity" and self._framing is not _Framing.NONE:
+            # Passed on, its bytes would reach the client (and the recording) still encoded, with
+            # nothing saying so: only what was asked for (gzip, deflate) can be answered.
+            raise _BadResponse(f"a body in Content-Encoding {encoding!r}, which was not asked for")
 
     def _feed_chunked(self, data: bytes) -> None:
         if self._partial:
@@ -301,13 +315,10 @@ class Http1Response:
                     raise _BadResponse("a chunk is longer than its size")
                 self._chunk = _Chunk.SIZE
             elif state is _Chunk.SIZE:
-                digits = line.split(b";", 1)[0].strip()
-                try:
-                    if not digits or digits.startswith((b"-", b"+", b"0x", b"0X")):
-                        raise ValueError
-                    chunk_size = int(digits, 16)
-                except ValueError:
-                    raise _BadResponse(f"invalid chunk size {bytes(line[:40])!r}") from None
+                digits = line.split(b";", 1)[0].rstrip(b" \t")  # whitespace may precede an extension
+                if not _HEX.fullmatch(digits):
+                    raise _BadResponse(f"invalid chunk size {bytes(line[:40])!r}")
+                chunk_size = int(digits, 16)
                 if chunk_size:
                     self._remaining = chunk_size
                     self._chunk = _Chunk.DATA
@@ -391,6 +402,8 @@ class Http1Response:
             if rest:
                 self._pieces.append(rest)
                 self._buffered += len(rest)
+            if not self._decoder.eof:
+                raise _BadResponse(f"the {self._encoding} body ends before its compressed stream does")
         self.done = True
         self._cancel_timer()
         self._wake()
@@ -500,11 +513,13 @@ def _parse_head(head: bytes) -> tuple[int, list[tuple[str, str]], str]:
         if not line:
             continue
         if line[0] in " \t" and headers:  # obsolete line folding: the previous value goes on
+            if _CONTROL.search(line):
+                raise _BadResponse(f"invalid response header line {line[:80]!r}")
             name, value = headers[-1]
             headers[-1] = (name, (value + " " + line.strip(" \t")).strip())
             continue
         name, colon, value = line.partition(":")
-        if not colon or not name or name[-1] in " \t" or name[0] in " \t" or "\r" in line:
+        if not colon or not _TOKEN.fullmatch(name) or _CONTROL.search(value):
             raise _BadResponse(f"invalid response header line {line[:80]!r}")
         headers.append((name, value.strip(" \t")))
     return int(code), headers, version
@@ -566,8 +581,10 @@ class Http1Upstream:
             except _Stale as exc:
                 connection.response = None
                 connection.close()
-                if connection.reused and attempt == 1:
-                    continue  # the upstream had closed this pooled connection: once more, on a new one
+                if connection.reused and attempt == 1 and call.method in IDEMPOTENT_METHODS:
+                    # The upstream had closed this pooled connection: once more, on a new one. A
+                    # POST is not sent twice (as aiohttp): the upstream may have acted on it.
+                    continue
                 log.error("upstream closed the connection", route=route.name, url=safe_url(url), error=str(exc))
                 message = f"upstream {route.name} closed the connection without answering"
                 raise UpstreamFailure(502, "upstream_unreachable", message) from None
@@ -603,7 +620,11 @@ class Http1Upstream:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, connection = await self.loop.create_connection(
-                    lambda: _Connection(key), host, port, ssl=context, server_hostname=host if context else None
+                    functools.partial(_Connection, key, self._open),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=host if context else None,
                 )
         except TimeoutError:
             log.error("upstream timeout", route=route_name, url=safe_url(url))
@@ -613,7 +634,8 @@ class Http1Upstream:
             log.error("upstream unreachable", route=route_name, url=safe_url(url), error=str(exc))
             message = f"cannot reach upstream {route_name}: cannot connect to {host}:{port}: {exc}"
             raise UpstreamFailure(502, "upstream_unreachable", message) from None
-        self._open.add(connection)
+        if not connection.lost:
+            self._open.add(connection)
         return connection
 
     def _release(self, connection: _Connection) -> None:
