@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gzip
 import hashlib
 import http.client
 import inspect
@@ -34,6 +35,7 @@ import structlog
 
 from llmproxy.config import UpstreamClient
 from llmproxy.headers import NOT_FORWARDED
+from tests.providers_support import write_config
 from tests.support import CliProxy, LoopThread, RunningProxy, files_under, sse_data, start_proxy, wait_until
 
 
@@ -741,11 +743,24 @@ MALFORMED_HEAD = {
     "two-equal-content-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
     "content-length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"2\r\n{}\r\n0\r\n\r\n",
+    # Passed on, these would break the client's parser (or the proxy's response to it).
+    "nul-in-a-header-value": b"HTTP/1.1 200 OK\r\nX-Odd: a\x00b\r\nContent-Length: 2\r\n\r\n{}",
+    "space-in-a-header-name": b"HTTP/1.1 200 OK\r\nX Odd: a\r\nContent-Length: 2\r\n\r\n{}",
+    # Asked for gzip and deflate only: passed on, br bytes would reach the client undeclared.
+    "content-encoding-not-asked-for": b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n\x0b\x00",
 }
-# The head is fine, the chunked body is not (sent in the same write as the head).
+DEFLATED_CUT = zlib.compress(COMPLETION)[:-12]
+# The head is fine, the body is not (sent in the same write as the head).
 MALFORMED_BODY = {
     "invalid-chunk-size": SSE_HEAD + b"zz\r\n" + EVENTS[0] + b"\r\n" + LAST_CHUNK,
     "chunk-data-longer-than-its-size": SSE_HEAD + b"%x\r\n%sXX\r\n" % (len(EVENTS[0]), EVENTS[0]) + LAST_CHUNK,
+    # int("0_d", 16) is 13 in Python: not a chunk size on the wire.
+    "chunk-size-with-an-underscore": SSE_HEAD + b"0_%x\r\n%s\r\n" % (len(EVENTS[0]), EVENTS[0]) + LAST_CHUNK,
+    # A deflate stream cut short but framed whole: never a complete answer.
+    "compressed-body-cut-short": response_head(
+        b"Content-Type: application/json", b"Content-Encoding: deflate", b"Content-Length: %d" % len(DEFLATED_CUT)
+    )
+    + DEFLATED_CUT,
 }
 
 
@@ -1318,3 +1333,160 @@ def test_a_slow_client_holds_the_upstream_back_instead_of_the_proxy_holding_the_
     assert ahead < 16 * 1024 * 1024, f"{ahead} bytes between the upstream and a client that stopped reading"
     assert (received, digest) == (total + len(DONE), firehose.expected.digest())
     assert files_under(tmp_path) == []
+
+
+# -- 11. what an outside probe of the HTTP/1.1 client found -----------------------------------
+
+
+def _answer_then_drop() -> Respond:
+    """The first request is answered (its connection kept for the next one); the next is read
+    whole, then the connection closed without a byte of answer: an upstream that may have acted."""
+    calls = 0
+
+    async def respond(arrived: Arrived, writer: asyncio.StreamWriter) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            writer.write(fixed(COMPLETION))
+            await writer.drain()
+            return True
+        if calls == 2:
+            return False
+        writer.write(fixed(OTHER))
+        await writer.drain()
+        return True
+
+    return respond
+
+
+def test_a_post_the_upstream_dropped_unanswered_is_never_sent_twice(
+    loop_thread: LoopThread, tmp_path: Path, upstream_client: str
+) -> None:
+    """A pooled connection closed after the upstream read the request: a paid call may have run,
+    so the client gets a 502 and the upstream sees the call once (an idempotent GET is retried)."""
+    upstream = RawUpstream(loop_thread, _answer_then_drop()).start()
+    try:
+        with running(loop_thread, "record", tmp_path, upstream_client, upstream=upstream.url) as proxy:
+            first, _ = chat(proxy.url, "first")
+            failure = chat_error(proxy.url, "dropped")
+            posts_seen = len(upstream.requests)
+            third, _ = chat(proxy.url, "third")
+    finally:
+        upstream.stop()
+    assert (first.status, first.body) == (200, COMPLETION)
+    assert failure.status_code == 502 and failure.body["code"] == "upstream_unreachable"  # type: ignore[index]
+    assert posts_seen == 2, "the dropped POST was sent again"
+    assert [json.loads(arrived.body)["messages"][0]["content"] for arrived in upstream.requests] == [
+        "first",
+        "dropped",
+        "third",
+    ]
+    assert (third.status, third.body) == (200, OTHER)
+    assert sorted(by_content(tmp_path)) == ["first", "third"]
+
+
+def test_a_get_on_a_pooled_connection_the_upstream_dropped_is_sent_again(
+    loop_thread: LoopThread, tmp_path: Path, upstream_client: str
+) -> None:
+    upstream = RawUpstream(loop_thread, _answer_then_drop()).start()
+    try:
+        with running(loop_thread, "record", tmp_path, upstream_client, upstream=upstream.url) as proxy:
+            statuses = [_raw_request(proxy.server.port, "GET", "/v1/models", [], None) for _ in range(2)]
+    finally:
+        upstream.stop()
+    assert statuses == [200, 200]
+    assert [arrived.request_line for arrived in upstream.requests] == [b"GET /v1/models HTTP/1.1"] * 3
+    assert [arrived.connection for arrived in upstream.requests] == [0, 0, 1]
+
+
+def test_closed_upstream_connections_are_not_kept(loop_thread: LoopThread, tmp_path: Path) -> None:
+    """Each answer says Connection: close: the client's set of open connections stays empty (it
+    held every closed one before, ~130 KB each over TLS)."""
+    upstream = RawUpstream(loop_thread, answer(fixed(COMPLETION, b"Connection: close"), keep=False)).start()
+    try:
+        with running(loop_thread, "record", tmp_path, "http1", upstream=upstream.url) as proxy:
+            for number in range(20):
+                got, _ = chat(proxy.url, f"call {number}")
+                assert got.status == 200
+            client = proxy.server.pipeline.upstream
+            wait_until(lambda: not client._open, "closed connections to leave the open set")  # type: ignore[union-attr]
+    finally:
+        upstream.stop()
+    assert upstream.connections == 20
+
+
+@pytest.mark.parametrize("target", ["/bedrock/a%00b/invoke", "/bedrock/a%20HTTP/1.0%20b/invoke"])
+def test_a_target_that_would_break_the_request_line_is_not_sent(
+    loop_thread: LoopThread, tmp_path: Path, upstream_client: str, target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bedrock's URL is sent as encoded by the proxy; a decoded NUL or space in its path would
+    end up raw in the request line."""
+    if upstream_client == "aiohttp" and "%20" in target:
+        pytest.skip("aiohttp sends a space in the request line as it is (the reason for this check)")
+    monkeypatch.setenv("AWS_BEARER_TOKEN_BEDROCK", "bedrock-key-for-the-wire-test")
+    upstream = RawUpstream(loop_thread, answer(fixed(b'{"ok":1}'))).start()
+    config = write_config(
+        tmp_path / "llmproxy.toml", [{"name": "bedrock", "provider": "bedrock", "upstream": upstream.url}]
+    )
+    try:
+        with running(loop_thread, "record", tmp_path / "r", upstream_client, config=config) as proxy:
+            status = _raw_request(
+                proxy.server.port, "POST", target, [("Content-Type", "application/json")], b'{"messages":[]}'
+            )
+    finally:
+        upstream.stop()
+    assert status == 502
+    assert upstream.requests == []
+
+
+def test_a_gzip_bomb_is_decoded_within_the_read_window(
+    loop_thread: LoopThread, tmp_path: Path, upstream_client: str
+) -> None:
+    """256 MB of gzip in 250 KB: the proxy's peak memory stays far below what one network read
+    decodes to when decoded whole (64 KB of this input is 64 MB)."""
+    bomb = gzip.compress(b"\0" * (256 * 1024 * 1024), 9)
+    upstream = RawUpstream(
+        loop_thread,
+        answer(
+            response_head(
+                b"Content-Type: application/octet-stream", b"Content-Encoding: gzip", b"Content-Length: %d" % len(bomb)
+            )
+            + bomb
+        ),
+    ).start()
+    config = tmp_path / "llmproxy.toml"
+    # Replay forwarding its misses: passed through, nothing kept.
+    config.write_text(f'[proxy]\nupstream_client = "{upstream_client}"\non_miss = "forward"\nallow_empty = true\n')
+    arguments = [
+        "--port",
+        "0",
+        "--upstream",
+        upstream.url,
+        "--recordings",
+        str(tmp_path / "r"),
+        "--config",
+        str(config),
+    ]
+    proxy = CliProxy("replay", *arguments)
+    try:
+        before = _peak_rss_mb(proxy.process.pid)
+        received = 0
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+        try:
+            connection.request("GET", "/v1/files/bomb/content")
+            response = connection.getresponse()
+            while piece := response.read(1 << 20):
+                received += len(piece)
+        finally:
+            connection.close()
+        after = _peak_rss_mb(proxy.process.pid)
+    finally:
+        proxy.stop()
+        upstream.stop()
+    assert (response.status, received) == (200, 256 * 1024 * 1024)
+    assert after - before < 48, f"peak RSS grew by {after - before:.0f} MB"
+
+
+def _peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
