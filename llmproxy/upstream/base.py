@@ -8,10 +8,15 @@ the proxy uses the aiohttp implementation in `upstream.client`.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Literal, Protocol
 
+from yarl import URL
+
 from llmproxy.call import Call
+from llmproxy.headers import forward_request_headers
 
 FailureCode = Literal["no_upstream", "upstream_timeout", "upstream_unreachable", "internal_error"]
 
@@ -55,3 +60,22 @@ class Upstream(Protocol):
     async def send(self, call: Call) -> UpstreamResponse:
         """The upstream's response headers; raises UpstreamFailure when there are none."""
         ...
+
+
+async def prepared_request(call: Call) -> tuple[str, str | URL, list[tuple[str, str]]]:
+    """(the upstream URL, the target to send to, the headers to send) for a call, after its
+    provider's hook (e.g. re-signing for the upstream's host); UpstreamFailure when it has no
+    upstream or cannot be prepared."""
+    route = call.route
+    try:
+        url = route.upstream_url(call.path, call.query_string)
+        prepare = functools.partial(
+            route.provider.prepare_upstream, call.method, url, forward_request_headers(call.raw_headers), call.body
+        )
+        if route.provider.prepare_blocks:
+            target, headers = await asyncio.get_running_loop().run_in_executor(None, prepare)
+        else:
+            target, headers = prepare()
+    except LookupError as exc:  # no upstream, or the provider cannot prepare the request
+        raise UpstreamFailure(502, getattr(exc, "code", "no_upstream"), str(exc)) from None
+    return url, target, headers

@@ -6,8 +6,6 @@ answer becomes an Exchange, for the recorder to tee.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,8 +16,7 @@ import structlog
 
 from llmproxy.call import Call
 from llmproxy.canonical import public_query
-from llmproxy.headers import forward_request_headers
-from llmproxy.upstream.base import UpstreamBroken, UpstreamFailure
+from llmproxy.upstream.base import UpstreamBroken, UpstreamFailure, prepared_request
 
 log = structlog.get_logger("llmproxy.upstream")
 
@@ -101,17 +98,7 @@ class AiohttpUpstream:
     async def send(self, call: Call) -> AiohttpResponse:
         assert self._session is not None, "AiohttpUpstream.start() was not awaited"
         route = call.route
-        try:
-            url = route.upstream_url(call.path, call.query_string)
-            prepare = functools.partial(
-                route.provider.prepare_upstream, call.method, url, forward_request_headers(call.raw_headers), call.body
-            )
-            if route.provider.prepare_blocks:
-                target, headers = await asyncio.get_running_loop().run_in_executor(None, prepare)
-            else:
-                target, headers = prepare()
-        except LookupError as exc:  # no upstream, or the provider cannot prepare the request
-            raise UpstreamFailure(502, getattr(exc, "code", "no_upstream"), str(exc)) from None
+        url, target, headers = await prepared_request(call)
         started = time.monotonic()
         try:
             response = await self._session.request(
