@@ -450,6 +450,8 @@ class Pipeline:
             )
 
             def done(path: str | None) -> None:  # called on the loop
+                if path is None and exchange.dropped is not None:
+                    self._drop_reasons.setdefault(flight, exchange.dropped)
                 self._landed(flight, key, lock, path)
 
             written = True  # from here `done` releases the lock

@@ -138,6 +138,7 @@ def test_a_replay_miss_of_an_exchange_refused_for_a_credential_says_it_was_not_r
     assert files_under(recordings) == []
     notes = (recordings / ".llmproxy-not-recorded.jsonl").read_text()
     assert secret not in notes and "chat/completions" in notes
+    assert [json.loads(line)["reason"] for line in notes.splitlines()] == ["secret"]
 
     replay = start_proxy(loop_thread, "replay", recordings)
     try:

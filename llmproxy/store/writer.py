@@ -183,7 +183,7 @@ class Recorder:
         the event loop with the file written (None when it was not)."""
         try:
             if not exchange.complete and not self.record_errors:
-                self.outcome.note_not_recorded(NotRecorded.TRUNCATED)
+                self._dropped(exchange, NotRecorded.TRUNCATED)
                 log.warning(
                     "not recorded: the upstream broke off the response",
                     route=exchange.call.route.name,
@@ -194,7 +194,7 @@ class Recorder:
                     done(None)
                 return
             if not self.should_record(exchange.status):
-                self.outcome.note_not_recorded(NotRecorded.UPSTREAM_STATUS)
+                self._dropped(exchange, NotRecorded.UPSTREAM_STATUS)
                 log.warning(
                     "not recorded: upstream error status",
                     route=exchange.call.route.name,
@@ -476,6 +476,10 @@ class Recorder:
             )
         return path
 
+    def _dropped(self, exchange: Exchange, reason: NotRecorded) -> None:
+        self.outcome.note_not_recorded(reason)
+        exchange.dropped = reason.value
+
     def _not_written(self, prepared: Prepared, error: str) -> None:
         self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
         log.error(
@@ -492,7 +496,7 @@ class Recorder:
             recording = build_recording(exchange)
             if _truncated(exchange, recording):
                 if not self.record_errors:
-                    self.outcome.note_not_recorded(NotRecorded.TRUNCATED)
+                    self._dropped(exchange, NotRecorded.TRUNCATED)
                     log.warning(
                         "not recorded: the response was cut short",
                         route=call.route.name,
@@ -524,7 +528,7 @@ class Recorder:
             # Only this, what passed the scan, is journaled: the journal never holds a credential.
             return Prepared(call, exchange.status, target, data)
         except SecretFound as exc:
-            self.outcome.note_not_recorded(NotRecorded.SECRET)
+            self._dropped(exchange, NotRecorded.SECRET)
             log.error(
                 "recording refused: it would hold a credential",
                 route=call.route.name,
@@ -534,7 +538,7 @@ class Recorder:
             )
             return None
         except Exception:
-            self.outcome.note_not_recorded(NotRecorded.WRITE_FAILED)
+            self._dropped(exchange, NotRecorded.WRITE_FAILED)
             log.exception("recording not written", route=call.route.name, path=call.path)
             return None
 

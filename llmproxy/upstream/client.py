@@ -35,6 +35,8 @@ class Exchange:
     headers_ms: float
     # False when the upstream broke off mid-body: only kept (marked truncated) with record_errors.
     complete: bool = True
+    # Why the recorder did not write it (a NotRecorded value), for the not-recorded notes.
+    dropped: str | None = None
 
 
 def safe_url(url: str) -> str:
