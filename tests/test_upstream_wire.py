@@ -1490,3 +1490,51 @@ def test_a_gzip_bomb_is_decoded_within_the_read_window(
 def _peak_rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+# Refused by the HTTP/1.1 client (aiohttp passes the first on still encoded, and spends long on
+# the others).
+HTTP1_REFUSED = {
+    "transfer-coding-not-decoded": response_head(b"Content-Type: application/json", b"Transfer-Encoding: gzip, chunked")
+    + chunk(gzip.compress(COMPLETION))
+    + LAST_CHUNK,
+    "content-length-of-5000-digits": b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n{}",
+    "endless-interim-responses": b"HTTP/1.1 100 Continue\r\n\r\n" * 20_000 + fixed(COMPLETION),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HTTP1_REFUSED))
+def test_what_the_http1_client_refuses_is_a_clean_502(loop_thread: LoopThread, tmp_path: Path, case: str) -> None:
+    upstream = RawUpstream(
+        loop_thread, first_then(answer(HTTP1_REFUSED[case], keep=False), answer(fixed(OTHER)))
+    ).start()
+    try:
+        with running(loop_thread, "record", tmp_path, "http1", upstream=upstream.url) as proxy:
+            with structlog.testing.capture_logs() as logs:
+                failure = chat_error(proxy.url, "refused")
+            after, _ = chat(proxy.url, "after")
+    finally:
+        upstream.stop()
+    assert failure.status_code == 502 and failure.body["code"] == "upstream_unreachable"  # type: ignore[index]
+    assert error_message(failure).startswith("upstream openai sent a malformed response: ")
+    assert not [e for e in logs if e["event"] == "event loop error" or "exc_info" in e]
+    assert (after.status, after.body) == (200, OTHER)
+    assert sorted(by_content(tmp_path)) == ["after"]
+
+
+def test_interim_responses_do_not_extend_the_wait_for_headers(loop_thread: LoopThread, tmp_path: Path) -> None:
+    """An upstream sending `100 Continue` on and on, never its answer: a 504 after read_timeout."""
+
+    async def stall(arrived: Arrived, writer: asyncio.StreamWriter) -> bool:
+        while True:  # until the proxy gives up and closes the connection
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # paces the upstream only; nothing waits on it
+
+    upstream = RawUpstream(loop_thread, first_then(stall, answer(fixed(OTHER)))).start()
+    try:
+        with running(loop_thread, "record", tmp_path, "http1", upstream=upstream.url, read_timeout=0.5) as proxy:
+            failure = chat_error(proxy.url, "stalled")
+    finally:
+        upstream.stop()
+    assert failure.status_code == 504 and failure.body["code"] == "upstream_timeout"  # type: ignore[index]

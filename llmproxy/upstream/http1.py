@@ -38,6 +38,7 @@ MAX_CONTROL_LINE = 4096  # a chunk-size line or a trailer line
 READ_HIGH_WATER = 256 * 1024
 DECODE_STEP = 64 * 1024  # decoded bytes per decompress call
 MAX_GZIP_MEMBERS = 1024  # as aiohttp
+MAX_INTERIM = 100  # 1xx responses before the final one: more is an upstream stuck in a loop
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 IDLE_SECONDS = 15.0  # a pooled connection unused this long is closed (aiohttp's keepalive_timeout)
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -150,6 +151,7 @@ class Http1Response:
         self._undecoded = b""  # compressed bytes waiting for the reader to take what was decoded
         self._ending = False  # the body ended, but _undecoded still waits
         self._members = 1
+        self._interim = 0  # 1xx responses skipped
         self._pieces: list[bytes] = []
         self._buffered = 0
         self._paused = False
@@ -162,12 +164,15 @@ class Http1Response:
 
     def feed(self, data: bytes) -> None:
         self._any_byte = True
-        self._last_read = self._loop.time()
         try:
             if not self._head_seen:
+                # Until the final head, read_timeout runs from the request: interim responses
+                # or a head sent a byte at a time do not extend it.
                 data = self._feed_head(data)
                 if not self._head_seen or not data:
                     return
+            else:
+                self._last_read = self._loop.time()
             if self._framing is _Framing.CHUNKED:
                 self._feed_chunked(data)
             elif self._framing is _Framing.LENGTH:
@@ -189,6 +194,8 @@ class Http1Response:
             self._fail(exc)
         except zlib.error as exc:
             self._fail(_BadResponse(f"cannot decode the {self._encoding} body: {exc}"))
+        except ValueError as exc:  # nothing above should raise it; a bad byte must not kill the connection's callback
+            self._fail(_BadResponse(str(exc)))
 
     def feed_end(self, exc: Exception | None) -> None:
         """The connection ended (EOF or lost)."""
@@ -229,11 +236,15 @@ class Http1Response:
             if 100 <= status < 200:
                 if status == 101:
                     raise _BadResponse("the upstream switched protocols (101)")
+                self._interim += 1
+                if self._interim > MAX_INTERIM:
+                    raise _BadResponse(f"more than {MAX_INTERIM} interim (1xx) responses")
                 continue  # 100 Continue, 103 Early Hints: the real response follows
             break
         self.status = status
         self.headers = headers
         self.headers_ms = (time.monotonic() - self._started) * 1000
+        self._last_read = self._loop.time()
         self._frame(headers, version)
         self._head_seen = True
         self._wake()
@@ -243,7 +254,7 @@ class Http1Response:
 
     def _frame(self, headers: list[tuple[str, str]], version: str) -> None:
         length: str | None = None
-        chunked = False
+        codings: list[str] = []
         transfer_coded = False
         connection = ""
         encoding = ""
@@ -255,7 +266,7 @@ class Http1Response:
                 length = value.strip()
             elif lowered == "transfer-encoding":
                 transfer_coded = True
-                chunked = value.lower().rsplit(",", 1)[-1].strip() == "chunked"
+                codings += [coding.strip() for coding in value.lower().split(",")]
             elif lowered == "connection":
                 connection += "," + value.lower()
             elif lowered == "content-encoding":
@@ -266,12 +277,16 @@ class Http1Response:
             self._framing = _Framing.NONE
             return
         if transfer_coded:
+            chunked = codings[-1] == "chunked"
+            undecoded = [coding for coding in codings if coding not in ("chunked", "identity")]
+            if undecoded:  # passed on, the body would reach the client still encoded
+                raise _BadResponse(f"Transfer-Encoding {', '.join(undecoded)!r}, which is not decoded here")
             if length is not None:  # RFC 9112 6.3: a sign of response splitting, handled as an error
                 raise _BadResponse("both Transfer-Encoding and Content-Length")
             self._framing = _Framing.CHUNKED if chunked else _Framing.UNTIL_CLOSE
         elif length is not None:
-            if not length.isdigit() or not length.isascii():
-                raise _BadResponse(f"invalid Content-Length {length!r}")
+            if not length.isdigit() or not length.isascii() or len(length) > 19:
+                raise _BadResponse(f"invalid Content-Length {length[:40]!r}")
             self._remaining = int(length)
             self._framing = _Framing.LENGTH if self._remaining else _Framing.NONE
         else:
@@ -288,6 +303,19 @@ class Http1Response:
             raise _BadResponse(f"a body in Content-Encoding {encoding!r}, which was not asked for")
 
     def _feed_chunked(self, data: bytes) -> None:
+        # One take per network read, however many chunks it holds (a stream of tiny chunks
+        # would otherwise cost a wake-up each).
+        taken: list[bytes] = []
+        try:
+            complete = self._dechunk(data, taken)
+        finally:
+            if taken:
+                self._take(taken[0] if len(taken) == 1 else b"".join(taken))
+        if complete:
+            self._finish()
+
+    def _dechunk(self, data: bytes, taken: list[bytes]) -> bool:
+        """Append the chunks' data in `data` to `taken`; True once the body is complete."""
         if self._partial:
             data = self._partial + data
             self._partial = b""
@@ -296,7 +324,7 @@ class Http1Response:
             state = self._chunk
             if state is _Chunk.DATA:
                 take = min(self._remaining, size - position)
-                self._take(data if take == size else data[position : position + take])
+                taken.append(data if take == size else data[position : position + take])
                 position += take
                 self._remaining -= take
                 if not self._remaining:
@@ -307,7 +335,7 @@ class Http1Response:
                 self._partial = data[position:]
                 if len(self._partial) > MAX_CONTROL_LINE:
                     raise _BadResponse("chunk-size or trailer line too long")
-                return
+                return False
             line = data[position : end - 1 if end > position and data[end - 1] == 13 else end]  # CRLF or a bare LF
             position = end + 1
             if state is _Chunk.DATA_END:
@@ -327,8 +355,8 @@ class Http1Response:
             elif not line:  # the empty line after the trailers: the body is complete
                 if position < size:
                     self._keep_alive = False
-                self._finish()
-                return
+                return True
+        return False
 
     def _take(self, data: bytes) -> None:
         if self._encoding:
@@ -491,9 +519,10 @@ class Http1Response:
 
 
 def _head_end(data: bytes) -> tuple[int, int]:
-    """Where the head ends and the body begins; lines may end in a bare LF (as aiohttp accepts)."""
-    crlf = data.find(b"\n\r\n")
-    lf = data.find(b"\n\n")
+    """Where the head ends and the body begins; lines may end in a bare LF (as aiohttp accepts).
+    Only the first MAX_HEAD_BYTES are searched: a longer head is refused anyway."""
+    crlf = data.find(b"\n\r\n", 0, MAX_HEAD_BYTES + 3)
+    lf = data.find(b"\n\n", 0, MAX_HEAD_BYTES + 2)
     if lf >= 0 and (crlf < 0 or lf < crlf):
         return lf + 1, lf + 2
     return (crlf + 1, crlf + 3) if crlf >= 0 else (-1, -1)
