@@ -192,8 +192,6 @@ class Http1Response:
                 self._keep_alive = False  # a body after a bodyless response
         except _BadResponse as exc:
             self._fail(exc)
-        except zlib.error as exc:
-            self._fail(_BadResponse(f"cannot decode the {self._encoding} body: {exc}"))
         except ValueError as exc:  # nothing above should raise it; a bad byte must not kill the connection's callback
             self._fail(_BadResponse(str(exc)))
 
@@ -206,8 +204,6 @@ class Http1Response:
                 self._finish()
             except _BadResponse as error:
                 self._fail(error)
-            except zlib.error as error:
-                self._fail(_BadResponse(f"cannot decode the {self._encoding} body: {error}"))
             return
         if not self._any_byte:
             self._fail(_Stale(str(exc) if exc else "the upstream closed the connection"))
@@ -385,7 +381,10 @@ class Http1Response:
         decoder = self._decoder
         assert decoder is not None
         while data:
-            out = decoder.decompress(data, DECODE_STEP)
+            try:
+                out = decoder.decompress(data, DECODE_STEP)
+            except zlib.error as exc:
+                raise _BadResponse(f"cannot decode the {self._encoding} body: {exc}") from None
             if out:
                 self._pieces.append(out)
                 self._buffered += len(out)
@@ -410,8 +409,6 @@ class Http1Response:
                 self._finish()
         except _BadResponse as exc:
             self._fail(exc)
-        except zlib.error as exc:
-            self._fail(_BadResponse(f"cannot decode the {self._encoding} body: {exc}"))
 
     def _pause_if_full(self) -> None:
         if (self._buffered > READ_HIGH_WATER or self._undecoded) and not self._paused:
@@ -426,7 +423,10 @@ class Http1Response:
             return
         self._ending = False
         if self._decoder is not None:
-            rest = self._decoder.flush()
+            try:
+                rest = self._decoder.flush()
+            except zlib.error as exc:
+                raise _BadResponse(f"cannot decode the {self._encoding} body: {exc}") from None
             if rest:
                 self._pieces.append(rest)
                 self._buffered += len(rest)
