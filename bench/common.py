@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,14 +101,22 @@ def wait_for_port(port: int, timeout: float = 60.0, process: subprocess.Popen | 
 
 
 def start(module_or_args: list[str], port: int, env: dict | None = None, cwd: Path = REPO) -> subprocess.Popen:
+    # stderr goes to a file, not a pipe nobody reads: a process that logs much (replay misses)
+    # would block on a full pipe and stall the run.
+    log = tempfile.TemporaryFile()
     process = subprocess.Popen(
         [sys.executable, *module_or_args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
     )
-    wait_for_port(port, process=process)
+    try:
+        wait_for_port(port, process=process)
+    except (RuntimeError, TimeoutError) as exc:
+        log.seek(0)
+        tail = log.read()[-2000:].decode(errors="replace")
+        raise RuntimeError(f"{' '.join(module_or_args)}: {exc}\n{tail}") from None
     return process
 
 

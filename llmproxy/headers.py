@@ -37,9 +37,11 @@ def credential_headers() -> frozenset[str]:
 
 # Set by aiohttp for the upstream leg (it decompresses, so the client's encodings do not apply:
 # the request body is forwarded decoded, so its content-encoding would lie about it too).
-# llmproxy's own headers (token, scope) are for the proxy alone.
+# llmproxy's own headers (token, scope) are for the proxy alone. `Expect: 100-continue` was
+# answered by the proxy, which sends the upstream the whole body at once.
 NOT_FORWARDED = HOP_BY_HOP | {
     "host",
+    "expect",
     "content-length",
     "accept-encoding",
     "content-encoding",

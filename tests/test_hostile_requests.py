@@ -229,3 +229,37 @@ def test_key_memo_is_bounded_by_bytes_not_count(loop_thread: LoopThread, tmp_pat
     assert statuses == [404] * 200  # misses, each keyed
     assert 0 < len(memo) < 200  # the oldest were let go
     assert memo.bytes <= memo.max_bytes
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(recorder: Any) -> None:
+    """curl and other clients send `Expect: 100-continue` with large bodies and wait for the
+    interim answer before sending the body: the proxy must give it, then the real answer."""
+    proxy, wire, recordings = recorder
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "expect"}]}).encode()
+    head = _head(b"application/json", b"Expect: 100-continue") + b"Content-Length: %d\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(head % len(body))
+        interim = b""
+        while b"\r\n\r\n" not in interim:  # the body is not sent until this arrives (30 s timeout)
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed before 100 Continue: {interim!r}"
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        data = interim.partition(b"\r\n\r\n")[2]
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+    assert "EXPECT" in json.loads(data.partition(b"\r\n\r\n")[2])["choices"][0]["message"]["content"]
+    assert len(wire.requests) == 1 and "expect" not in {name.lower() for name in wire.requests[0]["headers"]}
+    _quiet(proxy.stop())
+    assert len([p for p in files_under(recordings) if p.suffix == ".json"]) == 1
+
+
+def test_unknown_expectation_gets_417_and_goes_nowhere(recorder: Any) -> None:
+    proxy, wire, recordings = recorder
+    status, _, payload = _raw(proxy.port, _head(b"application/json", b"Expect: something-else"), b"{}")
+    assert status == 417 and json.loads(payload)["error"]["code"] == "expectation_failed"
+    assert wire.requests == []
+    proxy.stop()
+    assert not recordings.exists() or files_under(recordings) == []
