@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from llmproxy.answers import PreparedAnswer, fits
 from llmproxy.call import Call, NotRecorded, Outcome, Result, error_response
 from llmproxy.errors import LlmproxyError
 from llmproxy.headers import client_response_headers
@@ -488,6 +489,8 @@ class Pipeline:
     async def _send_rendered(self, request: web.Request, rendered: Rendered) -> web.StreamResponse:
         playback = self.playback
         if playback is None or not playback.paced(rendered):
+            if fits(request, rendered.status):
+                return PreparedAnswer(rendered.head, rendered.body, rendered.dated)  # type: ignore[return-value]
             return web.Response(status=rendered.status, body=rendered.body, headers=rendered.headers)
         await playback.headers_pause(rendered)
         stream = web.StreamResponse(status=rendered.status, headers=rendered.headers)

@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from llmproxy.answers import wire_head
 from llmproxy.canonical import CanonicalRequest, canonical_request
 from llmproxy.errors import LlmproxyError
 from llmproxy.headers import replay_headers
@@ -70,6 +71,8 @@ class Rendered:
     ends: tuple[int, ...]
     streaming: bool
     timing: dict[str, Any] | None
+    head: bytes = b""  # the status line's tail and headers on the wire (answers.wire_head)
+    dated: bool = False  # the recorded headers carry their own Date
 
     @property
     def size(self) -> int:
@@ -103,13 +106,16 @@ def render(recording: Recording, route: Route) -> Rendered:
     if not any(name.lower() == "content-type" for name in headers):
         # Recordings that did not keep their content type (other recorders' files).
         headers["Content-Type"] = default_content_type(str(response.framing.get("format")))
+    body = b"".join(segments)
     return Rendered(
         status=response.status,
         headers=headers,
-        body=b"".join(segments),
+        body=body,
         ends=tuple(itertools.accumulate(len(segment) for segment in segments)),
         streaming=response.is_streaming,
         timing=_timing(response.timing),
+        head=wire_head(response.status, headers, len(body)),
+        dated=any(name.lower() == "date" for name in headers),
     )
 
 

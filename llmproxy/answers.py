@@ -1,0 +1,83 @@
+"""A replayed answer written to the client in one go.
+
+aiohttp's `web.Response` builds, checks and serializes the same headers again for every
+request (about a quarter of the event loop's time per replayed request). A recording's status
+line and headers are known when it is loaded: they are serialized once, with the recording,
+and each request adds only its Date and, when the client asked to close, `Connection: close`.
+
+The object is what aiohttp's server expects of a handler's answer (`prepare`, `write_eof`,
+`keep_alive`); aiohttp's own response is used wherever HTTP has special cases (HEAD, 204, 304,
+HTTP/1.0), so those keep aiohttp's handling.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+
+from aiohttp import HttpVersion11, web
+
+# A body this small is sent with its head in one write (one system call); a larger one
+# follows it, to spare copying it.
+JOIN_BELOW = 64 * 1024
+
+
+def wire_head(status: int, headers: dict[str, str], length: int) -> bytes:
+    """The status line's tail and the header block of a recorded answer, Date excepted.
+    The headers were checked when the recording was rendered (names are tokens, values have no
+    CR, LF or control characters); they are encoded as aiohttp encodes them (UTF-8)."""
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = ""
+    lines = [f" {status} {reason}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+    lines.append(f"Content-Length: {length}\r\n")
+    return "".join(lines).encode("utf-8")
+
+
+_date = (0, b"")
+
+
+def _date_line() -> bytes:
+    """`Date: ...` for this second (formatted once a second)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode("ascii"))
+    return _date[1]
+
+
+class PreparedAnswer:
+    """One replayed answer: `head` from `wire_head`, `dated` when the recording has its own Date."""
+
+    __slots__ = ("_head", "_body", "_dated", "keep_alive")
+
+    def __init__(self, head: bytes, body: bytes, dated: bool) -> None:
+        self._head = head
+        self._body = body
+        self._dated = dated
+        self.keep_alive = True
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        self.keep_alive = keep_alive = request.keep_alive
+        head = b"HTTP/1.1" + self._head
+        if not self._dated:
+            head += _date_line()
+        head += b"\r\n" if keep_alive else b"Connection: close\r\n\r\n"
+        body = self._body
+        writer = request.writer
+        if len(body) < JOIN_BELOW:
+            await writer.write(head + body)
+        else:
+            await writer.write(head, drain=False)
+            await writer.write(body)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        """Everything was written by `prepare`."""
+
+
+def fits(request: web.BaseRequest, status: int) -> bool:
+    """Whether a PreparedAnswer answers this request as aiohttp's Response would."""
+    return request.version == HttpVersion11 and request.method != "HEAD" and status not in (204, 304)
