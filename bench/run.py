@@ -126,6 +126,16 @@ async def measure(target: Target, scenario: Scenario) -> dict[str, Any]:
     }
 
 
+# A replay round is this many requests at least: 10 streams replayed from memory take a few
+# milliseconds, too short to time on a noisy machine.
+REPLAY_MIN_REQUESTS = 200
+
+
+def replay_scenario(scenario: Scenario) -> Scenario:
+    requests = max(scenario.requests, REPLAY_MIN_REQUESTS)
+    return Scenario(scenario.name, scenario.spec, scenario.concurrency, requests, scenario.distinct)
+
+
 def median_of(rounds: list[dict[str, Any]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
 
@@ -336,7 +346,7 @@ async def main_async(args: argparse.Namespace) -> None:
             replay = llmproxy_target("replay", "replay", once)
             replay.start()
             print("replay phase (llmproxy replay, bare handler)", file=sys.stderr)
-            results.update(await run_rounds([replay, bare], scenarios, args.rounds))
+            results.update(await run_rounds([replay, bare], [replay_scenario(s) for s in scenarios], args.rounds))
             replay_memory = await memory_growth(replay, scenarios)
             replay.stop()
         finally:

@@ -187,11 +187,15 @@ class RenderCache:
         self._lock = threading.Lock()
 
     def get(self, entry: Entry) -> Rendered | None:
-        with self._lock:
-            rendered = self._items.get(id(entry))
-            if rendered is not None:
+        # Every replayed request asks, on the loop: no lock. Each OrderedDict call is atomic
+        # (its keys are ints); a `put` in a reader thread may evict the entry in between.
+        rendered = self._items.get(id(entry))
+        if rendered is not None:
+            try:
                 self._items.move_to_end(id(entry))
-            return rendered
+            except KeyError:
+                pass
+        return rendered
 
     def put(self, entry: Entry, rendered: Rendered) -> None:
         with self._lock:
