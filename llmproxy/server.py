@@ -253,6 +253,7 @@ class Front:
         # The application's own handling (its router: the recordings page), set when serving.
         self.application: Handler | None = None
         self.running: set[asyncio.Task[Any]] = set()  # so shutting down can cancel them at its deadline
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _is_ui(self, path: str) -> bool:
         return self.application is not None and (path == UI_PREFIX or path.startswith(UI_PREFIX + "/"))
@@ -262,7 +263,12 @@ class Front:
         # request that logs nothing costs one set (a connection's earlier request is replaced).
         bind_request(request.method, request.path)
         try:
-            task = request.task
+            # The handler's own task (`request.task` is its connection's); the loop is passed:
+            # looking it up is a getpid() system call on Python 3.11.
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(self._loop)
+            assert task is not None
             self.running.add(task)
             try:
                 if request.headers.get("Expect"):
