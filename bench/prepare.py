@@ -29,7 +29,7 @@ from llmproxy.routing import Router, default_routes
 from llmproxy.store.directory import RecordingStore
 from llmproxy.store.document import to_document
 from llmproxy.store.index import canonical_for_route
-from llmproxy.store.writer import Recorder, build_recording, capture_response, chunk_times
+from llmproxy.store.writer import Recorder, _build, _compact_pieces, build_recording, capture_response, chunk_times
 from llmproxy.upstream.client import Exchange
 from llmproxy.wire.registry import codec_for_content_type
 
@@ -100,18 +100,18 @@ def measure(name: str, spec: Spec, runs: int) -> None:
         call = exchange.call
         provider = call.route.provider
         codec = codec_for_content_type(dict(exchange.headers)["Content-Type"])
-        captured = capture_response(provider, call.path, codec, exchange.body)
-        recording = build_recording(exchange)
+        recording, captured, _ = _build(exchange)
         document = to_document(recording)
         data = recorder.store.serialize(document)
         values = call.credentials()
+        pieces = _compact_pieces(document, captured)  # the quick pass's compact JSON, as prepare has it
         stages = {
             "capture": lambda: capture_response(provider, call.path, codec, exchange.body),
             "chunk_times": lambda: chunk_times(exchange.reads, captured.chunk_ends) if captured.chunk_ends else None,
             "build (all)": lambda: build_recording(exchange),
             "document": lambda: to_document(recording),
             "serialize": lambda: recorder.store.serialize(document),
-            "scan": lambda: recorder.scanner.scan(document, data, values),
+            "scan": lambda: recorder.scanner.scan(document, data, values, pieces),
             "prepare": lambda: recorder.prepare(exchange),
         }
         print(f"{name}: body {len(exchange.body):,} bytes, recording {len(prepared.data):,} bytes, {runs} runs")
