@@ -7,8 +7,8 @@ remainder gives back the input, whatever the read boundaries were.
 from __future__ import annotations
 
 import re
-from itertools import accumulate
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import orjson
@@ -139,10 +139,14 @@ class SseCodec(TextStreamCodec):
         # Each event's payload, if every event is one line (checked below, once they are joined).
         payloads = raw.split(b"\n\ndata: ")
         payloads[0] = payloads[0][6:]
-        last = payloads[-1].split(b"\n\n")
-        if len(last) != 2:  # the last event is not ended, or other events follow it
+        last = payloads.pop().split(b"\n\n")
+        if len(last) == 2:
+            payloads.append(last[0])
+            remainder = last[1]
+        elif len(last) == 1 and payloads:  # the last event is not ended: the tail
+            remainder = b"data: " + last[0]
+        else:  # other events follow the last `data:` one
             return None
-        payloads[-1], remainder = last
         # The events after the last chunk (usually `[DONE]`): not JSON objects or arrays.
         count = len(payloads)
         while count and not isinstance(_loads_or_none(payloads[count - 1]), (dict, list)):
