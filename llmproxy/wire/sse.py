@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import Any
 
 import orjson
@@ -168,7 +167,11 @@ class SseCodec(TextStreamCodec):
             body = [{TYPE_KEY: label, DATA_KEY: value} for value in values]
         else:
             body = [{TYPE_KEY: labeler(value), DATA_KEY: value} for value in values]
-        chunk_ends = list(accumulate(map(_EVENT_OVERHEAD.__add__, map(len, payloads))))
+        chunk_ends: list[int] = []
+        offset = 0
+        for payload in payloads:
+            offset += len(payload) + 8  # `data: ` and the blank line
+            chunk_ends.append(offset)
         end = "".join(["data: " + payload.decode("utf-8") + "\n\n" for payload in trailing])
         end += remainder.decode("utf-8")
         try:
@@ -249,7 +252,6 @@ class SseCodec(TextStreamCodec):
 
 
 _CHUNK_TYPES = frozenset({dict, list})  # orjson makes no subclasses
-_EVENT_OVERHEAD = len("data: ") + len("\n\n")
 
 
 def _loads_or_none(payload: bytes) -> Any:
