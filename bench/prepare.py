@@ -6,9 +6,10 @@
 Builds the exchange `llmproxy record` hands the recorder for the benchmark's two big cases
 (bench/common.py's bytes: a 5,000-chunk OpenAI chat stream read in batches of 50 events, and
 a 1 MB JSON body), then times `Recorder.prepare` and its stages: capture (the codec),
-chunk_times, the rest of build_recording, to_document, serialize and the secret scan. Numbers
-are CPU time (time.process_time), the median (and least) of the runs: stable on a loaded machine where wall
-time is not. The request carries an OpenAI key, as SDK calls do, so the scan searches for it.
+chunk_times, build_recording (capture and chunk_times included), to_document, serialize and
+the secret scan. Numbers are CPU time (time.process_time), the median (and least) of the runs:
+steady on a loaded machine where wall time is not. The request carries an OpenAI key, as SDK
+calls do, so the scan searches for it too.
 """
 
 from __future__ import annotations

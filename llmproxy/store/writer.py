@@ -573,12 +573,9 @@ def _compact_pieces(document: dict[str, Any], captured: CapturedBody) -> list[by
     if captured.compact is None or not isinstance(response, dict) or response.get("body") is not captured.body:
         return None
     body = captured.body
-    items = body if isinstance(body, list) else [body]
-    if not all(type(item) is dict and len(item) == 2 for item in items):
-        return None
-    try:
-        labels = set(map(itemgetter(TYPE_KEY), items))
-    except KeyError:
+    try:  # each item is typed(label, value) where a capture sets `compact`
+        labels = set(map(itemgetter(TYPE_KEY), body if isinstance(body, list) else [body]))
+    except (KeyError, TypeError):
         return None
     # What stands around each value in the body: `{"__type__":"<label>","__data__":` and `}`.
     around = orjson.dumps([TYPE_KEY, DATA_KEY, *sorted(labels)])

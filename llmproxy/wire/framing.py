@@ -59,7 +59,8 @@ class CapturedBody:
     exact: bool = False
     # What a capture had at hand anyway, so the recorder need not work it out again: the JSON
     # values of a stream's chunks, in order, and orjson's compact text of the value(s) (the list
-    # of chunk values for a stream, the value for a body) whose labels are `body`'s __type__s.
+    # of chunk values for a stream, the value for a body), set only where `body` is
+    # typed(label, value) for each of them (the secret scan reads the rest around it).
     values: list[Any] | None = None
     compact: bytes | None = None
 
