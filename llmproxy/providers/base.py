@@ -179,6 +179,11 @@ class Provider:
         """The `__type__` label for one chunk or body: the SDK type name a reader expects."""
         return JSON_LABEL
 
+    def constant_label(self, path: str, streaming: bool) -> str | None:
+        """`label` for every value at this path, when it does not look at the value (a stream's
+        thousands of chunks are then labelled without a call each); None: it may."""
+        return JSON_LABEL if type(self).label is Provider.label else None
+
     def pack_json(self, path: str, value: Any) -> Any | None:
         """An alternative body layout for a JSON response (e.g. a model list as Model items)."""
         return None

@@ -113,6 +113,12 @@ class OpenAIProvider(Provider):
             return MODEL
         return JSON_LABEL
 
+    def constant_label(self, path: str, streaming: bool) -> str | None:
+        # Only an answer that is not streamed is told apart by its value (an error).
+        if streaming and type(self).label is OpenAIProvider.label:
+            return self.label(path, streaming, None)
+        return None
+
     def pack_json(self, path: str, value: Any) -> Any | None:
         # The format stores a model list as its Model items (as the SDK returns them).
         if path.endswith("/models") and isinstance(value, dict) and set(value) == {"object", "data"}:

@@ -9,6 +9,7 @@ or, where it cannot run, by a writer thread.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import os
 import queue
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -39,7 +41,7 @@ from llmproxy.store.fileproc import STALL_SECONDS, FileWriterProcess, Results
 from llmproxy.store.journal import Journal, Target, frame_entries, write_new
 from llmproxy.store.secrets import SecretScanner
 from llmproxy.upstream.client import Exchange
-from llmproxy.wire.framing import DATA_KEY, TYPE_KEY, CapturedBody, Codec, Format, data_of
+from llmproxy.wire.framing import DATA_KEY, TYPE_KEY, CapturedBody, Codec, ConstantLabel, Format, data_of
 from llmproxy.wire.json import JSON
 from llmproxy.wire.opaque import OPAQUE
 from llmproxy.wire.registry import codec_for_content_type
@@ -493,8 +495,8 @@ class Recorder:
         """The recording in its final bytes, scanned for secrets, journaled (None: not recorded)."""
         call = exchange.call
         try:
-            recording = build_recording(exchange)
-            if _truncated(exchange, recording):
+            recording, captured, chunk_values = _build(exchange)
+            if _truncated(exchange, recording, chunk_values):
                 if not self.record_errors:
                     self._dropped(exchange, NotRecorded.TRUNCATED)
                     log.warning(
@@ -510,7 +512,7 @@ class Recorder:
             data = self.store.serialize(document)
             # This request's own credentials are searched for too: upstreams echo keys back.
             values = call.credentials()
-            findings = self.scanner.scan(document, data, values)
+            findings = self.scanner.scan(document, data, values, _compact_pieces(document, captured))
             if findings and self.redact:
                 document = self.scanner.redact(document, values)
                 data = self.store.serialize(document)
@@ -549,14 +551,36 @@ INLINE_PREPARE_BYTES = 64 * 1024
 QUEUED_OVERHEAD = 8 * 1024
 
 
-def _truncated(exchange: Exchange, recording: Recording) -> bool:
+def _truncated(exchange: Exchange, recording: Recording, values: list[Any] | None = None) -> bool:
+    """`values`: the JSON values of the response's chunks, when they are at hand."""
     if not exchange.complete:
         return True
     response = recording.response
     if not response.is_streaming:
         return False
-    chunks = _chunk_values(response.body)
+    body = response.body
+    chunks = values if values is not None and isinstance(body, list) else _chunk_values(body)
     return not exchange.call.route.provider.stream_complete(exchange.call.path, chunks, response.framing.get("end", ""))
+
+
+def _compact_pieces(document: dict[str, Any], captured: CapturedBody) -> list[bytes] | None:
+    """The document's compact JSON for the secret scan's quick pass, in pieces, without
+    serialising the response body a second time: the capture has its values' compact text
+    already (`captured.compact`). Every piece is cut next to a bracket, comma or colon, so that
+    text holding none of those is in some piece exactly when it is in the whole (see
+    `SecretScanner.scan`). None: no such text at hand (the scanner serialises the document)."""
+    response = document.get("response")
+    if captured.compact is None or not isinstance(response, dict) or response.get("body") is not captured.body:
+        return None
+    body = captured.body
+    try:  # each item is typed(label, value) where a capture sets `compact`
+        labels = set(map(itemgetter(TYPE_KEY), body if isinstance(body, list) else [body]))
+    except (KeyError, TypeError):
+        return None
+    # What stands around each value in the body: `{"__type__":"<label>","__data__":` and `}`.
+    around = orjson.dumps([TYPE_KEY, DATA_KEY, *sorted(labels)])
+    rest = orjson.dumps({**document, "response": {**response, "body": None}})
+    return [rest, around, captured.compact]
 
 
 def capture_response(provider: Provider, path: str, codec: Codec, raw: bytes) -> CapturedBody:
@@ -566,13 +590,17 @@ def capture_response(provider: Provider, path: str, codec: Codec, raw: bytes) ->
     that differ (`framing.verbatim`), so what is stored always renders back to the received bytes.
     """
     streaming = codec.streaming
-    captured = codec.capture(raw, functools.partial(provider.label, path, streaming))  # one call per chunk
+    constant = provider.constant_label(path, streaming)
+    # One call per chunk, unless the provider's label is the same for every value.
+    labeler = ConstantLabel(constant) if constant is not None else functools.partial(provider.label, path, streaming)
+    captured = codec.capture(raw, labeler)
     if captured.framing.get("format") == Format.JSON and "verbatim" not in captured.framing:
         value = provider.json_value(captured.body)
         packed = provider.pack_json(path, value)
         # Compared as bytes, not as values: key order must survive the packing too.
         if packed is not None and orjson.dumps(provider.json_value(packed)) == orjson.dumps(value):
             captured.body = packed
+            captured.values = captured.compact = None
         elif codec is JSON and value is data_of(captured.body):
             # Rendering writes this very value in the style the codec proved spells `raw`
             # (plus the same end): the bytes are the received ones without a second rendering.
@@ -596,7 +624,23 @@ def chunk_times(reads: list[tuple[int, float]], chunk_ends: list[int]) -> list[f
     last read's for a chunk past them all), in ms to one decimal.
 
     Both lists grow (reads are cumulative byte counts, chunk ends offsets), so one walk along
-    the reads finds them all; chunks of one read share its time, rounded once."""
+    the reads finds them all; chunks of one read share its time, rounded once, and are found
+    by bisection (a read brings many chunks of a fast stream)."""
+    count = len(chunk_ends)
+    last_read = len(reads) - 1
+    # Many chunks to a read (a fast stream): bisected, read by read. Sorting what is sorted
+    # already is one comparison per item, in C.
+    if last_read * 4 < count and chunk_ends == sorted(chunk_ends) and reads == sorted(reads):
+        sorted_times: list[float] = []
+        done = 0
+        for index, (read_end, read_ms) in enumerate(reads):
+            upto = count if index == last_read else bisect.bisect_right(chunk_ends, read_end, done)
+            if upto > done:
+                sorted_times += [round(read_ms, 1)] * (upto - done)
+                done = upto
+                if done == count:
+                    break
+        return sorted_times
     times: list[float] = []
     last = len(reads) - 1
     index = 0
@@ -642,10 +686,17 @@ def _recorded_at() -> str:
 
 
 def build_recording(exchange: Exchange) -> Recording:
+    return _build(exchange)[0]
+
+
+def _build(exchange: Exchange) -> tuple[Recording, CapturedBody, list[Any]]:
+    """The recording, the capture it was made of, and the JSON values of its response (the
+    chunks', or the body's)."""
     call = exchange.call
     provider = call.route.provider
     content_type = next((v for k, v in exchange.headers if k.lower() == "content-type"), "")
     captured = capture_response(provider, call.path, codec_for_content_type(content_type), exchange.body)
+    values = captured.values if captured.values is not None else _values(captured.body)
     base = exchange.url.partition("?")[0]
     query = public_query(call.query)
     request = RecordedRequest(
@@ -675,7 +726,7 @@ def build_recording(exchange: Exchange) -> Recording:
         "tool": TOOL_NAME,
         "version": __version__,
         "recorded_at": _recorded_at(),
-        "response_model": provider.response_model(_values(captured.body)),
+        "response_model": provider.response_model(values),
         "client_user_agent": call.headers.get("user-agent", ""),
     }
-    return Recording(request, response, provenance)
+    return Recording(request, response, provenance), captured, values

@@ -57,10 +57,29 @@ class CapturedBody:
     # The capture itself proved that rendering gives back the received bytes (no need to render
     # it again to check): set only where the rendering is the received text by construction.
     exact: bool = False
+    # What a capture had at hand anyway, so the recorder need not work it out again: the JSON
+    # values of a stream's chunks, in order, and orjson's compact text of the value(s) (the list
+    # of chunk values for a stream, the value for a body), set only where `body` is
+    # typed(label, value) for each of them (the secret scan reads the rest around it).
+    values: list[Any] | None = None
+    compact: bytes | None = None
 
     @property
     def is_streaming(self) -> bool:
         return self.streaming
+
+
+class ConstantLabel:
+    """A labeler whose label does not depend on the value (a provider's `constant_label`): the
+    codecs give it to every chunk without a call per chunk."""
+
+    __slots__ = ("label",)
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __call__(self, value: Any) -> str:
+        return self.label
 
 
 class Splitter(Protocol):

@@ -132,12 +132,13 @@ class JsonCodec:
             return OPAQUE.capture(raw, labeler)
         framing: dict[str, Any] = {"format": Format.JSON.value}
         body = raw.rstrip(b" \t\r\n")
-        if orjson.dumps(value) == body:
+        compact = orjson.dumps(value)
+        if compact == body:
             # The usual: orjson's own spelling, which the detector tries first. Compared as bytes
             # (orjson.loads has proven them UTF-8; the stripped tail is ASCII).
             if len(body) != len(raw):
                 framing["end"] = raw[len(body) :].decode("ascii")
-            return CapturedBody(typed(labeler(value), value), framing)
+            return CapturedBody(typed(labeler(value), value), framing, compact=compact)
         text = raw.decode("utf-8")
         body_text = text.rstrip(" \t\r\n")
         detector = StyleDetector()
@@ -147,7 +148,7 @@ class JsonCodec:
                 framing["end"] = text[len(body_text) :]
         else:
             framing["verbatim"] = {"0": text}
-        return CapturedBody(typed(labeler(value), value), framing)
+        return CapturedBody(typed(labeler(value), value), framing, compact=compact)
 
     def render(self, body: Any, framing: dict[str, Any], json_value: JsonValue = data_of) -> list[bytes]:
         verbatim = framing.get("verbatim") or {}

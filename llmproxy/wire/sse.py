@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from llmproxy.wire.framing import DATA_KEY, TYPE_KEY, CapturedBody, Format, Labeler
+from llmproxy.wire.framing import DATA_KEY, TYPE_KEY, CapturedBody, ConstantLabel, Format, Labeler
 from llmproxy.wire.textstream import TextStreamCodec
 
 # An SSE event ends at an empty line. A lone "\r" only counts as a terminator when it is not
@@ -125,6 +125,74 @@ class SseCodec(TextStreamCodec):
         """The usual stream (OpenAI's), every event one `data:` line and a blank line, "\n" only:
         captured as the general loop would, without its per-event parsing and framing (the
         event's text is `data: ` + payload + "\n\n" by construction). None: not that shape."""
+        captured = self._capture_chunks(raw, labeler)
+        return captured if captured is not None else self._capture_lines(raw, labeler)
+
+    def _capture_chunks(self, raw: bytes, labeler: Labeler) -> CapturedBody | None:
+        """_capture_lines for the usual case of it, a run of chunks and then only non-JSON events
+        (`[DONE]`) and the tail, with no Python work per chunk but its parsing: split at the
+        events' `data: ` prefixes, parsed in one map, checked in one serialisation. None: not
+        that case (_capture_lines decides)."""
+        if not raw.startswith(b"data: ") or b"\r" in raw:
+            return None
+        # Each event's payload, if every event is one line (checked below, once they are joined).
+        payloads = raw.split(b"\n\ndata: ")
+        payloads[0] = payloads[0][6:]
+        last = payloads.pop().split(b"\n\n")
+        if len(last) == 2:
+            payloads.append(last[0])
+            remainder = last[1]
+        elif len(last) == 1 and payloads:  # the last event is not ended: the tail
+            remainder = b"data: " + last[0]
+        else:  # other events follow the last `data:` one
+            return None
+        # The events after the last chunk (usually `[DONE]`): not JSON objects or arrays.
+        count = len(payloads)
+        while count and not isinstance(_loads_or_none(payloads[count - 1]), (dict, list)):
+            count -= 1
+        trailing = payloads[count:]
+        if count < len(payloads):
+            del payloads[count:]
+        try:
+            values = list(map(orjson.loads, payloads))
+        except orjson.JSONDecodeError:
+            return None
+        if not _CHUNK_TYPES.issuperset(map(type, values)):
+            return None
+        joined = b",".join(payloads)
+        if b"\n" in joined or any(b"\n" in payload for payload in trailing):
+            return None  # an event of more than one line
+        if isinstance(labeler, ConstantLabel):
+            label = labeler.label
+            body = [{TYPE_KEY: label, DATA_KEY: value} for value in values]
+        else:
+            body = [{TYPE_KEY: labeler(value), DATA_KEY: value} for value in values]
+        chunk_ends: list[int] = []
+        offset = 0
+        for payload in payloads:
+            offset += len(payload) + 8  # `data: ` and the blank line
+            chunk_ends.append(offset)
+        end = "".join(["data: " + payload.decode("utf-8") + "\n\n" for payload in trailing])
+        end += remainder.decode("utf-8")
+        try:
+            compact: bytes | None = orjson.dumps(values)
+        except (TypeError, orjson.JSONEncodeError):  # e.g. integers orjson cannot write back
+            compact = None
+        framed: list[tuple[int, Any, str, str]] = []
+        # Every payload is one object or array, so equal texts joined mean equal texts one by one.
+        if compact is None or len(compact) != len(joined) + 2 or not compact.startswith(joined, 1):
+            for index, (value, payload) in enumerate(zip(values, payloads, strict=True)):
+                text = payload.decode("utf-8")
+                framed.append((index, value, text, f"data: {text}\n\n"))
+        captured = self._finish(body, chunk_ends, {}, {}, framed, "\n" if body else None, None, end)
+        captured.exact = "verbatim" not in captured.framing and "json_style" not in captured.framing
+        captured.values = values
+        captured.compact = compact
+        return captured
+
+    def _capture_lines(self, raw: bytes, labeler: Labeler) -> CapturedBody | None:
+        """The plain capture, event by event (non-JSON events between chunks, a last event
+        without its blank line). None: not every event is one `data:` line."""
         if b"\r" in raw:
             return None
         parts = raw.split(b"\n\n")
@@ -181,6 +249,16 @@ class SseCodec(TextStreamCodec):
 
     def extra_framing(self, framing: dict[str, Any], event_field: str | None) -> None:
         framing["event_field"] = event_field
+
+
+_CHUNK_TYPES = frozenset({dict, list})  # orjson makes no subclasses
+
+
+def _loads_or_none(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _all_compact_bytes(chunks: list[tuple[int, Any, bytes]]) -> bool:
