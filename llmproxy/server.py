@@ -184,7 +184,14 @@ async def _read_body(request: web.Request, settings: Settings, router: Router) -
     limit = settings.max_body_bytes
     timeout = settings.body_timeout
     problem: BadRequest | None = None
-    if request.content_length is not None and request.content_length > limit:
+    too_large = request.content_length is not None and request.content_length > limit
+    if not too_large and request.headers.get("Expect"):
+        # Answered once the checks that need no body passed: a client refused for its token,
+        # method or declared size gets the refusal instead of 100 Continue and never sends it.
+        expectation = await _expect_continue(request)
+        if expectation is not None:
+            return expectation
+    if too_large:
         problem = BadRequest(
             413, "body_too_large", f"request body exceeds the {limit} byte limit", "request body too large"
         )
@@ -265,10 +272,6 @@ class Front:
             task = request.task
             self.running.add(task)
             try:
-                if request.headers.get("Expect"):
-                    refused = await _expect_continue(request)
-                    if refused is not None:
-                        return refused
                 if request.path == HEALTH_PATH and request.method in ("GET", "HEAD"):
                     return _health(self.pipeline)
                 settings = self.settings
