@@ -235,8 +235,11 @@ async def _expect_continue(request: web.Request) -> web.Response | None:
     if request.version != HttpVersion11:
         return None
     if expect.lower() != "100-continue":
-        log.warning("unknown Expect header", expect=expect)
-        return error_response(None, 417, f"Expect: {expect} is not supported", "expectation_failed")
+        # Echoed as text whatever its bytes: aiohttp keeps undecodable ones as surrogates, which
+        # the JSON error body cannot carry (that was a 500).
+        shown = expect.encode("utf-8", "backslashreplace").decode("utf-8")
+        log.warning("unknown Expect header", expect=shown)
+        return error_response(None, 417, f"Expect: {shown} is not supported", "expectation_failed")
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0  # the answer proper has not started: an error can still be sent
     return None

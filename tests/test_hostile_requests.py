@@ -256,9 +256,11 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(recorder: Any) 
     assert len([p for p in files_under(recordings) if p.suffix == ".json"]) == 1
 
 
-def test_unknown_expectation_gets_417_and_goes_nowhere(recorder: Any) -> None:
+@pytest.mark.parametrize("expect", [b"something-else", b"\xff100-continue"])
+def test_unknown_expectation_gets_417_and_goes_nowhere(recorder: Any, expect: bytes) -> None:
+    """Also an expectation that is not UTF-8 (echoed in the message: it was a 500)."""
     proxy, wire, recordings = recorder
-    status, _, payload = _raw(proxy.port, _head(b"application/json", b"Expect: something-else"), b"{}")
+    status, _, payload = _raw(proxy.port, _head(b"application/json", b"Expect: " + expect), b"{}")
     assert status == 417 and json.loads(payload)["error"]["code"] == "expectation_failed"
     assert wire.requests == []
     proxy.stop()
