@@ -184,7 +184,14 @@ async def _read_body(request: web.Request, settings: Settings, router: Router) -
     limit = settings.max_body_bytes
     timeout = settings.body_timeout
     problem: BadRequest | None = None
-    if request.content_length is not None and request.content_length > limit:
+    too_large = request.content_length is not None and request.content_length > limit
+    if not too_large and request.headers.get("Expect"):
+        # Answered once the checks that need no body passed: a client refused for its token,
+        # method or declared size gets the refusal instead of 100 Continue and never sends it.
+        expectation = await _expect_continue(request)
+        if expectation is not None:
+            return expectation
+    if too_large:
         problem = BadRequest(
             413, "body_too_large", f"request body exceeds the {limit} byte limit", "request body too large"
         )
@@ -228,8 +235,11 @@ async def _expect_continue(request: web.Request) -> web.Response | None:
     if request.version != HttpVersion11:
         return None
     if expect.lower() != "100-continue":
-        log.warning("unknown Expect header", expect=expect)
-        return error_response(None, 417, f"Expect: {expect} is not supported", "expectation_failed")
+        # Echoed as text whatever its bytes: aiohttp keeps undecodable ones as surrogates, which
+        # the JSON error body cannot carry (that was a 500).
+        shown = expect.encode("utf-8", "backslashreplace").decode("utf-8")
+        log.warning("unknown Expect header", expect=shown)
+        return error_response(None, 417, f"Expect: {shown} is not supported", "expectation_failed")
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0  # the answer proper has not started: an error can still be sent
     return None
@@ -271,10 +281,6 @@ class Front:
             assert task is not None
             self.running.add(task)
             try:
-                if request.headers.get("Expect"):
-                    refused = await _expect_continue(request)
-                    if refused is not None:
-                        return refused
                 if request.path == HEALTH_PATH and request.method in ("GET", "HEAD"):
                     return _health(self.pipeline)
                 settings = self.settings

@@ -256,10 +256,60 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(recorder: Any) 
     assert len([p for p in files_under(recordings) if p.suffix == ".json"]) == 1
 
 
-def test_unknown_expectation_gets_417_and_goes_nowhere(recorder: Any) -> None:
+@pytest.mark.parametrize("expect", [b"something-else", b"\xff100-continue"])
+def test_unknown_expectation_gets_417_and_goes_nowhere(recorder: Any, expect: bytes) -> None:
+    """Also an expectation that is not UTF-8 (echoed in the message: it was a 500)."""
     proxy, wire, recordings = recorder
-    status, _, payload = _raw(proxy.port, _head(b"application/json", b"Expect: something-else"), b"{}")
+    status, _, payload = _raw(proxy.port, _head(b"application/json", b"Expect: " + expect), b"{}")
     assert status == 417 and json.loads(payload)["error"]["code"] == "expectation_failed"
     assert wire.requests == []
     proxy.stop()
     assert not recordings.exists() or files_under(recordings) == []
+
+
+def _first_answer(port: int, head: bytes) -> bytes:
+    """Send a request head alone (its body held back, as a client waiting for 100 Continue
+    does) and read the first answer, framed by its Content-Length (the connection stays open)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed mid-head: {data!r}"
+            data += chunk
+        header_block, _, payload = data.partition(b"\r\n\r\n")
+        if header_block.startswith(b"HTTP/1.1 100 "):
+            return header_block + b"\r\n\r\n"  # the interim answer: the body would be asked for
+        length = int(
+            next(
+                line.split(b":")[1]
+                for line in header_block.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+        )
+        while len(payload) < length:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed mid-body: {payload!r}"
+            payload += chunk
+    return header_block + b"\r\n\r\n" + payload
+
+
+@pytest.mark.parametrize(
+    ("token", "length", "status", "code"),
+    [(b"wrong", 100, 401, "proxy_token_required"), (TOKEN.encode(), 1 << 30, 413, "body_too_large")],
+)
+def test_expect_100_continue_refused_from_its_head_gets_the_refusal_not_100_continue(
+    recorder: Any, token: bytes, length: int, status: int, code: str
+) -> None:
+    """A request refused on its head alone (token, declared size) is answered at once: a 100
+    Continue would make the client send a body (up to max_body_mb) only to be refused."""
+    proxy, wire, _ = recorder
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nx-llmproxy-token: " + token + b"\r\n"
+        b"Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % length
+    )
+    answer = _first_answer(proxy.port, head)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == code
+    assert wire.requests == []
+    proxy.stop()
