@@ -21,6 +21,7 @@ from aiohttp import HttpVersion11, web
 # A body this small is sent with its head in one write (one system call); a larger one
 # follows it, to spare copying it.
 JOIN_BELOW = 64 * 1024
+WRITE_SLICE = 256 * 1024
 
 
 def wire_head(status: int, headers: dict[str, str], length: int) -> bytes:
@@ -70,9 +71,13 @@ class PreparedAnswer:
         writer = request.writer
         if len(body) < JOIN_BELOW:
             await writer.write(head + body)
-        else:
-            await writer.write(head, drain=False)
-            await writer.write(body)
+            return
+        await writer.write(head, drain=False)
+        # In slices, each written once the client took the one before (the writer drains): the
+        # transport would otherwise copy all it cannot send at once, a whole body per slow reader.
+        view = memoryview(body)
+        for start in range(0, len(body), WRITE_SLICE):
+            await writer.write(view[start : start + WRITE_SLICE])
 
     async def write_eof(self, data: bytes = b"") -> None:
         """Everything was written by `prepare`."""

@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl
 
 import structlog
 from aiohttp import HttpVersion11, web
+from multidict import CIMultiDict
 
 from llmproxy.call import Call, Outcome, error_response
 from llmproxy.canonical import BadRequest, KeyMemo, RawBody, header_bytes, parse_body
@@ -292,6 +293,8 @@ class Front:
                     return problem
                 if self._is_ui(request.path):
                     assert self.application is not None
+                    if "Expect" in request.headers:  # answered above: the router would again
+                        request = request.clone(headers=_without(request.headers, "Expect"))
                     return await self.application(request)
                 return await self.handle(request)
             finally:
@@ -307,6 +310,12 @@ class Front:
 
 
 FRONT = web.AppKey("front", Front)
+
+
+def _without(headers: Any, name: str) -> CIMultiDict[str]:
+    kept = CIMultiDict(headers)
+    kept.popall(name, None)
+    return kept
 
 
 def build_app(settings: Settings, router: Router, pipeline: Pipeline) -> web.Application:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from llmproxy.store.document import TOOL_NAME
-from tests.support import LoopThread, RunningProxy, start_proxy
+from tests.support import CliProxy, LoopThread, RunningProxy, start_proxy
 
 ASK = {"model": "gpt-4o", "messages": [{"role": "user", "content": "wire"}]}
 ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": "É"}}]}
@@ -191,3 +191,41 @@ def test_a_client_gone_before_its_answer_leaves_the_proxy_serving(replay: Any) -
     wire = Wire(proxy.server.port)
     wire.sock.sendall(_request())
     assert wire.answer()[0] == "HTTP/1.1 200 OK"
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_slow_readers_of_a_big_answer_do_not_each_hold_a_copy(tmp_path: Path) -> None:
+    """20 clients that stop reading a 20 MB answer: the proxy holds each one's next slice, not
+    the rest of the body (400 MB when the transport buffered whatever the socket refused)."""
+    big = {**ANSWER, "padding": "x" * 20_000_000}
+    _recording(tmp_path / "rec", "big.json", body=big)
+    proxy = CliProxy("replay", "--recordings", str(tmp_path / "rec"), "--port", "0")
+    readers: list[Wire] = []
+    try:
+        first = Wire(proxy.port)
+        first.sock.sendall(_request())
+        assert json.loads(first.answer()[2]) == big  # the body is loaded and rendered once
+        first.sock.close()
+        before = _rss_mb(proxy.process.pid)
+        for _ in range(20):
+            reader = Wire(proxy.port)
+            reader.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            reader.sock.sendall(_request())
+            reader.buffer += reader.sock.recv(65536)  # the answer is under way, and then not read on
+            assert reader.buffer.startswith(b"HTTP/1.1 200 OK")
+            readers.append(reader)
+        grown = _rss_mb(proxy.process.pid) - before
+        assert grown < 64, f"RSS grew {grown:.0f} MB for 20 stalled readers"
+        # A stalled reader that reads on gets the whole answer.
+        assert json.loads(readers[0].answer()[2]) == big
+    finally:
+        for reader in readers:
+            reader.sock.close()
+        proxy.stop()

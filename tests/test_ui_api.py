@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -414,3 +415,31 @@ def test_another_recorders_corpus_browses_whole(loop_thread: LoopThread) -> None
         assert by_route["anthropic"]["tokens_in"] > 0 and by_route["ollama"]["tokens_out"] > 0
     finally:
         running.stop()
+
+
+def test_expect_on_the_mounted_page_gets_one_100_continue(tmp_path: Path, loop_thread: LoopThread) -> None:
+    """The front answers `Expect: 100-continue` before the body; the page's router must not
+    answer it a second time (the client would read the second as part of the answer)."""
+    root = seeded_directory(tmp_path / "recordings")
+    proxy = start_proxy(loop_thread, "replay", root, ui=True)
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.server.port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /_llmproxy/api/recordings HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 2\r\nConnection: close\r\n\r\n"
+            )
+            interim = b""
+            while b"\r\n\r\n" not in interim:
+                chunk = sock.recv(65536)
+                assert chunk, interim
+                interim += chunk
+            assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(b"{}")
+            data = interim
+            while chunk := sock.recv(65536):
+                data += chunk
+        assert data.count(b"100 Continue") == 1, data[:300]
+        final = data.partition(b"HTTP/1.1 100 Continue\r\n\r\n")[2]
+        assert final.startswith(b"HTTP/1.1 ") and not final.startswith(b"HTTP/1.1 1")
+    finally:
+        proxy.stop()
