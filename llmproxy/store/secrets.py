@@ -256,10 +256,13 @@ class SecretScanner:
             for index, item in enumerate(value):
                 yield from self._iter(item, f"{path}[{index}]", values)
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and values:
-            # A credential of digits echoed as a JSON number is written as those digits.
-            for kind in self._text_findings(_number_text(value), values):
-                yield Finding(path or "(document)", kind)
-                return
+            # A credential of digits echoed as a JSON number is written as those digits (no key
+            # shape is all digits: only the request's own values are looked for).
+            text = _number_text(value)
+            for candidate, where in values.items():
+                if candidate in text:
+                    yield Finding(path or "(document)", f"credential from request {where}")
+                    return
 
     # -- redacting -----------------------------------------------------------------------------
 
