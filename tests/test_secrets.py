@@ -286,3 +286,49 @@ def test_console_traceback_never_shows_local_variables(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "recording not written" in done.stderr and "RuntimeError: boom" in done.stderr
     assert OPENAI_KEY not in done.stderr
+
+
+DIGITS_KEY = "481516234248151623"  # a gateway token of digits: echoed as a JSON number, it is those digits
+
+
+def _shape_upstream() -> web.Application:
+    """An upstream that puts the bearer token where no string holds it: as a number, or as a
+    field name (the scanner names fields by path, and paths are logged)."""
+
+    async def answer(request: web.Request) -> web.Response:
+        token = request.headers["Authorization"].removeprefix("Bearer ")
+        if request.headers["x-shape"] == "number":
+            text = '{"id":"chatcmpl-1","object":"chat.completion","usage":{"total_tokens":' + token + "}}"
+        else:
+            text = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "seen": {token: {"ok": token}}})
+        return web.Response(text=text, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    return app
+
+
+@pytest.mark.parametrize("policy", ["refuse", "redact"])
+@pytest.mark.parametrize(("shape", "secret"), [("number", DIGITS_KEY), ("name", GROQ_KEY)])
+def test_credential_echoed_as_a_number_or_a_field_name_never_reaches_disk_or_logs(
+    loop_thread: LoopThread, tmp_path: Path, shape: str, secret: str, policy: str
+) -> None:
+    app = RunningApp(loop_thread, _shape_upstream()).start()
+    recordings = tmp_path / "rec"
+    proxy = _proxy("record", recordings, app.url, _config(tmp_path, secrets=policy))
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    headers = {"Authorization": f"Bearer {secret}", "x-shape": shape}
+    try:
+        status, answer = loop_thread.run(_post(proxy.url, body, "application/json", headers))
+    finally:
+        events = proxy.stop()
+        app.stop()
+    assert status == 200 and secret in json.dumps(answer)  # the client gets the answer as sent
+    files = _recordings(recordings)
+    if policy == "refuse":
+        assert files == [] and len(_refusals(events)) == 1
+    else:
+        assert len(files) == 1 and "[redacted credential from request header authorization]" in files[0].read_text()
+    if recordings.exists():
+        assert_no_secret(recordings, secret)
+    _no_secret_in_logs(events, secret)

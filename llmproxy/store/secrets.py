@@ -245,11 +245,24 @@ class SecretScanner:
                         return
                 return
             for key, item in value.items():
-                yield from self._iter(str(key), f"{path}.{key}(name)" if path else f"{key}(name)", values)
-                yield from self._iter(item, f"{path}.{key}" if path else str(key), values)
+                name = str(key)
+                kind = next(self._text_findings(name, values), None)
+                # A name holding a credential is shown as a placeholder: field paths are logged.
+                shown = name if kind is None else placeholder(kind)
+                if kind is not None:
+                    yield Finding(f"{path}.{shown}(name)" if path else f"{shown}(name)", kind)
+                yield from self._iter(item, f"{path}.{shown}" if path else shown, values)
         elif isinstance(value, list):
             for index, item in enumerate(value):
                 yield from self._iter(item, f"{path}[{index}]", values)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and values:
+            # A credential of digits echoed as a JSON number is written as those digits (no key
+            # shape is all digits: only the request's own values are looked for).
+            text = _number_text(value)
+            for candidate, where in values.items():
+                if candidate in text:
+                    yield Finding(path or "(document)", f"credential from request {where}")
+                    return
 
     # -- redacting -----------------------------------------------------------------------------
 
@@ -284,6 +297,10 @@ class SecretScanner:
             return {self.redact_text(str(k), values): self.redact(v, values) for k, v in value.items()}
         if isinstance(value, list):
             return [self.redact(item, values) for item in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and values:
+            text = _number_text(value)
+            cleaned = self.redact_text(text, values)
+            return value if cleaned == text else cleaned
         return value
 
     def redact_body(self, body_value: Any, raw: bytes, values: Mapping[str, str]) -> Any:
@@ -309,6 +326,14 @@ def _holds(data: bytes, needle: bytes, rare: bytes | None) -> bool:
 
 
 _MARKER_SEARCHES = tuple((marker, _rare_byte(marker)) for marker in _MARKERS)
+
+
+def _number_text(value: float) -> str:
+    """A number as the recording's JSON spells it."""
+    try:
+        return orjson.dumps(value).decode("ascii")
+    except orjson.JSONEncodeError:  # an integer past 64 bits: Python's spelling is JSON's
+        return str(value)
 
 
 def _json_escaped(value: str) -> bytes | None:
