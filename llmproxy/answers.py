@@ -12,11 +12,10 @@ HTTP/1.0), so those keep aiohttp's handling.
 
 from __future__ import annotations
 
-import time
-from email.utils import formatdate
 from http import HTTPStatus
 
 from aiohttp import HttpVersion11, web
+from aiohttp.helpers import rfc822_formatted_time
 
 # A body this small is sent with its head in one write (one system call); a larger one
 # follows it, to spare copying it.
@@ -38,18 +37,6 @@ def wire_head(status: int, headers: dict[str, str], length: int) -> bytes:
     return "".join(lines).encode("utf-8")
 
 
-_date = (0, b"")
-
-
-def _date_line() -> bytes:
-    """`Date: ...` for this second (formatted once a second)."""
-    global _date
-    now = int(time.time())
-    if _date[0] != now:
-        _date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode("ascii"))
-    return _date[1]
-
-
 class PreparedAnswer:
     """One replayed answer: `head` from `wire_head`, `dated` when the recording has its own Date."""
 
@@ -64,8 +51,8 @@ class PreparedAnswer:
     async def prepare(self, request: web.BaseRequest) -> None:
         self.keep_alive = keep_alive = request.keep_alive
         head = b"HTTP/1.1" + self._head
-        if not self._dated:
-            head += _date_line()
+        if not self._dated:  # aiohttp's, formatted once a second
+            head += b"Date: " + rfc822_formatted_time().encode("ascii") + b"\r\n"
         head += b"\r\n" if keep_alive else b"Connection: close\r\n\r\n"
         body = self._body
         writer = request.writer

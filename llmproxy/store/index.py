@@ -71,8 +71,8 @@ class Rendered:
     ends: tuple[int, ...]
     streaming: bool
     timing: dict[str, Any] | None
-    head: bytes = b""  # the status line's tail and headers on the wire (answers.wire_head)
-    dated: bool = False  # the recorded headers carry their own Date
+    head: bytes  # the status line's tail and headers on the wire (answers.wire_head)
+    dated: bool  # the recorded headers carry their own Date
 
     @property
     def size(self) -> int:

@@ -623,42 +623,21 @@ def chunk_times(reads: list[tuple[int, float]], chunk_ends: list[int]) -> list[f
     """When each chunk had arrived: the time of the first read that brought its last byte (the
     last read's for a chunk past them all), in ms to one decimal.
 
-    Both lists grow (reads are cumulative byte counts, chunk ends offsets), so one walk along
-    the reads finds them all; chunks of one read share its time, rounded once, and are found
-    by bisection (a read brings many chunks of a fast stream)."""
-    count = len(chunk_ends)
-    last_read = len(reads) - 1
-    # Many chunks to a read (a fast stream): bisected, read by read. Sorting what is sorted
-    # already is one comparison per item, in C.
-    if last_read * 4 < count and chunk_ends == sorted(chunk_ends) and reads == sorted(reads):
-        sorted_times: list[float] = []
-        done = 0
-        for index, (read_end, read_ms) in enumerate(reads):
-            upto = count if index == last_read else bisect.bisect_right(chunk_ends, read_end, done)
-            if upto > done:
-                sorted_times += [round(read_ms, 1)] * (upto - done)
-                done = upto
-                if done == count:
-                    break
-        return sorted_times
-    times: list[float] = []
+    Reads are cumulative byte counts, so they grow; chunk ends (offsets from the codecs) grow
+    too, and then the chunks one read brought are found by one bisection per read and share its
+    time, rounded once (a read brings many chunks of a fast stream)."""
     last = len(reads) - 1
-    index = 0
-    read_end, read_ms = reads[0]
-    rounded = round(read_ms, 1)
-    previous = 0
-    for end in chunk_ends:
-        if end < previous:  # never from the codecs; walked again from the start all the same
-            index = 0
-            read_end, read_ms = reads[0]
-            rounded = round(read_ms, 1)
-        previous = end
-        if read_end < end and index < last:
-            while read_end < end and index < last:
-                index += 1
-                read_end, read_ms = reads[index]
-            rounded = round(read_ms, 1)
-        times.append(rounded)
+    if chunk_ends != sorted(chunk_ends):  # never from the codecs: each chunk looked up alone
+        read_ends = [end for end, _ in reads]
+        return [round(reads[min(bisect.bisect_left(read_ends, end), last)][1], 1) for end in chunk_ends]
+    times: list[float] = []
+    count = len(chunk_ends)
+    for index, (read_end, read_ms) in enumerate(reads):
+        upto = count if index == last else bisect.bisect_right(chunk_ends, read_end, len(times))
+        if upto > len(times):
+            times += [round(read_ms, 1)] * (upto - len(times))
+            if len(times) == count:
+                break
     return times
 
 
