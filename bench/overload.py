@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
-from bench.common import Spec, children, expected_bytes, free_port, start, stop, wait_for_port
+from bench.common import Spec, children, expected_bytes, free_port, settle_disk, start, stop, wait_for_port
 from bench.run import Target, llmproxy_target
 
 SPEC = Spec("json")
@@ -74,6 +75,7 @@ async def main_async(args: argparse.Namespace) -> None:
     upstream.start()
     try:
         for how in args.stop:
+            print(f"disk: {settle_disk()}", file=sys.stderr)
             with tempfile.TemporaryDirectory(prefix="llmproxy-overload-", dir=args.dir) as tmp:
                 record = llmproxy_target("record", "record", tmp, upstream.url)
                 record.start()

@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bench.common import Spec, cpu_seconds, free_port, rss_mb, start, stop
+from bench.common import Spec, cpu_seconds, free_port, rss_mb, settle_disk, start, stop
 from bench.loadgen import Result, Scenario, drive, percentile
 
 SCENARIOS = [
@@ -127,8 +127,9 @@ async def measure(target: Target, scenario: Scenario) -> dict[str, Any]:
 
 
 # A replay round is this many requests at least: 10 streams replayed from memory take a few
-# milliseconds, too short to time on a noisy machine.
-REPLAY_MIN_REQUESTS = 200
+# milliseconds, too short to time on a noisy machine; 300 requests (~0.1 s) left each round's
+# fixed costs (16 new connections, the loop waking up) weighing 5 to 10%.
+REPLAY_MIN_REQUESTS = 1000
 
 
 def replay_scenario(scenario: Scenario) -> Scenario:
@@ -299,7 +300,7 @@ async def time_loading(count: int) -> dict[str, float]:
 
 async def main_async(args: argparse.Namespace) -> None:
     scenarios = QUICK if args.quick else SCENARIOS
-    # Where recordings go matters: on this machine creating a file in /tmp costs ~2 ms, on /work ~0.15 ms.
+    disk = settle_disk()
     with tempfile.TemporaryDirectory(prefix="llmproxy-bench-rec-", dir=args.dir) as recordings:
         upstream = Target("direct", ["-m", "bench.upstream", "--port", str(port := free_port())], port)
         upstream.start()
@@ -321,7 +322,7 @@ async def main_async(args: argparse.Namespace) -> None:
             target.start()
         print(
             f"machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
-            f"uvloop {'on' if _has_uvloop() else 'off'}",
+            f"uvloop {'on' if _has_uvloop() else 'off'}, disk: {disk}",
             file=sys.stderr,
         )
         try:

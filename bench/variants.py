@@ -19,11 +19,12 @@ import argparse
 import asyncio
 import os
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import Spec, free_port, start
+from bench.common import Spec, free_port, settle_disk, start
 from bench.run import Scenario, Target, llmproxy_target, measure
 
 SCENARIOS = {
@@ -72,6 +73,7 @@ async def compare(scenario: Scenario, rounds: int, variants: list[str], director
                 threads.setdefault(target.name, {}).setdefault(name, []).append(per_request)
         return result
 
+    print(f"disk: {settle_disk()}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="llmproxy-variants-", dir=directory) as recordings:
         root = Path(recordings)
         upstream = Target("direct", ["-m", "bench.upstream", "--port", str(port := free_port())], port)

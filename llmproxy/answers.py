@@ -12,6 +12,7 @@ HTTP/1.0), so those keep aiohttp's handling.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from http import HTTPStatus
 
 from aiohttp import HttpVersion11, web
@@ -23,22 +24,24 @@ JOIN_BELOW = 64 * 1024
 WRITE_SLICE = 256 * 1024
 
 
-def wire_head(status: int, headers: dict[str, str], length: int) -> bytes:
-    """The status line's tail and the header block of a recorded answer, Date excepted.
-    The headers were checked when the recording was rendered (names are tokens, values have no
-    CR, LF or control characters); they are encoded as aiohttp encodes them (UTF-8)."""
+def wire_head(status: int, headers: Iterable[tuple[str, str]], length: int) -> bytes:
+    """The status line's tail and the header block of an answer, Date excepted.
+    The headers were checked before (a recording's when it was rendered, an upstream's by the
+    parser): names are tokens, values have no CR, LF or control characters. They are encoded as
+    aiohttp encodes them (UTF-8); bytes an upstream sent that are not UTF-8 go back as they came."""
     try:
         reason = HTTPStatus(status).phrase
     except ValueError:
         reason = ""
     lines = [f" {status} {reason}\r\n"]
-    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+    lines += [f"{name}: {value}\r\n" for name, value in headers]
     lines.append(f"Content-Length: {length}\r\n")
-    return "".join(lines).encode("utf-8")
+    return "".join(lines).encode("utf-8", "surrogateescape")
 
 
 class PreparedAnswer:
-    """One replayed answer: `head` from `wire_head`, `dated` when the recording has its own Date."""
+    """One whole answer (replayed, or a recorded call's body once complete): `head` from
+    `wire_head`, `dated` when the answer has its own Date."""
 
     __slots__ = ("_head", "_body", "_dated", "keep_alive")
 

@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from llmproxy.answers import PreparedAnswer, fits
+from llmproxy.answers import PreparedAnswer, fits, wire_head
 from llmproxy.call import Call, NotRecorded, Outcome, Result, error_response
 from llmproxy.errors import LlmproxyError
 from llmproxy.headers import client_response_headers
@@ -359,7 +359,12 @@ class Pipeline:
                     await flight.journaled_end()
                     if leader:
                         self.outcome.count(Result.FORWARDED)
-                    return web.Response(status=head.status, body=b"".join(parts), headers=headers)
+                    body = b"".join(parts)
+                    if fits(request, head.status):
+                        dated = any(name.lower() == "date" for name, _ in headers)
+                        answer = PreparedAnswer(wire_head(head.status, headers, len(body)), body, dated)
+                        return answer  # type: ignore[return-value]
+                    return web.Response(status=head.status, body=body, headers=headers)
                 response = web.StreamResponse(status=head.status, headers=headers)
                 await response.prepare(request)
                 for data in parts:

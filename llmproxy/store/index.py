@@ -114,7 +114,7 @@ def render(recording: Recording, route: Route) -> Rendered:
         ends=tuple(itertools.accumulate(len(segment) for segment in segments)),
         streaming=response.is_streaming,
         timing=_timing(response.timing),
-        head=wire_head(response.status, headers, len(body)),
+        head=wire_head(response.status, headers.items(), len(body)),
         dated=any(name.lower() == "date" for name in headers),
     )
 
