@@ -34,7 +34,12 @@ from llmproxy.store.writer import Recorder, _build, _compact_pieces, build_recor
 from llmproxy.upstream.client import Exchange
 from llmproxy.wire.registry import codec_for_content_type
 
-CASES = {"sse5000": Spec("sse", chunks=5000), "json1mb": Spec("json", size=1_000_000)}
+CASES = {
+    "sse5000": Spec("sse", chunks=5000),
+    "json1mb": Spec("json", size=1_000_000),
+    "sse100": Spec("sse", chunks=100),
+    "json": Spec("json"),
+}
 KEY = "sk-proj-benchBENCHbench0123456789abcdef"
 
 

@@ -10,6 +10,10 @@ a noisy machine hits them alike), and the table reports medians over rounds as r
     record  vs  refproxy-tee   (the pass-through writing one file per response: the naive recorder)
     replay  vs  bare handler   (the same bytes from memory, no routing, no matching)
 
+and splits record's CPU in two: forwarding (llmproxy replay --on-miss forward on an empty
+directory: the same routing, keying and upstream client, nothing recorded) and the recording's
+own cost (record − forward), beside the tee's (tee − pass-through).
+
 Record-side targets get a distinct body per request (as real traffic), and a round ends only
 once every response is a file on disk (files counted against requests): throughput and CPU per
 request include the writing.
@@ -182,18 +186,21 @@ def ratio(a: float, b: float) -> str:
 def table(results: dict[str, dict[str, dict]], scenarios: list[Scenario]) -> str:
     lines = [
         "| scenario | record req/s | record / pass-through / tee throughput | record CPU µs/req (vs pass-through, tee) "
+        "| CPU µs/req forward (vs pass-through) | recording's own CPU µs/req: record − forward (tee − pass-through) "
         "| TTFB record − pass-through | replay/bare throughput | replay/bare TTFB "
         "| p99 record / pass-through / tee / replay / bare (ms) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in scenarios:
-        rec, pas, tee, rep, bare = (
-            results[name][s.name] for name in ("record", "passthrough", "tee", "replay", "bare")
+        rec, pas, tee, fwd, rep, bare = (
+            results[name][s.name] for name in ("record", "passthrough", "tee", "forward", "replay", "bare")
         )
         lines.append(
             f"| {s.name} | {rec['throughput']:,.0f} | {ratio(rec['throughput'], pas['throughput'])} / "
             f"{ratio(rec['throughput'], tee['throughput'])} | {rec['cpu_ms'] * 1000:.0f} "
             f"({ratio(rec['cpu_ms'], pas['cpu_ms'])}, {ratio(rec['cpu_ms'], tee['cpu_ms'])}) "
+            f"| {fwd['cpu_ms'] * 1000:.0f} ({ratio(fwd['cpu_ms'], pas['cpu_ms'])}) "
+            f"| {(rec['cpu_ms'] - fwd['cpu_ms']) * 1000:.0f} ({(tee['cpu_ms'] - pas['cpu_ms']) * 1000:.0f}) "
             f"| {rec['ttfb_ms'] - pas['ttfb_ms']:+.2f} ms | {ratio(rep['throughput'], bare['throughput'])} "
             f"| {ratio(bare['ttfb_ms'], rep['ttfb_ms'])} (faster is >1) "
             f"| {rec['p99_ms']:.1f} / {pas['p99_ms']:.1f} / {tee['p99_ms']:.1f} / {rep['p99_ms']:.1f} "
@@ -317,8 +324,10 @@ async def main_async(args: argparse.Namespace) -> None:
             str(tee_dir),
         )
         record = llmproxy_target("record", "record", str(Path(recordings) / "record"), upstream.url)
+        forward = llmproxy_target("forward", "replay", str(Path(recordings) / "nothing"))
+        forward.args += ["--on-miss", "forward", "--allow-empty", "--upstream", upstream.url]
         bare = Target("bare", ["-m", "bench.bare_replay", "--port", str(b := free_port())], b)
-        for target in (passthrough, tee, record, bare):
+        for target in (passthrough, tee, forward, record, bare):
             target.start()
         print(
             f"machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
@@ -326,8 +335,9 @@ async def main_async(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
         try:
-            print("record phase (direct, pass-through, tee, llmproxy record)", file=sys.stderr)
-            results = await run_rounds([upstream, passthrough, tee, record], scenarios, args.rounds)
+            print("record phase (direct, pass-through, tee, llmproxy forward, llmproxy record)", file=sys.stderr)
+            results = await run_rounds([upstream, passthrough, tee, forward, record], scenarios, args.rounds)
+            forward.stop()
             record_memory = await memory_growth(record, scenarios)
             record.stop()
             # Replay serves a directory where each distinct request was recorded once (the record
@@ -351,7 +361,7 @@ async def main_async(args: argparse.Namespace) -> None:
             replay_memory = await memory_growth(replay, scenarios)
             replay.stop()
         finally:
-            for target in (upstream, passthrough, tee, record, bare):
+            for target in (upstream, passthrough, tee, forward, record, bare):
                 target.stop()
     print(table(results, scenarios))
     print()
