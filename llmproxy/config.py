@@ -68,8 +68,10 @@ class Option:
 
     @property
     def env(self) -> str | None:
-        """Every flag can also be set as LLMPROXY_<KEY>."""
-        return f"LLMPROXY_{self.key.upper()}" if self.flag else None
+        """Every option with a single value can also be set as LLMPROXY_<KEY> (the two lists of
+        patterns, whose items may hold any character, only in the file)."""
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        return f"LLMPROXY_{self.key.upper()}" if self.flag or list not in kinds else None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -489,17 +491,18 @@ def _from_environment(option: Option, environ: Mapping[str, str]) -> Any:
     if text is None or text == "":
         return None
     kinds = option.kind if isinstance(option.kind, tuple) else (option.kind,)
-    try:
-        if bool in kinds:
-            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise ValueError(text)
-            return text.lower() in ("1", "true", "yes", "on")
-        if int in kinds:
-            return int(text)
-        if float in kinds:
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"{option.env}: not a valid value: {text!r}") from None
+    if bool in kinds:
+        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError(f"{option.env}: not a valid value: {text!r}")
+        return text.lower() in ("1", "true", "yes", "on")
+    for number in (int, float):  # "2.5" for an option that takes an integer or a number
+        if number in kinds:
+            try:
+                return number(text)
+            except ValueError:
+                continue
+    if int in kinds or float in kinds:
+        raise ConfigError(f"{option.env}: not a valid value: {text!r}")
     return text
 
 
@@ -685,6 +688,20 @@ def validate_timing(timing: str) -> float | None:
     raise ConfigError(f"timing must be 'fast', 'realtime' or 'xN' (e.g. x2), not {timing!r}")
 
 
+def _toml_default(option: Option) -> str:
+    """A default as the config file spells it."""
+    if option.readme_default:
+        return option.readme_default
+    default = option.default
+    if default is None:
+        return "none"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, tuple):
+        return f"`{list(default)}`"
+    return f"`{default}`" if not isinstance(default, str) else f'`"{default}"`'
+
+
 def options_markdown() -> str:
     """The README's options table, generated from OPTIONS (tests/test_settings.py keeps it in sync)."""
     rows = ["| option | env | commands | default |", "|---|---|---|---|"]
@@ -699,4 +716,11 @@ def options_markdown() -> str:
         shown = option.readme_default or ("none" if option.default is None else f"`{option.default}`")
         commands = ", ".join(option.commands)
         rows.append(f"| `{flag}` | {f'`{option.env}`' if option.env else ''} | {commands} | {shown} |")
+    rows += ["", "Without a flag (config file, and environment where named):", ""]
+    rows += ["| key | env | default |", "|---|---|---|"]
+    for option in OPTIONS:
+        if option.flag is not None or not option.in_file:
+            continue
+        env = f"`{option.env}`" if option.env else "file only"
+        rows.append(f"| `{option.key}` | {env} | {_toml_default(option)} |")
     return "\n".join(rows) + "\n"

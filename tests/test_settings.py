@@ -261,3 +261,48 @@ def test_each_request_binds_its_context_once_for_every_line_it_logs(tmp_path: Pa
 
 def test_modes_are_an_enum() -> None:
     assert [mode.value for mode in Mode] == ["record", "record-missing", "replay"]
+
+
+def test_options_without_a_flag_are_taken_from_the_environment(tmp_path: Path) -> None:
+    """A file-only option set as LLMPROXY_<KEY> takes effect over the config file's value (a
+    fraction of a MB, for an option that takes an integer or a number); a bad value is refused
+    in one line naming it."""
+    (tmp_path / "llmproxy.toml").write_text("[proxy]\nmax_body_mb = 64\n")
+    proxy = CliProxy(
+        "replay",
+        "--recordings",
+        str(tmp_path / "r"),
+        "--port",
+        "0",
+        "--allow-empty",
+        cwd=tmp_path,
+        env={"LLMPROXY_MAX_BODY_MB": "0.001"},
+    )
+    try:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        small = [{"role": "user", "content": "hi"}]
+        with pytest.raises(openai.NotFoundError):  # under the bound: read, and a miss
+            client.chat.completions.create(model="gpt-4o", messages=small)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x" * 5000}])
+        assert refused.value.status_code == 413
+    finally:
+        proxy.stop()
+    result = llmproxy(
+        "replay",
+        "--recordings",
+        str(tmp_path / "r"),
+        "--port",
+        "0",
+        "--allow-empty",
+        cwd=tmp_path,
+        env={"LLMPROXY_SECRETS": "ignore"},
+    )
+    assert result.returncode != 0
+    line = _one_line(result)
+    assert "secrets" in line and "ignore" in line, line
+    assert all(
+        option.env
+        for option in OPTIONS
+        if list not in (option.kind if isinstance(option.kind, tuple) else (option.kind,))
+    )
