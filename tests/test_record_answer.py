@@ -120,7 +120,10 @@ CASES: dict[str, tuple[bytes, list[bytes]]] = {
     ),
     "upstream's Date and Server": (
         response_head(
-            b"Date: Mon, 01 Jan 2001 00:00:00 GMT", b"Server: upstream/1", b"Content-Type: application/json", JSON_LENGTH
+            b"Date: Mon, 01 Jan 2001 00:00:00 GMT",
+            b"Server: upstream/1",
+            b"Content-Type: application/json",
+            JSON_LENGTH,
         )
         + BODY,
         [
@@ -151,7 +154,9 @@ CASES: dict[str, tuple[bytes, list[bytes]]] = {
         [b"HTTP/1.1 200 OK", b"Content-Type: application/json", JSON_LENGTH, b"Connection: close"],
     ),
     "gzip": (
-        response_head(b"Content-Type: application/json", b"Content-Encoding: gzip", b"Content-Length: %d" % len(GZIPPED))
+        response_head(
+            b"Content-Type: application/json", b"Content-Encoding: gzip", b"Content-Length: %d" % len(GZIPPED)
+        )
         + GZIPPED,
         [b"HTTP/1.1 200 OK", b"Content-Type: application/json", JSON_LENGTH, b"Connection: close"],
     ),
@@ -217,7 +222,12 @@ def test_http10_and_http11_clients_get_the_same_headers_without_content_type(
         upstream.stop()
 
 
-SIZES = {"small": 100, "just under 64 KB": 64 * 1024 - 1, "just over 64 KB": 64 * 1024 + 1, "near 1 MB": 1024 * 1024 - 3}
+SIZES = {
+    "small": 100,
+    "just under 64 KB": 64 * 1024 - 1,
+    "just over 64 KB": 64 * 1024 + 1,
+    "near 1 MB": 1024 * 1024 - 3,
+}
 
 
 def test_pipelined_answers_on_one_connection_arrive_whole_in_order_and_replay_the_same(
