@@ -485,6 +485,10 @@ def _checked(option: Option, value: Any, where: str) -> Any:
     return value
 
 
+_TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSE_WORDS = frozenset({"0", "false", "f", "no", "n", "off"})
+
+
 def _from_environment(option: Option, environ: Mapping[str, str]) -> Any:
     """An option's LLMPROXY_* variable, converted to the option's type (None when unset)."""
     text = environ.get(option.env) if option.env else None
@@ -492,9 +496,12 @@ def _from_environment(option: Option, environ: Mapping[str, str]) -> Any:
         return None
     kinds = option.kind if isinstance(option.kind, tuple) else (option.kind,)
     if bool in kinds:
-        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        # The words click takes for a flag's LLMPROXY_* variable: one variable means the same to
+        # every command, whether or not that command has the flag.
+        word = text.strip().lower()
+        if word not in _TRUE_WORDS and word not in _FALSE_WORDS:
             raise ConfigError(f"{option.env}: not a valid value: {text!r}")
-        return text.lower() in ("1", "true", "yes", "on")
+        return word in _TRUE_WORDS
     for number in (int, float):  # "2.5" for an option that takes an integer or a number
         if number in kinds:
             try:
@@ -528,14 +535,30 @@ def load_settings(
             raise ConfigError(f"[proxy]: unknown key {key!r} (known: {sorted(FILE_KEYS)})")
         _checked(option, value, f"[proxy].{key}")
 
+    from_environment: dict[str, str] = {}
+
     def pick(key: str) -> Any:
         option = BY_KEY[key]
         value = overrides.get(key)
         if value is None:
             value = _from_environment(option, environ)
+            if value is not None and option.env:
+                from_environment[key] = option.env
         if value is not None:
-            return _checked(option, value, option.flag or key)
+            return _checked(option, value, named(key))
         return proxy.get(key, option.default)
+
+    def named(key: str) -> str:
+        """How a refusal names the option: the variable it came from, else its flag or key."""
+        return from_environment.get(key) or BY_KEY[key].flag or key
+
+    def seconds(key: str, *, zero: bool = False) -> float:
+        value = pick(key)  # first: it notes where the value came from
+        return _seconds(named(key), value, zero=zero)
+
+    def megabytes(key: str) -> int:
+        value = pick(key)
+        return _megabytes(named(key), value)
 
     tables = file_data.get("routes", [])
     if not isinstance(tables, list):
@@ -561,12 +584,10 @@ def load_settings(
     secret_allow = pick("secret_allow")
     if not all(isinstance(p, str) for p in secret_allow):
         raise ConfigError("secret_allow must be a list of values or regular expressions")
-    max_pause = float(pick("max_pause"))
-    if max_pause < 0:
-        raise ConfigError("max_pause must not be negative")
+    max_pause = seconds("max_pause", zero=True)
     port = int(pick("port"))
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} is out of range")
+    if not 0 <= port <= 65535:  # pick first: it notes where the value came from
+        raise ConfigError(f"{named('port')}: port {port} is out of range")
     return Settings(
         host=str(pick("host")),
         port=port,
@@ -575,9 +596,9 @@ def load_settings(
         log_json=bool(pick("log_json")),
         log_level=pick("log_level"),
         timing=timing,
-        max_body_bytes=int(float(pick("max_body_mb")) * 1024 * 1024),
-        connect_timeout=float(pick("connect_timeout")),
-        read_timeout=float(pick("read_timeout")),
+        max_body_bytes=megabytes("max_body_mb"),
+        connect_timeout=seconds("connect_timeout"),
+        read_timeout=seconds("read_timeout"),
         upstream_client=pick("upstream_client"),
         on_miss=pick("on_miss"),
         after_last=pick("after_last"),
@@ -588,20 +609,20 @@ def load_settings(
         token=pick("token") or None,
         client_disconnect=pick("client_disconnect"),
         share_inflight=bool(pick("share_inflight")),
-        max_recording_bytes=_megabytes("max_recording_mb", pick("max_recording_mb")),
-        shutdown_timeout=float(pick("shutdown_timeout")),
-        header_timeout=_seconds("header_timeout", pick("header_timeout")),
-        body_timeout=_seconds("body_timeout", pick("body_timeout")),
+        max_recording_bytes=megabytes("max_recording_mb"),
+        shutdown_timeout=seconds("shutdown_timeout", zero=True),
+        header_timeout=seconds("header_timeout"),
+        body_timeout=seconds("body_timeout"),
         durable_writes=bool(pick("durable_writes")),
         journal=pick("journal"),
         writer=pick("writer"),
-        max_pending_bytes=_megabytes("max_pending_mb", pick("max_pending_mb")),
+        max_pending_bytes=megabytes("max_pending_mb"),
         allow_empty=bool(pick("allow_empty")),
         secrets=pick("secrets"),
         secret_allow=list(secret_allow),
-        max_file_bytes=_megabytes("max_file_mb", pick("max_file_mb")),
+        max_file_bytes=megabytes("max_file_mb"),
         max_pause=max_pause,
-        refresh_seconds=_seconds("refresh_seconds", pick("refresh_seconds")),
+        refresh_seconds=seconds("refresh_seconds"),
         watch=bool(pick("watch")),
         redis_url=pick("redis_url") or None,
         ui=bool(pick("ui")),
@@ -610,10 +631,12 @@ def load_settings(
     )
 
 
-def _seconds(name: str, value: Any) -> float:
+def _seconds(name: str, value: Any, *, zero: bool = False) -> float:
+    """A duration; 0 only where it means "no waiting" (a zero timeout would fail every call)."""
     seconds = float(value)
-    if not seconds > 0 or seconds == float("inf"):
-        raise ConfigError(f"{name} must be a number of seconds more than 0")
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
+        least = "0 or more" if zero else "more than 0"
+        raise ConfigError(f"{name} must be a number of seconds {least}, not {value!r}")
     return seconds
 
 

@@ -57,6 +57,9 @@ MAX_HELD_LOCKS = 256
 # A non-streamed answer up to this size is sent whole, with its length (and a 502 if the upstream
 # breaks off before its end); a bigger one is passed through as it arrives.
 WHOLE_BODY_BYTES = 1024 * 1024
+# An upstream answer without a Content-Type gets aiohttp's default on every path (HTTP/1.0 and
+# HEAD clients get aiohttp's Response, which adds it), as it did before the prepared answer.
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
 class RecordPolicy(StrEnum):
@@ -361,6 +364,8 @@ class Pipeline:
                         self.outcome.count(Result.FORWARDED)
                     body = b"".join(parts)
                     if fits(request, head.status):
+                        if not any(name.lower() == "content-type" for name, _ in headers):
+                            headers.append(("Content-Type", DEFAULT_CONTENT_TYPE))  # as aiohttp's Response
                         dated = any(name.lower() == "date" for name, _ in headers)
                         answer = PreparedAnswer(wire_head(head.status, headers, len(body)), body, dated)
                         return answer  # type: ignore[return-value]

@@ -4,6 +4,7 @@ their logger."""
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import subprocess
@@ -15,12 +16,12 @@ from typing import Any
 import openai
 import pytest
 
-from llmproxy.config import FILE_KEYS, OPTIONS, Mode, Settings, options_markdown
+from llmproxy.config import FILE_KEYS, OPTIONS, Mode, Settings, load_settings, options_markdown
 from llmproxy.errors import ConfigError, LlmproxyError, StartupError
 from llmproxy.store.directory import StoreError
 from llmproxy.store.document import RecordingError
 from llmproxy.tools.report import ReportError
-from tests.support import REPO, CliProxy, free_port
+from tests.support import REPO, CliProxy, LoopThread, free_port, start_proxy
 
 
 def llmproxy(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -300,9 +301,111 @@ def test_options_without_a_flag_are_taken_from_the_environment(tmp_path: Path) -
     )
     assert result.returncode != 0
     line = _one_line(result)
-    assert "secrets" in line and "ignore" in line, line
+    assert "LLMPROXY_SECRETS" in line and "ignore" in line, line
     assert all(
         option.env
         for option in OPTIONS
         if list not in (option.kind if isinstance(option.kind, tuple) else (option.kind,))
     )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("LLMPROXY_JOURNAL", "ON"),
+        ("LLMPROXY_WRITER", "threads"),
+        ("LLMPROXY_SECRETS", " redact"),
+        ("LLMPROXY_CLIENT_DISCONNECT", "keep"),
+        ("LLMPROXY_UPSTREAM_CLIENT", "http2"),
+        ("LLMPROXY_MAX_BODY_MB", "-1"),
+        ("LLMPROXY_MAX_BODY_MB", "0"),
+        ("LLMPROXY_MAX_BODY_MB", "nan"),
+        ("LLMPROXY_MAX_BODY_MB", "1e30"),
+        ("LLMPROXY_CONNECT_TIMEOUT", "0"),
+        ("LLMPROXY_READ_TIMEOUT", "-1"),
+        ("LLMPROXY_SHUTDOWN_TIMEOUT", "-1"),
+        ("LLMPROXY_HEADER_TIMEOUT", "1e400"),
+        ("LLMPROXY_MAX_PAUSE", "-0.5"),
+        ("LLMPROXY_MAX_FILE_MB", "0"),
+        ("LLMPROXY_UI", "maybe"),
+        ("LLMPROXY_DURABLE_WRITES", "é"),
+        ("LLMPROXY_PORT", "70000"),
+    ],
+)
+def test_a_bad_environment_value_is_refused_in_one_line_naming_its_variable(variable: str, value: str) -> None:
+    """Whichever check refuses it (type, choices, range), the user is told which variable: the
+    key or a flag they never typed would send them looking in the config file."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, {}, {variable: value})
+    message = str(refused.value)
+    assert variable in message and "\n" not in message, message
+
+
+def test_check_refuses_a_bad_variable_and_takes_a_good_one(tmp_path: Path) -> None:
+    """`llmproxy check` loads the settings: a variable that would fail every call (a zero connect
+    timeout: each call a 504) is refused in one line with exit 2, no traceback."""
+    (tmp_path / "recordings").mkdir()
+    refused = llmproxy("check", str(tmp_path / "recordings"), cwd=tmp_path, env={"LLMPROXY_CONNECT_TIMEOUT": "0"})
+    assert refused.returncode == 2
+    assert "LLMPROXY_CONNECT_TIMEOUT" in _one_line(refused)
+    taken = llmproxy("check", str(tmp_path / "recordings"), cwd=tmp_path, env={"LLMPROXY_CONNECT_TIMEOUT": " 2.5 "})
+    assert taken.returncode == 0, taken.stderr
+
+
+def test_timeouts_and_the_body_limit_that_would_fail_every_call_are_refused_from_the_file(tmp_path: Path) -> None:
+    for line in ("read_timeout = 0", "connect_timeout = -1", "max_body_mb = -1", "shutdown_timeout = -2"):
+        config = tmp_path / "llmproxy.toml"
+        config.write_text(f"[proxy]\n{line}\n")
+        with pytest.raises(ConfigError, match=line.split(" ")[0]):
+            load_settings(config, {}, {})
+    config.write_text("[proxy]\nshutdown_timeout = 0\nmax_pause = 0\n")  # no grace, no pause: meaningful
+    settings = load_settings(config, {}, {})
+    assert settings.shutdown_timeout == 0 and settings.max_pause == 0
+
+
+@pytest.mark.parametrize(("word", "meaning"), [(" t ", True), ("Y", True), ("on", True), ("f", False), (" NO", False)])
+def test_a_boolean_variable_means_the_same_to_every_command(tmp_path: Path, word: str, meaning: bool) -> None:
+    """click reads LLMPROXY_RECORD_ERRORS for `record` (which has --record-errors); the settings
+    read it for every other command: both take the same words."""
+    assert load_settings(None, {}, {"LLMPROXY_RECORD_ERRORS": word, "LLMPROXY_UI": word}).record_errors is meaning
+    assert load_settings(None, {}, {"LLMPROXY_UI": word}).ui is meaning
+
+
+def test_the_environment_sits_between_the_file_and_the_command_line(tmp_path: Path) -> None:
+    config = tmp_path / "llmproxy.toml"
+    config.write_text('[proxy]\njournal = "off"\nread_timeout = 5\nwriter = "thread"\n')
+    environ = {"LLMPROXY_JOURNAL": "fsync", "LLMPROXY_READ_TIMEOUT": "7"}
+    settings = load_settings(config, {"read_timeout": 9.0}, environ)
+    assert (settings.journal, settings.read_timeout, settings.writer) == ("fsync", 9.0, "thread")
+
+
+def test_the_pytest_plugin_refuses_a_bad_variable_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "test_nothing.py").write_text(
+        'import pytest\n\n@pytest.mark.usefixtures("llmproxy")\ndef test_nothing():\n    pass\n'
+    )
+    env = {**os.environ, "LLMPROXY_WRITER": "fork", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--llmproxy-mode", "record"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "LLMPROXY_WRITER" in _one_line(result) and "'fork'" in result.stderr
+
+
+def test_an_in_process_proxy_leaves_the_host_interpreter_alone(tmp_path: Path) -> None:
+    """Only the CLI's own process tunes the runtime (server.tune_runtime): a proxy started in a
+    host application's process (tests, the pytest plugin, `llmproxy run`) leaves its switch
+    interval and collector as they were."""
+    before = (sys.getswitchinterval(), gc.get_threshold(), gc.get_freeze_count())
+    loop = LoopThread()
+    try:
+        proxy = start_proxy(loop, "replay", tmp_path, allow_empty=True)
+        proxy.stop()
+    finally:
+        loop.close()
+    assert (sys.getswitchinterval(), gc.get_threshold(), gc.get_freeze_count()) == before
