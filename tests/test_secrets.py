@@ -332,3 +332,203 @@ def test_credential_echoed_as_a_number_or_a_field_name_never_reaches_disk_or_log
     if recordings.exists():
         assert_no_secret(recordings, secret)
     _no_secret_in_logs(events, secret)
+
+
+# -- a key split across a stream's chunks ------------------------------------------------------
+
+
+def _split(text: str, parts: int = 3) -> list[str]:
+    """The text in `parts` pieces, as a model repeating it token by token streams it."""
+    size = -(-len(text) // parts)
+    return [text[start : start + size] for start in range(0, len(text), size)]
+
+
+def _split_upstream() -> web.Application:
+    """Streams back, split across several deltas, the request's own key (x-secret: own) or another
+    key it never sent (x-secret: foreign), in each provider's exact stream format."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        own = request.headers.get("x-api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+        secret = own if request.headers.get("x-secret", "own") == "own" else ANTHROPIC_KEY
+        pieces = ["Your key: ", *_split(secret), " (kept)"]
+        # A field every chunk repeats unchanged, that joined end to start would look like a key.
+        constant = "-abcdefghijklmnopqrstuvwxyz0123-sk"
+        if request.path.endswith("/api/chat"):
+            lines = [
+                {
+                    "model": "llama3.2",
+                    "created_at": f"2025-01-01T00:00:0{n}Z",
+                    "message": {"role": "assistant", "content": p},
+                    "done": False,
+                }
+                for n, p in enumerate(pieces)
+            ]
+            lines.append(
+                {
+                    "model": "llama3.2",
+                    "created_at": "2025-01-01T00:00:09Z",
+                    "message": {"role": "assistant", "content": ""},
+                    "done": True,
+                    "done_reason": "stop",
+                }
+            )
+            events = [json.dumps(line).encode() + b"\n" for line in lines]
+            content_type = "application/x-ndjson"
+        elif request.path.endswith("/v1/messages"):
+            message = {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "claude-3-5-haiku-latest",
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 1, "output_tokens": 1},
+            }
+            sequence = [
+                ("message_start", {"type": "message_start", "message": message}),
+                (
+                    "content_block_start",
+                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                ),
+                *[
+                    (
+                        "content_block_delta",
+                        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}},
+                    )
+                    for p in pieces
+                ],
+                ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                (
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                        "usage": {"output_tokens": 5},
+                    },
+                ),
+                ("message_stop", {"type": "message_stop"}),
+            ]
+            events = [f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in sequence]
+            content_type = "text/event-stream"
+        else:
+            chunks = [{"role": "assistant", "content": ""}] + [{"content": p} for p in pieces]
+            events = [
+                b"data: "
+                + json.dumps(
+                    {
+                        "id": constant,
+                        "object": "chat.completion.chunk",
+                        "created": 1,
+                        "model": "gpt-4o",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                    }
+                ).encode()
+                + b"\n\n"
+                for delta in chunks
+            ]
+            events.append(b"data: [DONE]\n\n")
+            content_type = "text/event-stream"
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    return app
+
+
+def _client_text(provider: str, base: str, key: str, secret: str) -> str:
+    """The text the provider's own SDK joins from the stream."""
+    headers = {"x-secret": secret}
+    if provider == "openai":
+        import openai
+
+        client = openai.OpenAI(base_url=base + "/v1", api_key=key, default_headers=headers, max_retries=0)
+        stream = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    if provider == "anthropic":
+        import anthropic
+
+        client = anthropic.Anthropic(base_url=base + "/anthropic", api_key=key, default_headers=headers, max_retries=0)
+        with client.messages.stream(
+            model="claude-3-5-haiku-latest", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            return "".join(stream.text_stream)
+    import ollama
+
+    client = ollama.Client(host=base + "/ollama", headers={"Authorization": f"Bearer {key}", **headers})
+    return "".join(
+        part.message.content or ""
+        for part in client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True)
+    )
+
+
+SPLIT_FIELDS = {
+    "openai": "response.body[*].__data__.choices[0].delta.content(joined)",
+    "anthropic": "response.body[*].__data__.delta.text(joined)",
+    "ollama": "response.body[*].__data__.message.content(joined)",
+}
+
+
+@pytest.mark.parametrize("policy", ["refuse", "redact"])
+@pytest.mark.parametrize(
+    ("provider", "secret"), [("openai", "own"), ("openai", "foreign"), ("anthropic", "own"), ("ollama", "own")]
+)
+def test_key_split_across_stream_chunks_never_reaches_disk_or_logs(
+    loop_thread: LoopThread, tmp_path: Path, provider: str, secret: str, policy: str
+) -> None:
+    app = RunningApp(loop_thread, _split_upstream()).start()
+    recordings = tmp_path / "rec"
+    config = _config(tmp_path, secrets=policy)
+    routes = f'[[routes]]\nname = "{provider}"\nprovider = "{provider}"\nupstream = "{app.url}"\n'
+    config.write_text(config.read_text() + routes)
+    proxy = _proxy("record", recordings, None, config)
+    key = ANTHROPIC_KEY if provider == "anthropic" else OPENAI_KEY
+    echoed = key if secret == "own" else ANTHROPIC_KEY
+    try:
+        text = _client_text(provider, proxy.url, key, secret)
+    finally:
+        events = proxy.stop()
+        app.stop()
+    assert text == f"Your key: {echoed} (kept)"  # the client joins the pieces back: served as sent
+    assert _recordings(recordings) == []
+    refusals = _refusals(events)
+    assert len(refusals) == 1, events
+    kind = "credential from request header" if secret == "own" else "anthropic key"
+    assert f"{kind}" in refusals[0] and SPLIT_FIELDS[provider] in refusals[0], refusals
+    if policy == "redact":
+        warnings = [e for e in events if e["event"].startswith("a credential split across stream chunks")]
+        assert len(warnings) == 1 and SPLIT_FIELDS[provider] in warnings[0]["fields"][0]
+    # Nothing on disk (the journal included) holds the key or any piece of it longer than a marker.
+    for path in files_under(recordings) if recordings.exists() else []:
+        data = path.read_bytes()
+        assert echoed.encode() not in data, path
+        assert not [piece for piece in _split(echoed) if piece.encode() in data], path
+    _no_secret_in_logs(events, echoed, *_split(echoed))
+
+
+def test_a_field_repeated_in_every_chunk_is_not_joined_into_a_key_shape(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    """Every chunk's id is "-abc...-sk": two of them end to start read "-sk-abc...", a key shape;
+    no one streamed it, and the stream (its own key hidden as the test key) is recorded."""
+    app = RunningApp(loop_thread, _split_upstream()).start()
+    recordings = tmp_path / "rec"
+    test_key = "sk-test-" + "0" * 24
+    config = _config(tmp_path, secret_allow=[test_key])
+    proxy = _proxy("record", recordings, app.url, config)
+    try:
+        text = _client_text("openai", proxy.url, test_key, "own")
+    finally:
+        events = proxy.stop()
+        app.stop()
+    assert text == f"Your key: {test_key} (kept)"
+    assert not _refusals(events), _refusals(events)
+    files = _recordings(recordings)
+    assert len(files) == 1 and "-abcdefghijklmnopqrstuvwxyz0123-sk" in files[0].read_text()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import itertools
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +60,10 @@ MAX_CACHED_VALUE_SETS = 256
 MIN_VALUE_LENGTH = 8
 # Header names that carry credentials besides the known list (x-my-gateway-token, ...).
 _CREDENTIAL_NAME = re.compile(r"key|token|secret|auth|session|password|signature", re.IGNORECASE)
+
+
+# What a field found in a stream's pieces joined (not in any one of them) is named with.
+JOINED = "(joined)"
 
 
 def placeholder(kind: str) -> str:
@@ -133,6 +139,8 @@ class SecretScanner:
         # What the quick pass searches for a request's credentials, by the values: clients send
         # the same few keys on every request, so this is worked out once per key, not per file.
         self._searches: dict[tuple[str, ...], list[tuple[bytes, bool, bytes | None, bytes | None]]] = {}
+        # The same per set of values: the values to search for, with their other spellings.
+        self._spelled: dict[tuple[str, ...], Mapping[str, str]] = {}
 
     def allowed(self, text: str) -> bool:
         return text in self._allow_values or any(pattern.fullmatch(text) for pattern in self._allow)
@@ -152,16 +160,104 @@ class SecretScanner:
         `compact` (the document's compact JSON in pieces, each cut next to a bracket, comma or
         colon, e.g. the document without its body and the body's own; only with `serialized`)
         spares serialising it compactly."""
-        values = values or {}
-        if self._allow_values:  # nothing is allowed without an allow-list: no copy to filter
-            values = {value: where for value, where in values.items() if not self.allowed(value)}
+        values = self._spellings(values or {})
         # One pass over the serialised document finds out whether there is anything at all;
         # only then is the document walked to name the fields.
         if compact is None or serialized is None:
             compact = [orjson.dumps(document)]
-        if not self._worth_walking(serialized if serialized is not None else compact[0], values, compact):
-            return []
-        return list(self._iter(document, "", values))
+        data = serialized if serialized is not None else compact[0]
+        findings = list(self._iter(document, "", values)) if self._worth_walking(data, values, compact) else []
+        chunks = _stream_chunks(document)
+        if chunks is not None and self._worth_joining(compact, values):
+            findings += self._joined_findings(chunks, values)
+        return findings
+
+    def _spellings(self, values: Mapping[str, str]) -> Mapping[str, str]:
+        """The credential values to search for: those not allowed, each also as other texts
+        that stand for it (see _other_spellings)."""
+        if not values:
+            return values
+        names = tuple(values)
+        spelled = self._spelled.get(names)
+        if spelled is None:
+            spelled = {}
+            for value, where in values.items():
+                if self.allowed(value):
+                    continue
+                spelled.setdefault(value, where)
+                for other in _other_spellings(value):
+                    if len(other) >= MIN_VALUE_LENGTH:
+                        spelled.setdefault(other, where)
+            if len(self._spelled) >= MAX_CACHED_VALUE_SETS:
+                self._spelled.clear()
+            self._spelled[names] = spelled
+        return spelled
+
+    def _worth_joining(self, compact: Sequence[bytes], values: Mapping[str, str]) -> bool:
+        """Whether a stream's pieces joined (see _joined_findings) could hold what no piece does.
+
+        Only byte tests, some twenty times cheaper than one substring search, so a stream with
+        no key anywhere pays next to nothing. A request's own value split across pieces still has
+        every one of its bytes in the document: its rarest ones are looked for. A key shape is
+        searched in joined text only when some piece holds one of the literal markers every
+        built-in shape contains ("sk-", "AIza", ...): a marker split across pieces itself
+        ("s" then "k-proj...") is not looked for, as no byte test can rule that out in plain text
+        and the walk costs more than the whole recording's preparation otherwise."""
+        for value in values:
+            needles = _rare_bytes(value.encode("utf-8", "surrogateescape"))
+            if not needles or all(any(byte in piece for piece in compact) for byte in needles):
+                return True
+        if self._extra:
+            return True  # a configured pattern has no known marker
+        return any(_holds(piece, marker, rare) for marker, rare in _MARKER_SEARCHES for piece in compact)
+
+    def _joined_findings(self, chunks: list[Any], values: Mapping[str, str]) -> list[Finding]:
+        """Credentials in the text a stream's pieces make when joined: each field's strings
+        across the chunks, in chunk order, with list indices ignored (every
+        choices[0].delta.content, every candidates[0].content.parts[0].text, ...), as a client
+        joins them back. A model repeating a key token by token puts it there and in no piece.
+
+        Only matches that cross from one piece into another are findings (a key within one
+        piece is the walk's). The request's own values are looked for in every field. Key
+        shapes only in fields whose strings are not all the same: a field repeated unchanged in
+        every chunk (an id, a model name, a fingerprint) is no text being streamed, and its
+        copies joined end to start could make a shape no one sent ("...-sk" + "-abc...")."""
+        fields: dict[tuple[str, ...], tuple[str, list[str]]] = {}
+        for chunk in chunks:
+            value = chunk.get(DATA_KEY) if isinstance(chunk, dict) and TYPE_KEY in chunk else chunk
+            if isinstance(chunk, dict) and _decoded_bytes(chunk) is not None:
+                continue  # base64: not text
+            _collect_strings(value, (), f"response.body[*].{DATA_KEY}", fields)
+        findings: list[Finding] = []
+        for shown, pieces in fields.values():
+            if len(pieces) < 2:
+                continue
+            kind = self._joined_finding(pieces, values)
+            if kind is not None:
+                # A field name holding a credential is shown as a placeholder: fields are logged.
+                findings.append(Finding(self.redact_text(shown, values) + JOINED, kind))
+        return findings
+
+    def _joined_finding(self, pieces: list[str], values: Mapping[str, str]) -> str | None:
+        joined = "".join(pieces)
+        ends = list(itertools.accumulate(map(len, pieces)))
+
+        def crosses(start: int, end: int) -> bool:
+            return bisect.bisect_right(ends, start) != bisect.bisect_right(ends, end - 1)
+
+        for value, where in values.items():
+            start = joined.find(value)
+            while start >= 0:
+                if crosses(start, start + len(value)):
+                    return f"credential from request {where}"
+                start = joined.find(value, start + 1)
+        if len(set(pieces)) < 2:
+            return None
+        for kind, pattern in self._patterns:
+            for match in pattern.finditer(joined):
+                if crosses(*match.span()) and not self.allowed(match.group()):
+                    return kind
+        return None
 
     def _worth_walking(
         self, data: bytes, values: Mapping[str, str], compact: bytes | Sequence[bytes] | None = None
@@ -284,7 +380,9 @@ class SecretScanner:
     def redact(self, value: Any, values: Mapping[str, str] | None = None) -> Any:
         """A copy of a document (or a parsed body) with every credential replaced by a
         placeholder; base64 bodies are decoded, redacted and encoded again."""
-        values = values or {}
+        return self._redact(value, self._spellings(values or {}))
+
+    def _redact(self, value: Any, values: Mapping[str, str]) -> Any:
         if isinstance(value, str):
             return self.redact_text(value, values)
         if isinstance(value, RawBody):
@@ -294,9 +392,9 @@ class SecretScanner:
             if decoded is not None:
                 cleaned = self.redact_bytes(decoded, values)
                 return {**value, DATA_KEY: base64.b64encode(cleaned).decode("ascii")}
-            return {self.redact_text(str(k), values): self.redact(v, values) for k, v in value.items()}
+            return {self.redact_text(str(k), values): self._redact(v, values) for k, v in value.items()}
         if isinstance(value, list):
-            return [self.redact(item, values) for item in value]
+            return [self._redact(item, values) for item in value]
         if isinstance(value, (int, float)) and not isinstance(value, bool) and values:
             text = _number_text(value)
             cleaned = self.redact_text(text, values)
@@ -306,9 +404,10 @@ class SecretScanner:
     def redact_body(self, body_value: Any, raw: bytes, values: Mapping[str, str]) -> Any:
         """A request body as it takes part in the key under `secrets = "redact"`: the same
         redaction the recorder applies to the file, so a replayed request finds its recording."""
+        values = self._spellings(values)
         if isinstance(body_value, RawBody):
             return RawBody.of(self.redact_bytes(raw, values))
-        return self.redact(body_value, values)
+        return self._redact(body_value, values)
 
 
 def _rare_byte(needle: bytes) -> bytes | None:
@@ -318,6 +417,58 @@ def _rare_byte(needle: bytes) -> bytes | None:
         if byte in needle:
             return bytes([byte])
     return None
+
+
+def _rare_bytes(needle: bytes, most: int = 3) -> list[bytes]:
+    """Up to `most` of the needle's rarest bytes by _RARE_BYTES."""
+    return [bytes([byte]) for byte in _RARE_BYTES if byte in needle][:most]
+
+
+# A byte that is not UTF-8, as a header value decoded with surrogateescape holds it.
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _other_spellings(value: str) -> list[str]:
+    """Other texts a credential value may be echoed as: its JSON-escaped spelling (a key holding
+    a quote or a backslash, in a body kept as raw text: a verbatim JSON body, an event's text),
+    and for a value with bytes that are not UTF-8 (a latin-1 header), the text an upstream
+    that decodes it makes: each such byte replaced by U+FFFD (one per byte, or one per invalid
+    sequence as Python and browsers decode), or dropped."""
+    others: list[str] = []
+    escaped = _json_escaped(value)
+    if escaped is not None and escaped != value.encode("utf-8"):
+        others.append(escaped.decode("utf-8"))
+    if _NOT_UTF8.search(value):
+        others.append(_NOT_UTF8.sub("\ufffd", value))
+        others.append(value.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        others.append(_NOT_UTF8.sub("", value))
+    return others
+
+
+def _stream_chunks(document: Any) -> list[Any] | None:
+    """A recording's response chunks, when it has more than one."""
+    response = document.get("response") if isinstance(document, dict) else None
+    body = response.get("body") if isinstance(response, dict) else None
+    return body if isinstance(body, list) and len(body) > 1 else None
+
+
+def _collect_strings(
+    value: Any, key: tuple[str, ...], shown: str, fields: dict[tuple[str, ...], tuple[str, list[str]]]
+) -> None:
+    """Every string in a chunk's value, appended to its field's pieces; a field is its path
+    without list indices, shown as where its first piece was."""
+    if isinstance(value, str):
+        field = fields.get(key)
+        if field is None:
+            fields[key] = (shown, [value])
+        else:
+            field[1].append(value)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _collect_strings(item, (*key, name), f"{shown}.{name}", fields)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _collect_strings(item, key, f"{shown}[{index}]", fields)
 
 
 def _holds(data: bytes, needle: bytes, rare: bytes | None) -> bool:

@@ -39,7 +39,7 @@ from llmproxy.store.directory import StoreError
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
 from llmproxy.store.fileproc import STALL_SECONDS, FileWriterProcess, Results
 from llmproxy.store.journal import Journal, Target, frame_entries, write_new
-from llmproxy.store.secrets import SecretScanner
+from llmproxy.store.secrets import JOINED, SecretScanner
 from llmproxy.upstream.client import Exchange
 from llmproxy.wire.framing import DATA_KEY, TYPE_KEY, CapturedBody, Codec, ConstantLabel, Format, data_of
 from llmproxy.wire.json import JSON
@@ -523,6 +523,16 @@ class Recorder:
                     fields=[str(finding) for finding in findings],
                 )
                 findings = self.scanner.scan(document, data, values)
+                split = [str(finding) for finding in findings if finding.field.endswith(JOINED)]
+                if split:
+                    # Placeholders go in place of whole matches; a key whose pieces are in
+                    # several chunks has no one place to put one: the recording is refused.
+                    log.warning(
+                        "a credential split across stream chunks cannot be redacted: recording refused",
+                        route=call.route.name,
+                        path=call.path,
+                        fields=split,
+                    )
             if findings:
                 raise SecretFound("; ".join(str(finding) for finding in findings))
             model = recording.request.model  # call.model, worked out once
