@@ -4,6 +4,7 @@ an allow-list, and console tracebacks without local variables."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -532,3 +533,128 @@ def test_a_field_repeated_in_every_chunk_is_not_joined_into_a_key_shape(
     assert not _refusals(events), _refusals(events)
     files = _recordings(recordings)
     assert len(files) == 1 and "-abcdefghijklmnopqrstuvwxyz0123-sk" in files[0].read_text()
+
+
+# -- other spellings of a credential ----------------------------------------------------------
+
+QUOTED_KEY = 'gw-"quo\\te-' + "7h3K9x2P4m"  # a gateway token with a quote and a backslash
+
+
+def _raw_text_upstream() -> web.Application:
+    """Echoes the bearer token in a body the recording keeps as raw text: a JSON body with a
+    duplicated field (kept verbatim so it replays byte for byte; the key is JSON-escaped in it),
+    or a stream event that is not JSON (kept as its text; the key as sent)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        token = request.headers["Authorization"].removeprefix("Bearer ")
+        if request.headers["x-spelling"] == "escaped":
+            note = json.dumps(f"you sent {token}")
+            text = '{"id":"chatcmpl-1","object":"chat.completion","note":' + note + ',"note":"none","choices":[]}'
+            return web.Response(text=text, content_type="application/json")
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o", "choices": []}
+        events = [f"data: you sent {token}\n\n", f"data: {json.dumps(chunk)}\n\n", "data: [DONE]\n\n"]
+        return web.Response(text="".join(events), content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    return app
+
+
+@pytest.mark.parametrize("policy", ["refuse", "redact"])
+@pytest.mark.parametrize("spelling", ["escaped", "raw"])
+def test_key_with_a_quote_echoed_in_a_body_kept_as_raw_text_never_reaches_disk_or_logs(
+    loop_thread: LoopThread, tmp_path: Path, spelling: str, policy: str
+) -> None:
+    app = RunningApp(loop_thread, _raw_text_upstream()).start()
+    recordings = tmp_path / "rec"
+    proxy = _proxy("record", recordings, app.url, _config(tmp_path, secrets=policy))
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    headers = {"Authorization": f"Bearer {QUOTED_KEY}", "x-spelling": spelling}
+
+    async def post() -> str:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(proxy.url + "/v1/chat/completions", data=body, headers=headers) as response:
+                assert response.status == 200
+                return await response.text()
+
+    try:
+        text = loop_thread.run(post())
+    finally:
+        events = proxy.stop()
+        app.stop()
+    spelled = json.dumps(QUOTED_KEY)[1:-1] if spelling == "escaped" else QUOTED_KEY
+    assert spelled in text  # the client gets the answer as sent
+    files = _recordings(recordings)
+    if policy == "refuse":
+        assert files == [] and len(_refusals(events)) == 1
+    else:
+        assert len(files) == 1 and "[redacted credential from request header authorization]" in files[0].read_text()
+    # Every spelling the bytes on disk could hold it in: as sent, JSON-escaped, escaped twice.
+    spellings = [QUOTED_KEY, json.dumps(QUOTED_KEY)[1:-1], json.dumps(json.dumps(QUOTED_KEY)[1:-1])[1:-1]]
+    for path in files_under(recordings) if recordings.exists() else []:
+        data = path.read_bytes()
+        assert not [s for s in spellings if s.encode() in data], path
+    _no_secret_in_logs(events, *spellings)
+
+
+LATIN1_KEY = b"gw-\xe9" + b"Xq7Zk2Vw9Jp4"  # a gateway token with a byte that is not UTF-8 (latin-1 e-acute)
+
+
+def _decoding_upstream() -> web.Application:
+    """Echoes the bearer token as text decoded from its bytes, as servers do: the byte that is not
+    UTF-8 replaced by U+FFFD, or dropped."""
+
+    async def answer(request: web.Request) -> web.Response:
+        raw = dict(request.raw_headers)[b"Authorization"].removeprefix(b"Bearer ")
+        token = raw.decode("utf-8", "replace" if request.headers["x-decode"] == "replace" else "ignore")
+        content = f"you sent {token}"
+        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        answer = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o", "choices": [choice]}
+        return web.Response(body=json.dumps(answer, ensure_ascii=False).encode(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    return app
+
+
+async def _raw_post(port: int, headers: list[bytes], body: bytes) -> bytes:
+    """A request written byte for byte (no client library writes a header that is not UTF-8)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = [b"POST /v1/chat/completions HTTP/1.1", f"Host: 127.0.0.1:{port}".encode(), *headers]
+    head += [b"Content-Type: application/json", f"Content-Length: {len(body)}".encode(), b"Connection: close"]
+    writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+    await writer.drain()
+    answer = await reader.read()  # to the end: the connection closes after the answer
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+@pytest.mark.parametrize("policy", ["refuse", "redact"])
+@pytest.mark.parametrize("decode", ["replace", "drop"])
+def test_key_with_a_byte_not_utf8_echoed_decoded_never_reaches_disk_or_logs(
+    loop_thread: LoopThread, tmp_path: Path, decode: str, policy: str
+) -> None:
+    app = RunningApp(loop_thread, _decoding_upstream()).start()
+    recordings = tmp_path / "rec"
+    proxy = _proxy("record", recordings, app.url, _config(tmp_path, secrets=policy))
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    headers = [b"Authorization: Bearer " + LATIN1_KEY, b"x-decode: " + decode.encode()]
+    try:
+        answer = loop_thread.run(_raw_post(proxy.port, headers, body))
+    finally:
+        events = proxy.stop()
+        app.stop()
+    echoed = LATIN1_KEY.decode("utf-8", "replace" if decode == "replace" else "ignore")
+    assert answer.startswith(b"HTTP/1.1 200") and echoed.encode() in answer  # served as sent
+    files = _recordings(recordings)
+    if policy == "refuse":
+        assert files == [] and len(_refusals(events)) == 1, events
+    else:
+        assert len(files) == 1 and "[redacted credential from request header authorization]" in files[0].read_text()
+    # Neither the echo nor the key's readable part (all but the one byte) is on disk or in the logs.
+    tail = LATIN1_KEY.split(b"\xe9")[1]
+    for path in files_under(recordings) if recordings.exists() else []:
+        data = path.read_bytes()
+        assert echoed.encode() not in data and tail not in data, path
+    _no_secret_in_logs(events, echoed, tail.decode())

@@ -19,7 +19,7 @@ import binascii
 import bisect
 import itertools
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import unquote_plus
@@ -166,9 +166,18 @@ class SecretScanner:
         if compact is None or serialized is None:
             compact = [orjson.dumps(document)]
         data = serialized if serialized is not None else compact[0]
-        findings = list(self._iter(document, "", values)) if self._worth_walking(data, values, compact) else []
+        # Whether a marker is in the document: both passes may ask, it is looked for once.
+        marked: list[bool] = []
+
+        def has_marker() -> bool:
+            if not marked:
+                marked.append(any(_holds(piece, m, rare) for m, rare in _MARKER_SEARCHES for piece in compact))
+            return marked[0]
+
+        walk = self._worth_walking(data, values, compact, has_marker)
+        findings = list(self._iter(document, "", values)) if walk else []
         chunks = _stream_chunks(document)
-        if chunks is not None and self._worth_joining(compact, values):
+        if chunks is not None and self._worth_joining(compact, values, has_marker):
             findings += self._joined_findings(chunks, values)
         return findings
 
@@ -193,7 +202,9 @@ class SecretScanner:
             self._spelled[names] = spelled
         return spelled
 
-    def _worth_joining(self, compact: Sequence[bytes], values: Mapping[str, str]) -> bool:
+    def _worth_joining(
+        self, compact: Sequence[bytes], values: Mapping[str, str], has_marker: Callable[[], bool]
+    ) -> bool:
         """Whether a stream's pieces joined (see _joined_findings) could hold what no piece does.
 
         Only byte tests, some twenty times cheaper than one substring search, so a stream with
@@ -203,13 +214,12 @@ class SecretScanner:
         built-in shape contains ("sk-", "AIza", ...): a marker split across pieces itself
         ("s" then "k-proj...") is not looked for, as no byte test can rule that out in plain text
         and the walk costs more than the whole recording's preparation otherwise."""
-        for value in values:
-            needles = _rare_bytes(value.encode("utf-8", "surrogateescape"))
+        for encoded, _, _, _ in self._value_searches(values) if values else ():
+            needles = _rare_bytes(encoded)
             if not needles or all(any(byte in piece for piece in compact) for byte in needles):
                 return True
-        if self._extra:
-            return True  # a configured pattern has no known marker
-        return any(_holds(piece, marker, rare) for marker, rare in _MARKER_SEARCHES for piece in compact)
+        # A configured pattern has no known marker.
+        return bool(self._extra) or has_marker()
 
     def _joined_findings(self, chunks: list[Any], values: Mapping[str, str]) -> list[Finding]:
         """Credentials in the text a stream's pieces make when joined: each field's strings
@@ -260,7 +270,11 @@ class SecretScanner:
         return None
 
     def _worth_walking(
-        self, data: bytes, values: Mapping[str, str], compact: bytes | Sequence[bytes] | None = None
+        self,
+        data: bytes,
+        values: Mapping[str, str],
+        compact: bytes | Sequence[bytes] | None = None,
+        has_marker: Callable[[], bool] | None = None,
     ) -> bool:
         """Whether the walk could find anything in the document serialised as `data`.
 
@@ -284,10 +298,11 @@ class SecretScanner:
                 if escaped is not None and escaped in data:
                     return True
         if not self._extra:
-            for marker, rare in _MARKER_SEARCHES:
-                if any(_holds(piece, marker, rare) for piece in quick):
-                    break
+            if has_marker is None:
+                marked = any(_holds(piece, marker, rare) for marker, rare in _MARKER_SEARCHES for piece in quick)
             else:
+                marked = has_marker()
+            if not marked:
                 return False  # every built-in pattern contains one of these literals
         text = data.decode("utf-8", errors="replace")
         if self._any.search(text) is not None:
