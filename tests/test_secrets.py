@@ -345,12 +345,12 @@ def _split(text: str, parts: int = 3) -> list[str]:
 
 
 def _split_upstream() -> web.Application:
-    """Streams back, split across several deltas, the request's own key (x-secret: own) or another
-    key it never sent (x-secret: foreign), in each provider's exact stream format."""
+    """Streams back, split across several deltas, the request's own key (x-echo: own) or another
+    key it never sent (x-echo: foreign), in each provider's exact stream format."""
 
     async def answer(request: web.Request) -> web.StreamResponse:
         own = request.headers.get("x-api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
-        secret = own if request.headers.get("x-secret", "own") == "own" else ANTHROPIC_KEY
+        secret = ANTHROPIC_KEY if request.headers.get("x-echo") == "foreign" else own
         pieces = ["Your key: ", *_split(secret), " (kept)"]
         # A field every chunk repeats unchanged, that joined end to start would look like a key.
         constant = "-abcdefghijklmnopqrstuvwxyz0123-sk"
@@ -428,6 +428,8 @@ def _split_upstream() -> web.Application:
                 + b"\n\n"
                 for delta in chunks
             ]
+            if request.headers.get("x-echo") == "verbatim":  # spelled as no serialiser does: kept as text
+                events = [event.replace(b'{"id"', b'{ "id"') for event in events]
             events.append(b"data: [DONE]\n\n")
             content_type = "text/event-stream"
         response = web.StreamResponse(headers={"Content-Type": content_type})
@@ -444,7 +446,7 @@ def _split_upstream() -> web.Application:
 
 def _client_text(provider: str, base: str, key: str, secret: str) -> str:
     """The text the provider's own SDK joins from the stream."""
-    headers = {"x-secret": secret}
+    headers = {"x-echo": secret}
     if provider == "openai":
         import openai
 
@@ -479,7 +481,8 @@ SPLIT_FIELDS = {
 
 @pytest.mark.parametrize("policy", ["refuse", "redact"])
 @pytest.mark.parametrize(
-    ("provider", "secret"), [("openai", "own"), ("openai", "foreign"), ("anthropic", "own"), ("ollama", "own")]
+    ("provider", "secret"),
+    [("openai", "own"), ("openai", "foreign"), ("openai", "verbatim"), ("anthropic", "own"), ("ollama", "own")],
 )
 def test_key_split_across_stream_chunks_never_reaches_disk_or_logs(
     loop_thread: LoopThread, tmp_path: Path, provider: str, secret: str, policy: str
@@ -491,22 +494,41 @@ def test_key_split_across_stream_chunks_never_reaches_disk_or_logs(
     config.write_text(config.read_text() + routes)
     proxy = _proxy("record", recordings, None, config)
     key = ANTHROPIC_KEY if provider == "anthropic" else OPENAI_KEY
-    echoed = key if secret == "own" else ANTHROPIC_KEY
+    echoed = ANTHROPIC_KEY if secret == "foreign" else key
     try:
         text = _client_text(provider, proxy.url, key, secret)
     finally:
         events = proxy.stop()
+    # The Anthropic SDK sends its key as x-api-key, and the proxy the same value as authorization too.
+    kind = "anthropic key" if secret == "foreign" else "credential from request header authorization"
+    try:
+        assert text == f"Your key: {echoed} (kept)"  # the client joins the pieces back: served as sent
+        field = f"{kind} in {SPLIT_FIELDS[provider]}"
+        files = _recordings(recordings)
+        if policy == "refuse" or secret == "verbatim":
+            assert files == []
+            refusals = _refusals(events)
+            assert len(refusals) == 1 and field in refusals[0], events
+        if policy == "redact" and secret == "verbatim":
+            # Its events are kept as their exact text too, where no piece can be redacted alone.
+            warnings = [e for e in events if e["event"].startswith("a credential split across stream chunks")]
+            assert len(warnings) == 1 and field in warnings[0]["fields"][0], events
+        elif policy == "redact":
+            # The key's part in its first piece became the placeholder, its other parts are gone.
+            assert len(files) == 1 and not _refusals(events)
+            redactions = [e for e in events if e["event"] == "credentials redacted from the recording"]
+            assert len(redactions) == 1 and field in redactions[0]["fields"][0], events
+            redacted = "[redacted anthropic key]" if secret == "foreign" else "[redacted credential from request header"
+            replay = _proxy("replay", recordings, None, config)
+            try:
+                replayed = _client_text(provider, replay.url, key, secret)
+            finally:
+                replay_events = replay.stop()
+            assert replayed.startswith(f"Your key: {redacted}") and replayed.endswith("] (kept)"), replayed
+            _no_secret_in_logs(replay_events, echoed, *_split(echoed))
+    finally:
         app.stop()
-    assert text == f"Your key: {echoed} (kept)"  # the client joins the pieces back: served as sent
-    assert _recordings(recordings) == []
-    refusals = _refusals(events)
-    assert len(refusals) == 1, events
-    kind = "credential from request header" if secret == "own" else "anthropic key"
-    assert f"{kind}" in refusals[0] and SPLIT_FIELDS[provider] in refusals[0], refusals
-    if policy == "redact":
-        warnings = [e for e in events if e["event"].startswith("a credential split across stream chunks")]
-        assert len(warnings) == 1 and SPLIT_FIELDS[provider] in warnings[0]["fields"][0]
-    # Nothing on disk (the journal included) holds the key or any piece of it longer than a marker.
+    # Nothing on disk (the journal included) holds the key or any piece of it.
     for path in files_under(recordings) if recordings.exists() else []:
         data = path.read_bytes()
         assert echoed.encode() not in data, path

@@ -21,6 +21,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Literal
 from urllib.parse import unquote_plus
 
@@ -249,6 +250,11 @@ class SecretScanner:
         return findings
 
     def _joined_finding(self, pieces: list[str], values: Mapping[str, str]) -> str | None:
+        return next((kind for _, _, kind in self._crossing(pieces, values)), None)
+
+    def _crossing(self, pieces: list[str], values: Mapping[str, str]) -> Iterator[tuple[int, int, str]]:
+        """(start, end, kind) of each credential in the pieces joined that crosses from one piece
+        into another (see _joined_findings for which are looked for where)."""
         joined = "".join(pieces)
         ends = list(itertools.accumulate(map(len, pieces)))
 
@@ -259,15 +265,69 @@ class SecretScanner:
             start = joined.find(value)
             while start >= 0:
                 if crosses(start, start + len(value)):
-                    return f"credential from request {where}"
+                    yield start, start + len(value), f"credential from request {where}"
                 start = joined.find(value, start + 1)
         if len(set(pieces)) < 2:
-            return None
+            return
         for kind, pattern in self._patterns:
             for match in pattern.finditer(joined):
                 if crosses(*match.span()) and not self.allowed(match.group()):
-                    return kind
-        return None
+                    yield match.start(), match.end(), kind
+
+    def redact_joined(self, document: Any, values: Mapping[str, str]) -> bool:
+        """Redact, in place, the credentials split across a stream's pieces (see
+        _joined_findings) in a document the caller owns (`redact`'s copy): the part of a key in
+        the piece where it starts becomes the placeholder, its parts in the next pieces are
+        removed, so the text a client joins reads the placeholder where the key was, as a key
+        within one piece is redacted. False: some chunk it touches is also kept as its exact
+        text or bytes (framing `verbatim` or `raw`), which cannot be redacted piece by piece."""
+        chunks = _stream_chunks(document)
+        if chunks is None:
+            return True
+        values = self._spellings(values)
+        slots: dict[tuple[str, ...], list[tuple[Any, Any, int]]] = {}
+        for index, chunk in enumerate(chunks):
+            if isinstance(chunk, dict) and TYPE_KEY in chunk and _decoded_bytes(chunk) is None:
+                _collect_slots(chunk, DATA_KEY, (), index, slots)
+            elif not isinstance(chunk, dict) or TYPE_KEY not in chunk:
+                _collect_slots(chunks, index, (), index, slots)
+        touched: set[int] = set()
+        for field in slots.values():
+            if len(field) < 2:
+                continue
+            pieces = [container[slot] for container, slot, _ in field]
+            # By start only: the sort is stable, and a request's own value (found first) names a
+            # key its shape matches too, as in redact_text.
+            spans = sorted(self._crossing(pieces, values), key=itemgetter(0))
+            if not spans:
+                continue
+            merged: list[list[Any]] = []
+            for start, end, kind in spans:  # overlapping matches (a value and its shape) as one
+                if merged and start < merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], end)
+                else:
+                    merged.append([start, end, kind])
+            offset = 0
+            for (container, slot, chunk_index), piece in zip(field, pieces, strict=True):
+                low, high = offset, offset + len(piece)
+                offset = high
+                text = piece
+                for start, end, kind in reversed(merged):  # from the right: earlier offsets hold
+                    if end <= low or start >= high:
+                        continue
+                    cut_from, cut_to = max(start, low) - low, min(end, high) - low
+                    put = placeholder(kind) if start >= low else ""
+                    text = text[:cut_from] + put + text[cut_to:]
+                if text != piece:
+                    container[slot] = text
+                    touched.add(chunk_index)
+        framing = document["response"].get("framing")
+        kept = set()
+        if isinstance(framing, dict):
+            for name in ("verbatim", "raw"):
+                if isinstance(framing.get(name), dict):
+                    kept.update(framing[name])
+        return not any(str(index) in kept for index in touched)
 
     def _worth_walking(
         self,
@@ -484,6 +544,25 @@ def _collect_strings(
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _collect_strings(item, key, f"{shown}[{index}]", fields)
+
+
+def _collect_slots(
+    container: Any,
+    slot: Any,
+    key: tuple[str, ...],
+    chunk: int,
+    fields: dict[tuple[str, ...], list[tuple[Any, Any, int]]],
+) -> None:
+    """As _collect_strings, each string as where it is held (its container and slot) and its chunk."""
+    value = container[slot]
+    if isinstance(value, str):
+        fields.setdefault(key, []).append((container, slot, chunk))
+    elif isinstance(value, dict):
+        for name in value:
+            _collect_slots(value, name, (*key, name), chunk, fields)
+    elif isinstance(value, list):
+        for index in range(len(value)):
+            _collect_slots(value, index, key, chunk, fields)
 
 
 def _holds(data: bytes, needle: bytes, rare: bytes | None) -> bool:

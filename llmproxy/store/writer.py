@@ -515,6 +515,17 @@ class Recorder:
             findings = self.scanner.scan(document, data, values, _compact_pieces(document, captured))
             if findings and self.redact:
                 document = self.scanner.redact(document, values)
+                split = [str(finding) for finding in findings if finding.field.endswith(JOINED)]
+                if split and not self.scanner.redact_joined(document, values):
+                    # A chunk kept as its exact text holds its piece of the key there too.
+                    log.warning(
+                        "a credential split across stream chunks cannot be redacted: recording refused",
+                        route=call.route.name,
+                        path=call.path,
+                        fields=split,
+                        hint="a chunk holding a piece of it is kept as its exact text",
+                    )
+                    raise SecretFound("; ".join(split))
                 data = self.store.serialize(document)
                 log.warning(
                     "credentials redacted from the recording",
@@ -523,16 +534,6 @@ class Recorder:
                     fields=[str(finding) for finding in findings],
                 )
                 findings = self.scanner.scan(document, data, values)
-                split = [str(finding) for finding in findings if finding.field.endswith(JOINED)]
-                if split:
-                    # Placeholders go in place of whole matches; a key whose pieces are in
-                    # several chunks has no one place to put one: the recording is refused.
-                    log.warning(
-                        "a credential split across stream chunks cannot be redacted: recording refused",
-                        route=call.route.name,
-                        path=call.path,
-                        fields=split,
-                    )
             if findings:
                 raise SecretFound("; ".join(str(finding) for finding in findings))
             model = recording.request.model  # call.model, worked out once
