@@ -233,18 +233,15 @@ class SecretScanner:
         shapes only in fields whose strings are not all the same: a field repeated unchanged in
         every chunk (an id, a model name, a fingerprint) is no text being streamed, and its
         copies joined end to start could make a shape no one sent ("...-sk" + "-abc...")."""
-        fields: dict[tuple[str, ...], tuple[str, list[str]]] = {}
-        for chunk in chunks:
-            value = chunk.get(DATA_KEY) if isinstance(chunk, dict) and TYPE_KEY in chunk else chunk
-            if isinstance(chunk, dict) and _decoded_bytes(chunk) is not None:
-                continue  # base64: not text
-            _collect_strings(value, (), f"response.body[*].{DATA_KEY}", fields)
+        values_of = [chunk.get(DATA_KEY) for chunk in chunks if _is_text_chunk(chunk)]
+        fields = _stream_fields(values_of)
         findings: list[Finding] = []
-        for shown, pieces in fields.values():
+        for key, pieces in fields.items():
             if len(pieces) < 2:
                 continue
             kind = self._joined_finding(pieces, values)
             if kind is not None:
+                shown = f"response.body[*].{DATA_KEY}{_first_path(values_of, key)}"
                 # A field name holding a credential is shown as a placeholder: fields are logged.
                 findings.append(Finding(self.redact_text(shown, values) + JOINED, kind))
         return findings
@@ -527,23 +524,76 @@ def _stream_chunks(document: Any) -> list[Any] | None:
     return body if isinstance(body, list) and len(body) > 1 else None
 
 
-def _collect_strings(
-    value: Any, key: tuple[str, ...], shown: str, fields: dict[tuple[str, ...], tuple[str, list[str]]]
-) -> None:
-    """Every string in a chunk's value, appended to its field's pieces; a field is its path
-    without list indices, shown as where its first piece was."""
-    if isinstance(value, str):
-        field = fields.get(key)
-        if field is None:
-            fields[key] = (shown, [value])
+def _is_text_chunk(chunk: Any) -> bool:
+    """A stored chunk whose value is JSON (not base64 bytes, which are no text to join)."""
+    return isinstance(chunk, dict) and TYPE_KEY in chunk and _decoded_bytes(chunk) is None
+
+
+_ABSENT = object()
+
+
+def _stream_fields(chunks: list[Any]) -> dict[tuple[str, ...], list[str]]:
+    """Every string of the chunks' values by field (its path without list indices), in order.
+
+    A top-level field equal in every chunk (an id, a model name) is left out: it is no streamed
+    text, only copies of itself (shapes are not looked for in such fields anyway), and leaving
+    it out before the walk halves the walk of a typical stream."""
+    fields: dict[tuple[str, ...], list[str]] = {}
+    first = chunks[0] if chunks else None
+    constant: set[str] = set()
+    if isinstance(first, dict) and all(isinstance(chunk, dict) for chunk in chunks):
+        constant = set(first)
+        for chunk in chunks:
+            constant = {name for name in constant if chunk.get(name, _ABSENT) == first[name]}
+            if not constant:
+                break
+    for chunk in chunks:
+        if constant:
+            for name, item in chunk.items():
+                if name not in constant:
+                    _collect_strings(item, (name,), fields)
         else:
-            field[1].append(value)
+            _collect_strings(chunk, (), fields)
+    return fields
+
+
+def _collect_strings(value: Any, key: tuple[str, ...], fields: dict[tuple[str, ...], list[str]]) -> None:
+    if isinstance(value, str):
+        pieces = fields.get(key)
+        if pieces is None:
+            fields[key] = [value]
+        else:
+            pieces.append(value)
     elif isinstance(value, dict):
         for name, item in value.items():
-            _collect_strings(item, (*key, name), f"{shown}.{name}", fields)
+            _collect_strings(item, (*key, name), fields)
     elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _collect_strings(item, key, f"{shown}[{index}]", fields)
+        for item in value:
+            _collect_strings(item, key, fields)
+
+
+def _first_path(chunks: list[Any], key: tuple[str, ...]) -> str:
+    """Where the field `key` (a path without list indices) first holds a string, e.g.
+    ".choices[0].delta.content"."""
+
+    def find(value: Any, depth: int) -> str | None:
+        if depth == len(key):
+            return "" if isinstance(value, str) else None
+        if isinstance(value, dict) and key[depth] in value:
+            rest = find(value[key[depth]], depth + 1)
+            return None if rest is None else f".{key[depth]}{rest}"
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                rest = find(item, depth)
+                if rest is not None:
+                    return f"[{index}]{rest}"
+        return None
+
+    for chunk in chunks:
+        path = find(chunk, 0)
+        if path is not None:
+            return path
+    return ""
 
 
 def _collect_slots(
