@@ -142,6 +142,8 @@ class SecretScanner:
         self._searches: dict[tuple[str, ...], list[tuple[bytes, bool, bytes | None, bytes | None]]] = {}
         # The same per set of values: the values to search for, with their other spellings.
         self._spelled: dict[tuple[str, ...], Mapping[str, str]] = {}
+        # Per credential value (its bytes): its rarest bytes, for _worth_joining.
+        self._rare: dict[bytes, list[bytes]] = {}
 
     def allowed(self, text: str) -> bool:
         return text in self._allow_values or any(pattern.fullmatch(text) for pattern in self._allow)
@@ -216,8 +218,17 @@ class SecretScanner:
         ("s" then "k-proj...") is not looked for, as no byte test can rule that out in plain text
         and the walk costs more than the whole recording's preparation otherwise."""
         for encoded, _, _, _ in self._value_searches(values) if values else ():
-            needles = _rare_bytes(encoded)
-            if not needles or all(any(byte in piece for piece in compact) for byte in needles):
+            needles = self._rare.get(encoded)
+            if needles is None:
+                if len(self._rare) >= MAX_CACHED_VALUE_SETS:
+                    self._rare.clear()
+                needles = self._rare[encoded] = _rare_bytes(encoded)
+            if not needles:
+                return True
+            for byte in needles:
+                if not any(byte in piece for piece in compact):
+                    break
+            else:
                 return True
         # A configured pattern has no known marker.
         return bool(self._extra) or has_marker()
