@@ -4,6 +4,7 @@ an allow-list, and console tracebacks without local variables."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -332,3 +333,350 @@ def test_credential_echoed_as_a_number_or_a_field_name_never_reaches_disk_or_log
     if recordings.exists():
         assert_no_secret(recordings, secret)
     _no_secret_in_logs(events, secret)
+
+
+# -- a key split across a stream's chunks ------------------------------------------------------
+
+
+def _split(text: str, parts: int = 3) -> list[str]:
+    """The text in `parts` pieces, as a model repeating it token by token streams it."""
+    size = -(-len(text) // parts)
+    return [text[start : start + size] for start in range(0, len(text), size)]
+
+
+def _split_upstream() -> web.Application:
+    """Streams back, split across several deltas, the request's own key (x-echo: own) or another
+    key it never sent (x-echo: foreign), in each provider's exact stream format."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        own = request.headers.get("x-api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+        secret = ANTHROPIC_KEY if request.headers.get("x-echo") == "foreign" else own
+        pieces = ["Your key: ", *_split(secret), " (kept)"]
+        # A field every chunk repeats unchanged, that joined end to start would look like a key.
+        constant = "-abcdefghijklmnopqrstuvwxyz0123-sk"
+        if request.path.endswith("/api/chat"):
+            lines = [
+                {
+                    "model": "llama3.2",
+                    "created_at": f"2025-01-01T00:00:0{n}Z",
+                    "message": {"role": "assistant", "content": p},
+                    "done": False,
+                }
+                for n, p in enumerate(pieces)
+            ]
+            lines.append(
+                {
+                    "model": "llama3.2",
+                    "created_at": "2025-01-01T00:00:09Z",
+                    "message": {"role": "assistant", "content": ""},
+                    "done": True,
+                    "done_reason": "stop",
+                }
+            )
+            events = [json.dumps(line).encode() + b"\n" for line in lines]
+            content_type = "application/x-ndjson"
+        elif request.path.endswith("/v1/messages"):
+            message = {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "claude-3-5-haiku-latest",
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 1, "output_tokens": 1},
+            }
+            sequence = [
+                ("message_start", {"type": "message_start", "message": message}),
+                (
+                    "content_block_start",
+                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                ),
+                *[
+                    (
+                        "content_block_delta",
+                        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}},
+                    )
+                    for p in pieces
+                ],
+                ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                (
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                        "usage": {"output_tokens": 5},
+                    },
+                ),
+                ("message_stop", {"type": "message_stop"}),
+            ]
+            events = [f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in sequence]
+            content_type = "text/event-stream"
+        else:
+            chunks = [{"role": "assistant", "content": ""}] + [{"content": p} for p in pieces]
+            events = [
+                b"data: "
+                + json.dumps(
+                    {
+                        "id": constant,
+                        "object": "chat.completion.chunk",
+                        "created": 1,
+                        "model": "gpt-4o",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                    }
+                ).encode()
+                + b"\n\n"
+                for delta in chunks
+            ]
+            if request.headers.get("x-echo") == "verbatim":  # spelled as no serialiser does: kept as text
+                events = [event.replace(b'{"id"', b'{ "id"') for event in events]
+            events.append(b"data: [DONE]\n\n")
+            content_type = "text/event-stream"
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    return app
+
+
+def _client_text(provider: str, base: str, key: str, secret: str) -> str:
+    """The text the provider's own SDK joins from the stream."""
+    headers = {"x-echo": secret}
+    if provider == "openai":
+        import openai
+
+        client = openai.OpenAI(base_url=base + "/v1", api_key=key, default_headers=headers, max_retries=0)
+        stream = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    if provider == "anthropic":
+        import anthropic
+
+        client = anthropic.Anthropic(base_url=base + "/anthropic", api_key=key, default_headers=headers, max_retries=0)
+        with client.messages.stream(
+            model="claude-3-5-haiku-latest", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            return "".join(stream.text_stream)
+    import ollama
+
+    client = ollama.Client(host=base + "/ollama", headers={"Authorization": f"Bearer {key}", **headers})
+    return "".join(
+        part.message.content or ""
+        for part in client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True)
+    )
+
+
+SPLIT_FIELDS = {
+    "openai": "response.body[*].__data__.choices[0].delta.content(joined)",
+    "anthropic": "response.body[*].__data__.delta.text(joined)",
+    "ollama": "response.body[*].__data__.message.content(joined)",
+}
+
+
+@pytest.mark.parametrize("policy", ["refuse", "redact"])
+@pytest.mark.parametrize(
+    ("provider", "secret"),
+    [("openai", "own"), ("openai", "foreign"), ("openai", "verbatim"), ("anthropic", "own"), ("ollama", "own")],
+)
+def test_key_split_across_stream_chunks_never_reaches_disk_or_logs(
+    loop_thread: LoopThread, tmp_path: Path, provider: str, secret: str, policy: str
+) -> None:
+    app = RunningApp(loop_thread, _split_upstream()).start()
+    recordings = tmp_path / "rec"
+    config = _config(tmp_path, secrets=policy)
+    routes = f'[[routes]]\nname = "{provider}"\nprovider = "{provider}"\nupstream = "{app.url}"\n'
+    config.write_text(config.read_text() + routes)
+    proxy = _proxy("record", recordings, None, config)
+    key = ANTHROPIC_KEY if provider == "anthropic" else OPENAI_KEY
+    echoed = ANTHROPIC_KEY if secret == "foreign" else key
+    try:
+        text = _client_text(provider, proxy.url, key, secret)
+    finally:
+        events = proxy.stop()
+    # The Anthropic SDK sends its key as x-api-key, and the proxy the same value as authorization too.
+    kind = "anthropic key" if secret == "foreign" else "credential from request header authorization"
+    try:
+        assert text == f"Your key: {echoed} (kept)"  # the client joins the pieces back: served as sent
+        field = f"{kind} in {SPLIT_FIELDS[provider]}"
+        files = _recordings(recordings)
+        if policy == "refuse" or secret == "verbatim":
+            assert files == []
+            refusals = _refusals(events)
+            assert len(refusals) == 1 and field in refusals[0], events
+        if policy == "redact" and secret == "verbatim":
+            # Its events are kept as their exact text too, where no piece can be redacted alone.
+            warnings = [e for e in events if e["event"].startswith("a credential split across stream chunks")]
+            assert len(warnings) == 1 and field in warnings[0]["fields"][0], events
+        elif policy == "redact":
+            # The key's part in its first piece became the placeholder, its other parts are gone.
+            assert len(files) == 1 and not _refusals(events)
+            redactions = [e for e in events if e["event"] == "credentials redacted from the recording"]
+            assert len(redactions) == 1 and field in redactions[0]["fields"][0], events
+            redacted = "[redacted anthropic key]" if secret == "foreign" else "[redacted credential from request header"
+            replay = _proxy("replay", recordings, None, config)
+            try:
+                replayed = _client_text(provider, replay.url, key, secret)
+            finally:
+                replay_events = replay.stop()
+            assert replayed.startswith(f"Your key: {redacted}") and replayed.endswith("] (kept)"), replayed
+            _no_secret_in_logs(replay_events, echoed, *_split(echoed))
+    finally:
+        app.stop()
+    # Nothing on disk (the journal included) holds the key or any piece of it.
+    for path in files_under(recordings) if recordings.exists() else []:
+        data = path.read_bytes()
+        assert echoed.encode() not in data, path
+        assert not [piece for piece in _split(echoed) if piece.encode() in data], path
+    _no_secret_in_logs(events, echoed, *_split(echoed))
+
+
+def test_a_field_repeated_in_every_chunk_is_not_joined_into_a_key_shape(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    """Every chunk's id is "-abc...-sk": two of them end to start read "-sk-abc...", a key shape;
+    no one streamed it, and the stream (its own key hidden as the test key) is recorded."""
+    app = RunningApp(loop_thread, _split_upstream()).start()
+    recordings = tmp_path / "rec"
+    test_key = "sk-test-" + "0" * 24
+    config = _config(tmp_path, secret_allow=[test_key])
+    proxy = _proxy("record", recordings, app.url, config)
+    try:
+        text = _client_text("openai", proxy.url, test_key, "own")
+    finally:
+        events = proxy.stop()
+        app.stop()
+    assert text == f"Your key: {test_key} (kept)"
+    assert not _refusals(events), _refusals(events)
+    files = _recordings(recordings)
+    assert len(files) == 1 and "-abcdefghijklmnopqrstuvwxyz0123-sk" in files[0].read_text()
+
+
+# -- other spellings of a credential ----------------------------------------------------------
+
+QUOTED_KEY = 'gw-"quo\\te-' + "7h3K9x2P4m"  # a gateway token with a quote and a backslash
+
+
+def _raw_text_upstream() -> web.Application:
+    """Echoes the bearer token in a body the recording keeps as raw text: a JSON body with a
+    duplicated field (kept verbatim so it replays byte for byte; the key is JSON-escaped in it),
+    or a stream event that is not JSON (kept as its text; the key as sent)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        token = request.headers["Authorization"].removeprefix("Bearer ")
+        if request.headers["x-spelling"] == "escaped":
+            note = json.dumps(f"you sent {token}")
+            text = '{"id":"chatcmpl-1","object":"chat.completion","note":' + note + ',"note":"none","choices":[]}'
+            return web.Response(text=text, content_type="application/json")
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o", "choices": []}
+        events = [f"data: you sent {token}\n\n", f"data: {json.dumps(chunk)}\n\n", "data: [DONE]\n\n"]
+        return web.Response(text="".join(events), content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    return app
+
+
+@pytest.mark.parametrize("policy", ["refuse", "redact"])
+@pytest.mark.parametrize("spelling", ["escaped", "raw"])
+def test_key_with_a_quote_echoed_in_a_body_kept_as_raw_text_never_reaches_disk_or_logs(
+    loop_thread: LoopThread, tmp_path: Path, spelling: str, policy: str
+) -> None:
+    app = RunningApp(loop_thread, _raw_text_upstream()).start()
+    recordings = tmp_path / "rec"
+    proxy = _proxy("record", recordings, app.url, _config(tmp_path, secrets=policy))
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    headers = {"Authorization": f"Bearer {QUOTED_KEY}", "x-spelling": spelling}
+
+    async def post() -> str:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(proxy.url + "/v1/chat/completions", data=body, headers=headers) as response:
+                assert response.status == 200
+                return await response.text()
+
+    try:
+        text = loop_thread.run(post())
+    finally:
+        events = proxy.stop()
+        app.stop()
+    spelled = json.dumps(QUOTED_KEY)[1:-1] if spelling == "escaped" else QUOTED_KEY
+    assert spelled in text  # the client gets the answer as sent
+    files = _recordings(recordings)
+    if policy == "refuse":
+        assert files == [] and len(_refusals(events)) == 1
+    else:
+        assert len(files) == 1 and "[redacted credential from request header authorization]" in files[0].read_text()
+    # Every spelling the bytes on disk could hold it in: as sent, JSON-escaped, escaped twice.
+    spellings = [QUOTED_KEY, json.dumps(QUOTED_KEY)[1:-1], json.dumps(json.dumps(QUOTED_KEY)[1:-1])[1:-1]]
+    for path in files_under(recordings) if recordings.exists() else []:
+        data = path.read_bytes()
+        assert not [s for s in spellings if s.encode() in data], path
+    _no_secret_in_logs(events, *spellings)
+
+
+LATIN1_KEY = b"gw-\xe9" + b"Xq7Zk2Vw9Jp4"  # a gateway token with a byte that is not UTF-8 (latin-1 e-acute)
+
+
+def _decoding_upstream() -> web.Application:
+    """Echoes the bearer token as text decoded from its bytes, as servers do: the byte that is not
+    UTF-8 replaced by U+FFFD, or dropped."""
+
+    async def answer(request: web.Request) -> web.Response:
+        raw = dict(request.raw_headers)[b"Authorization"].removeprefix(b"Bearer ")
+        token = raw.decode("utf-8", "replace" if request.headers["x-decode"] == "replace" else "ignore")
+        content = f"you sent {token}"
+        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        answer = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o", "choices": [choice]}
+        return web.Response(body=json.dumps(answer, ensure_ascii=False).encode(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    return app
+
+
+async def _raw_post(port: int, headers: list[bytes], body: bytes) -> bytes:
+    """A request written byte for byte (no client library writes a header that is not UTF-8)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = [b"POST /v1/chat/completions HTTP/1.1", f"Host: 127.0.0.1:{port}".encode(), *headers]
+    head += [b"Content-Type: application/json", f"Content-Length: {len(body)}".encode(), b"Connection: close"]
+    writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+    await writer.drain()
+    answer = await reader.read()  # to the end: the connection closes after the answer
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+@pytest.mark.parametrize("policy", ["refuse", "redact"])
+@pytest.mark.parametrize("decode", ["replace", "drop"])
+def test_key_with_a_byte_not_utf8_echoed_decoded_never_reaches_disk_or_logs(
+    loop_thread: LoopThread, tmp_path: Path, decode: str, policy: str
+) -> None:
+    app = RunningApp(loop_thread, _decoding_upstream()).start()
+    recordings = tmp_path / "rec"
+    proxy = _proxy("record", recordings, app.url, _config(tmp_path, secrets=policy))
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    headers = [b"Authorization: Bearer " + LATIN1_KEY, b"x-decode: " + decode.encode()]
+    try:
+        answer = loop_thread.run(_raw_post(proxy.port, headers, body))
+    finally:
+        events = proxy.stop()
+        app.stop()
+    echoed = LATIN1_KEY.decode("utf-8", "replace" if decode == "replace" else "ignore")
+    assert answer.startswith(b"HTTP/1.1 200") and echoed.encode() in answer  # served as sent
+    files = _recordings(recordings)
+    if policy == "refuse":
+        assert files == [] and len(_refusals(events)) == 1, events
+    else:
+        assert len(files) == 1 and "[redacted credential from request header authorization]" in files[0].read_text()
+    # Neither the echo nor the key's readable part (all but the one byte) is on disk or in the logs.
+    tail = LATIN1_KEY.split(b"\xe9")[1]
+    for path in files_under(recordings) if recordings.exists() else []:
+        data = path.read_bytes()
+        assert echoed.encode() not in data and tail not in data, path
+    _no_secret_in_logs(events, echoed, tail.decode())

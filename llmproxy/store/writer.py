@@ -39,7 +39,7 @@ from llmproxy.store.directory import StoreError
 from llmproxy.store.document import TOOL_NAME, RecordedRequest, RecordedResponse, Recording, to_document
 from llmproxy.store.fileproc import STALL_SECONDS, FileWriterProcess, Results
 from llmproxy.store.journal import Journal, Target, frame_entries, write_new
-from llmproxy.store.secrets import SecretScanner
+from llmproxy.store.secrets import JOINED, SecretScanner
 from llmproxy.upstream.client import Exchange
 from llmproxy.wire.framing import DATA_KEY, TYPE_KEY, CapturedBody, Codec, ConstantLabel, Format, data_of
 from llmproxy.wire.json import JSON
@@ -515,6 +515,17 @@ class Recorder:
             findings = self.scanner.scan(document, data, values, _compact_pieces(document, captured))
             if findings and self.redact:
                 document = self.scanner.redact(document, values)
+                split = [str(finding) for finding in findings if finding.field.endswith(JOINED)]
+                if split and not self.scanner.redact_joined(document, values):
+                    # A chunk kept as its exact text holds its piece of the key there too.
+                    log.warning(
+                        "a credential split across stream chunks cannot be redacted: recording refused",
+                        route=call.route.name,
+                        path=call.path,
+                        fields=split,
+                        hint="a chunk holding a piece of it is kept as its exact text",
+                    )
+                    raise SecretFound("; ".join(split))
                 data = self.store.serialize(document)
                 log.warning(
                     "credentials redacted from the recording",
