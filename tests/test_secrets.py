@@ -680,3 +680,43 @@ def test_key_with_a_byte_not_utf8_echoed_decoded_never_reaches_disk_or_logs(
         data = path.read_bytes()
         assert echoed.encode() not in data and tail not in data, path
     _no_secret_in_logs(events, echoed, tail.decode())
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("line one\n" + OPENAI_KEY, OPENAI_KEY),  # JSON spells the newline `\n`: a letter before "sk-"
+        ("tab\t" + OPENAI_KEY, OPENAI_KEY),
+        ("caf\u00e9" + OPENAI_KEY, OPENAI_KEY),  # a letter, but not one the shape's rule names
+        ("ask" + ANTHROPIC_KEY[2:], ANTHROPIC_KEY[2:]),  # "...sk-ant-": Anthropic's shape may follow a letter
+    ],
+)
+def test_a_key_shape_after_an_escape_or_a_letter_is_still_refused(
+    loop_thread: LoopThread, tmp_path: Path, upstream: Any, text: str, key: str
+) -> None:
+    """The quick pass skips an "sk-" inside a word ("task-"), which no key shape matches; what
+    the walk reads as a key start still sends it to the walk."""
+    _, app = upstream
+    recordings = tmp_path / "rec"
+    proxy = _proxy("record", recordings, app.url)
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}).encode()
+    status, _ = loop_thread.run(_post(proxy.url, body, "application/json"))
+    events = proxy.stop()
+    assert status == 200
+    assert _recordings(recordings) == []
+    refusals = _refusals(events)
+    assert refusals and "key in request.body.messages[0].content" in refusals[0], refusals
+    _no_secret_in_logs(events, key)
+
+
+def test_sk_inside_a_word_is_recorded(loop_thread: LoopThread, tmp_path: Path, upstream: Any) -> None:
+    _, app = upstream
+    recordings = tmp_path / "rec"
+    proxy = _proxy("record", recordings, app.url)
+    text = "a task-proj-" + "A1b2C3d4E5f6G7h8I9j0" * 2 + " and a risk-based plan"
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}).encode()
+    status, _ = loop_thread.run(_post(proxy.url, body, "application/json"))
+    events = proxy.stop()
+    assert status == 200 and not _refusals(events)
+    (recording,) = _recordings(recordings)
+    assert text in json.loads(recording.read_text())["request"]["body"]["messages"][0]["content"]

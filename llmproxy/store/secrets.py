@@ -46,6 +46,7 @@ BUILTIN_PATTERNS: dict[str, str] = {
 
 # Literal text each built-in pattern contains: a substring test is far cheaper than a regex.
 _MARKERS = (b"sk-", b"AIza", b"AKIA", b"ASIA", b"earer", b"eyJ")
+_OPENAI_MARKER = b"sk-"  # looked for by _key_start_in
 # Bytes many big bodies lack (numbers, lowercase ids, plain text in one case), rarest first: a
 # needle holding one is first looked for by that byte alone (memchr, some twenty times faster
 # than a substring search), and not at all where the byte is absent.
@@ -174,7 +175,7 @@ class SecretScanner:
 
         def has_marker() -> bool:
             if not marked:
-                marked.append(any(_holds(piece, m, rare) for m, rare in _MARKER_SEARCHES for piece in compact))
+                marked.append(_holds_marker(compact))
             return marked[0]
 
         walk = self._worth_walking(data, values, compact, has_marker)
@@ -367,7 +368,7 @@ class SecretScanner:
                     return True
         if not self._extra:
             if has_marker is None:
-                marked = any(_holds(piece, marker, rare) for marker, rare in _MARKER_SEARCHES for piece in quick)
+                marked = _holds_marker(quick)
             else:
                 marked = has_marker()
             if not marked:
@@ -631,7 +632,32 @@ def _holds(data: bytes, needle: bytes, rare: bytes | None) -> bool:
     return (rare is None or rare in data) and needle in data
 
 
-_MARKER_SEARCHES = tuple((marker, _rare_byte(marker)) for marker in _MARKERS)
+_MARKER_SEARCHES = tuple((marker, _rare_byte(marker)) for marker in _MARKERS if marker != _OPENAI_MARKER)
+
+
+def _holds_marker(pieces: Sequence[bytes]) -> bool:
+    """Whether JSON text (in pieces) holds one of the literal markers every built-in key shape
+    contains, where a key could start."""
+    return any(_key_start_in(piece) for piece in pieces) or any(
+        _holds(piece, marker, rare) for marker, rare in _MARKER_SEARCHES for piece in pieces
+    )
+
+
+def _key_start_in(piece: bytes) -> bool:
+    """An "sk-" that may start a key. OpenAI's shape is never inside a word, and "task-",
+    "risk-" or "disk-" in a long answer would otherwise send every stream to the walk and the
+    join: an "sk-" after a letter or digit counts only as Anthropic's "sk-ant-" (whose shape has
+    no such rule) or after an escape (`\\n` in JSON is a newline in the text the walk reads)."""
+    start = piece.find(_OPENAI_MARKER)
+    while start >= 0:
+        if (
+            not piece[start - 1 : start].isalnum()
+            or piece.startswith(b"sk-ant-", start)
+            or b"\\" in piece[max(0, start - 6) : start]
+        ):
+            return True
+        start = piece.find(_OPENAI_MARKER, start + 1)
+    return False
 
 
 def _number_text(value: float) -> str:
