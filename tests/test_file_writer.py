@@ -42,8 +42,14 @@ def _gone(pid: int) -> bool:
 def _writer_of(proxy: CliProxy) -> int:
     writers = children_of(proxy.process.pid)
     assert len(writers) == 1, writers
-    command = Path(f"/proc/{writers[0]}/cmdline").read_bytes().split(b"\0")
-    assert b"llmproxy.store.fileproc" in command
+
+    def command() -> list[bytes]:
+        return Path(f"/proc/{writers[0]}/cmdline").read_bytes().split(b"\0")
+
+    # Popen returns once the child's exec has begun (vfork): its command line is there a moment
+    # later, and an empty one was read in ~1 start in 10.
+    wait_until(lambda: command() != [b""], "the file writer's exec to finish")
+    assert b"llmproxy.store.fileproc" in command()
     return writers[0]
 
 
