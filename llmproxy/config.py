@@ -67,11 +67,14 @@ class Option:
     metavar: str | None = None  # the value's name in --help and the README
 
     @property
+    def kinds(self) -> tuple[type, ...]:
+        return self.kind if isinstance(self.kind, tuple) else (self.kind,)
+
+    @property
     def env(self) -> str | None:
         """Every option with a single value can also be set as LLMPROXY_<KEY> (the two lists of
         patterns, whose items may hold any character, only in the file)."""
-        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
-        return f"LLMPROXY_{self.key.upper()}" if self.flag or list not in kinds else None
+        return f"LLMPROXY_{self.key.upper()}" if self.flag or list not in self.kinds else None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -472,7 +475,7 @@ def _route_from_table(table: Mapping[str, Any], index: int) -> Route:
 
 def _checked(option: Option, value: Any, where: str) -> Any:
     """One value of one option, from whichever source, checked against the table."""
-    kinds = option.kind if isinstance(option.kind, tuple) else (option.kind,)
+    kinds = option.kinds
     if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
         if isinstance(value, Path) and str in kinds:
             return value
@@ -494,7 +497,7 @@ def _from_environment(option: Option, environ: Mapping[str, str]) -> Any:
     text = environ.get(option.env) if option.env else None
     if text is None or text == "":
         return None
-    kinds = option.kind if isinstance(option.kind, tuple) else (option.kind,)
+    kinds = option.kinds
     if bool in kinds:
         # The words click takes for a flag's LLMPROXY_* variable: one variable means the same to
         # every command, whether or not that command has the flag.

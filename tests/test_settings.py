@@ -302,11 +302,7 @@ def test_options_without_a_flag_are_taken_from_the_environment(tmp_path: Path) -
     assert result.returncode != 0
     line = _one_line(result)
     assert "LLMPROXY_SECRETS" in line and "ignore" in line, line
-    assert all(
-        option.env
-        for option in OPTIONS
-        if list not in (option.kind if isinstance(option.kind, tuple) else (option.kind,))
-    )
+    assert all(option.env for option in OPTIONS if list not in option.kinds)
 
 
 @pytest.mark.parametrize(
